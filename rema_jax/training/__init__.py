@@ -1,0 +1,1 @@
+"""Trainer loop, schedules, curriculum, checkpoints, metrics and plots."""

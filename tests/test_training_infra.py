@@ -1,0 +1,107 @@
+"""Config validation, orbax checkpoints, metrics logging and plots."""
+import dataclasses
+import json
+import os
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rema_jax.config_utils import ConfigError, from_dict, to_dict
+from rema_jax.training.checkpoint import CheckpointManager
+from rema_jax.training.metrics import MetricsLogger, read_jsonl
+from rema_jax.training.plots import plot_training_curves
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inner:
+    lr: float = 1e-6
+    mode: Literal["a", "b"] = "a"
+    targets: tuple[str, ...] = ("q_proj",)
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outer:
+    steps: int
+    inner: _Inner = _Inner()
+    name: str | None = None
+
+
+def test_from_dict_builds_nested_and_converts_types():
+    cfg = from_dict(_Outer, {"steps": 3, "inner": {"lr": 1, "targets": ["q_proj", "v_proj"]}})
+    assert cfg.inner.lr == 1.0 and isinstance(cfg.inner.lr, float)
+    assert cfg.inner.targets == ("q_proj", "v_proj")
+    assert to_dict(cfg)["inner"]["targets"] == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"steps": 3, "inner": {"lrr": 1.0}}, "config.inner: unknown key(s) ['lrr']"),
+    ({"steps": "3"}, "config.steps: expected an int"),
+    ({"steps": 3, "inner": {"mode": "c"}}, "config.inner.mode: expected one of ['a', 'b']"),
+    ({"steps": 3, "inner": {"lr": -1.0}}, "config.inner: lr must be > 0"),
+    ({}, "config.steps: required field is missing"),
+    ({"steps": True}, "config.steps: expected an int"),
+])
+def test_from_dict_errors_name_the_field(data, message):
+    with pytest.raises(ConfigError) as e:
+        from_dict(_Outer, data)
+    assert message in str(e.value)
+
+
+def test_from_dict_accepts_ml_collections():
+    import ml_collections
+    c = ml_collections.ConfigDict({"steps": 2, "inner": {"mode": "b"}})
+    assert from_dict(_Outer, c).inner.mode == "b"
+
+
+def test_checkpoint_roundtrip_keep_last_and_none_leaves(tmp_path):
+    mngr = CheckpointManager(str(tmp_path / "ckpt"), keep_last=2)
+    state = {"trainable": {"reasoning": {"w": jnp.arange(4.0)}, "meta_thinking": None},
+             "rng": jax.random.key_data(jax.random.key(3)),
+             "opt": (jnp.zeros((2,), jnp.int32), {"mu": jnp.ones((2, 2), jnp.bfloat16)})}
+    for step in (1, 2, 3):
+        mngr.save(step, jax.tree.map(lambda x: x * step if x.dtype != jnp.uint32 else x, state),
+                  {"step": step, "data_position": 10 * step})
+    assert mngr.all_steps() == [2, 3]
+    restored, meta = mngr.restore(None, state)
+    assert meta == {"step": 3, "data_position": 30}
+    assert restored["trainable"]["meta_thinking"] is None
+    np.testing.assert_array_equal(restored["trainable"]["reasoning"]["w"], np.arange(4.0) * 3)
+    assert restored["opt"][1]["mu"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(restored["rng"], state["rng"])
+    mngr.close()
+
+
+def test_checkpoint_restore_missing_dir_is_clear(tmp_path):
+    mngr = CheckpointManager(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        mngr.restore(None, {"a": jnp.zeros(1)})
+
+
+def test_metrics_jsonl_tensorboard_and_resume_truncation(tmp_path):
+    log = MetricsLogger(str(tmp_path))
+    for step in range(1, 5):
+        log.write(step, {"reasoning/reward_mean": step * 0.1, "finish": "ok", "x": np.float32(np.nan)})
+    log.close()
+    assert [r["step"] for r in read_jsonl(log.path)] == [1, 2, 3, 4]
+    assert read_jsonl(log.path)[0]["x"] is None
+    assert any(f.startswith("events") for f in os.listdir(tmp_path / "tb"))
+    # A run resumed from step 2 drops the records written after that checkpoint.
+    MetricsLogger(str(tmp_path), tensorboard=False, resume_from_step=2).close()
+    assert [r["step"] for r in read_jsonl(log.path)] == [1, 2]
+
+
+def test_plot_training_curves_writes_png(tmp_path):
+    log = MetricsLogger(str(tmp_path), tensorboard=False)
+    for step in range(20):
+        log.write(step, {"reasoning/reward_mean": np.sin(step), "train/accuracy": step / 20})
+    out = plot_training_curves(log.path, str(tmp_path / "curves.png"), title="t")
+    assert out and os.path.getsize(out) > 1000
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
