@@ -1,0 +1,269 @@
+"""Decoder-only transformer (Llama / Qwen2 / SmolLM2) as Flax Linen modules + the pure `forward()`.
+
+Parameters are plain nested dicts named as HF names (Contract 1 in docs/architecture.md); layers are
+unrolled (`layers_{i}`), each with its own KV-cache entry (Contract 2). LoRA adapters are applied by
+passing the adapter tree as a second, read-only Linen collection (`"lora"`) that mirrors the parameter
+paths, so the base tree is never copied and switching agents is just a different pytree of the same
+structure (no recompilation).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rema_jax.models.config import ModelConfig
+from rema_jax.models.rope import apply_rope_cos_sin, rope_cos_sin
+
+Params = dict[str, Any]
+LayerCache = dict[str, jnp.ndarray]  # {"k": [B, max_len, kv_heads, head_dim], "v": same}
+Cache = tuple[LayerCache, ...]
+
+ATTENTION_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+# ---------------------------------------------------------------------------- pure helpers
+def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:
+    """HF LlamaRMSNorm: normalise in float32, cast back to x's dtype, multiply by `scale`."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+def lora_delta(x: jnp.ndarray, lora_a: jnp.ndarray, lora_b: jnp.ndarray, scale: float) -> jnp.ndarray:
+    """LoRA update `scale * (x @ A) @ B` for `x [..., in]`, `A [in, r]`, `B [r, out]`, in x's dtype."""
+    return (scale * ((x @ lora_a.astype(x.dtype)) @ lora_b.astype(x.dtype))).astype(x.dtype)
+
+
+def dot_product_attention(q_bthd: jnp.ndarray, k_bskd: jnp.ndarray, v_bskd: jnp.ndarray,
+                          mask_bts: jnp.ndarray) -> jnp.ndarray:
+    """Grouped-query attention. `mask_bts` is True where query t may attend key s.
+
+    Scores and softmax are float32. A query row with no allowed key (a pad slot) gets a uniform,
+    finite distribution, never NaN; its output is meaningless and must be ignored by the caller.
+    """
+    b, t, h, d = q_bthd.shape
+    kv = k_bskd.shape[2]
+    q = q_bthd.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_bskd.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.where(mask_bts[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd.astype(q.dtype))
+    return out.reshape(b, t, h, d)
+
+
+def param_shapes(config: ModelConfig) -> Params:
+    """The expected parameter tree (Contract 1) with shape tuples as leaves; loaders validate against it."""
+    h, f, hd = config.hidden_size, config.intermediate_size, config.head_dim
+    q_out, kv_out = config.num_heads * hd, config.num_kv_heads * hd
+
+    def proj(n_in, n_out, bias=False):
+        return {"kernel": (n_in, n_out), **({"bias": (n_out,)} if bias else {})}
+
+    tree: Params = {"embed_tokens": {"embedding": (config.vocab_size, h)}}
+    for i in range(config.num_layers):
+        tree[f"layers_{i}"] = {
+            "input_layernorm": {"scale": (h,)},
+            "self_attn": {"q_proj": proj(h, q_out, config.attention_bias),
+                          "k_proj": proj(h, kv_out, config.attention_bias),
+                          "v_proj": proj(h, kv_out, config.attention_bias),
+                          "o_proj": proj(q_out, h)},
+            "post_attention_layernorm": {"scale": (h,)},
+            "mlp": {"gate_proj": proj(h, f), "up_proj": proj(h, f), "down_proj": proj(f, h)},
+        }
+    tree["norm"] = {"scale": (h,)}
+    if not config.tie_word_embeddings:
+        tree["lm_head"] = {"kernel": (h, config.vocab_size)}
+    return tree
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype: Optional[Any] = None) -> Cache:
+    """An all-zero KV cache (Contract 2): one `{"k","v": [B, max_len, kv_heads, head_dim]}` per layer."""
+    dtype = dtype or config.compute_dtype
+    shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
+    return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_layers))
+
+
+# ---------------------------------------------------------------------------- Linen modules
+class Proj(nn.Module):
+    """A linear projection `x @ kernel (+ bias)` plus an optional LoRA term from the "lora" collection."""
+
+    config: ModelConfig
+    features: int
+    use_bias: bool = False
+    lora_scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        cfg = self.config
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
+                            cfg.params_dtype)
+        y = x @ kernel.astype(x.dtype)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), cfg.params_dtype).astype(x.dtype)
+        if self.has_variable("lora", "lora_a"):
+            y = y + lora_delta(x, self.get_variable("lora", "lora_a"), self.get_variable("lora", "lora_b"),
+                               self.lora_scale)
+        return y
+
+
+class RMSNorm(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.config.params_dtype)
+        return rms_norm(x, scale, self.config.rms_norm_eps)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    lora_scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x_btd, cos_btd, sin_btd, mask_bts, layer_cache: Optional[LayerCache], cache_index):
+        cfg = self.config
+        b, t, _ = x_btd.shape
+        hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        kw = dict(config=cfg, lora_scale=self.lora_scale)
+        q = Proj(features=nh * hd, use_bias=cfg.attention_bias, name="q_proj", **kw)(x_btd).reshape(b, t, nh, hd)
+        k = Proj(features=nkv * hd, use_bias=cfg.attention_bias, name="k_proj", **kw)(x_btd).reshape(b, t, nkv, hd)
+        v = Proj(features=nkv * hd, use_bias=cfg.attention_bias, name="v_proj", **kw)(x_btd).reshape(b, t, nkv, hd)
+        q = apply_rope_cos_sin(q, cos_btd, sin_btd)
+        k = apply_rope_cos_sin(k, cos_btd, sin_btd)
+        new_cache = None
+        if layer_cache is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
+            new_cache = {"k": k, "v": v}
+        out = dot_product_attention(q, k, v, mask_bts).reshape(b, t, nh * hd)
+        return Proj(features=cfg.hidden_size, name="o_proj", **kw)(out), new_cache
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+    lora_scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        kw = dict(config=cfg, lora_scale=self.lora_scale)
+        gate = Proj(features=cfg.intermediate_size, name="gate_proj", **kw)(x)
+        up = Proj(features=cfg.intermediate_size, name="up_proj", **kw)(x)
+        return Proj(features=cfg.hidden_size, name="down_proj", **kw)(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    lora_scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask_bts, layer_cache, cache_index):
+        kw = dict(config=self.config, lora_scale=self.lora_scale)
+        h, new_cache = Attention(name="self_attn", **kw)(
+            RMSNorm(self.config, name="input_layernorm")(x), cos, sin, mask_bts, layer_cache, cache_index)
+        x = x + h
+        x = x + MLP(name="mlp", **kw)(RMSNorm(self.config, name="post_attention_layernorm")(x))
+        return x, new_cache
+
+
+class Transformer(nn.Module):
+    """The full LM. Inputs are already-prepared positions and a boolean `[B, T, S]` mask."""
+
+    config: ModelConfig
+    lora_scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, tokens_bt, positions_bt, mask_bts, cache: Optional[Cache] = None, cache_index=None):
+        cfg = self.config
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                         embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
+        x = embed(tokens_bt)
+        cos, sin = rope_cos_sin(positions_bt, cfg)
+        new_cache = []
+        for i in range(cfg.num_layers):
+            x, layer_cache = DecoderLayer(cfg, self.lora_scale, name=f"layers_{i}")(
+                x, cos, sin, mask_bts, None if cache is None else cache[i], cache_index)
+            new_cache.append(layer_cache)
+        x = RMSNorm(cfg, name="norm")(x)
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = Proj(cfg, cfg.vocab_size, name="lm_head")(x)
+        return logits.astype(jnp.float32), (None if cache is None else tuple(new_cache))
+
+
+# ---------------------------------------------------------------------------- pure forward
+def forward(config: ModelConfig, params: Params, tokens_bt: jnp.ndarray, adapter=None, *,
+            positions_bt: Optional[jnp.ndarray] = None, attention_mask: Optional[jnp.ndarray] = None,
+            cache: Optional[Cache] = None, cache_index: Optional[jnp.ndarray] = None):
+    """Logits `[B, T, V]` (float32) for `tokens_bt [B, T]`; `(logits, new_cache)` when `cache` is given.
+
+    Args:
+      config: static model config (use as a `jax.jit` static argument).
+      params: the base parameter tree (Contract 1). Never copied.
+      adapter: an `Adapter` (`lora` adds low-rank terms, `full` replaces `params`) or None (the base).
+      positions_bt: rotary positions. Default without a cache: `cumsum(attention_mask) - 1`, so a
+        left-padded row gives the same logits as the unpadded row. With a cache: the same formula
+        over the cache mask, read at the new slots.
+      attention_mask: without a cache `[B, T]`; with a cache `[B, max_len]` over the cache slots,
+        including the slots of the new tokens. 1 = real token; 0-slots are never attended to.
+      cache: Contract 2 KV cache; the new keys/values are written at `cache_index`.
+      cache_index: scalar int32 slot where `tokens_bt[:, 0]` goes (default 0).
+    """
+    from rema_jax.models.adapters import Adapter  # local: adapters imports this module
+
+    if tokens_bt.ndim != 2:
+        raise ValueError(f"tokens_bt must be [batch, time], got shape {tokens_bt.shape}")
+    b, t = tokens_bt.shape
+    variables: dict[str, Any] = {"params": params}
+    lora_scale = 1.0
+    if adapter is not None:
+        if not isinstance(adapter, Adapter):
+            raise TypeError(f"adapter must be a rema_jax.models.adapters.Adapter or None, got {type(adapter)}")
+        if adapter.kind == "full":
+            variables = {"params": adapter.weights}
+        elif adapter.kind == "lora":
+            variables["lora"] = adapter.weights
+            lora_scale = float(adapter.scale)
+        else:
+            raise ValueError(f"unknown adapter kind {adapter.kind!r}")
+
+    if cache is None:
+        mask_bt = (jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool))
+        if mask_bt.shape != (b, t):
+            raise ValueError(f"attention_mask must be [batch, time]={(b, t)} without a cache, got {mask_bt.shape}")
+        causal_ts = jnp.tril(jnp.ones((t, t), bool))
+        mask_bts = causal_ts[None] & mask_bt[:, None, :]
+        if positions_bt is None:
+            positions_bt = (jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if attention_mask is None
+                            else jnp.maximum(jnp.cumsum(mask_bt.astype(jnp.int32), axis=1) - 1, 0))
+        cache_index = None
+    else:
+        if len(cache) != config.num_layers:
+            raise ValueError(f"cache has {len(cache)} layers, config has {config.num_layers}")
+        s = cache[0]["k"].shape[1]
+        cache_index = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
+        q_slots_t = cache_index + jnp.arange(t, dtype=jnp.int32)
+        causal_ts = jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slots_t[:, None]
+        if attention_mask is None:
+            mask_bts = jnp.broadcast_to(causal_ts[None], (b, t, s))
+            if positions_bt is None:
+                positions_bt = jnp.broadcast_to(q_slots_t, (b, t))
+        else:
+            if attention_mask.shape != (b, s):
+                raise ValueError(f"attention_mask must be [batch, max_len]={(b, s)} with a cache, "
+                                 f"got {attention_mask.shape}")
+            mask_bs = attention_mask.astype(bool)
+            mask_bts = causal_ts[None] & mask_bs[:, None, :]
+            if positions_bt is None:
+                pos_bs = jnp.maximum(jnp.cumsum(mask_bs.astype(jnp.int32), axis=1) - 1, 0)
+                positions_bt = jax.lax.dynamic_slice_in_dim(pos_bs, cache_index, t, axis=1)
+    logits_btv, new_cache = Transformer(config, lora_scale).apply(
+        variables, tokens_bt, positions_bt, mask_bts, cache, cache_index)
+    return logits_btv if cache is None else (logits_btv, new_cache)
