@@ -20,6 +20,10 @@ class ModelConfigError(ValueError):
     """An unsupported or inconsistent model configuration (names the source and the field)."""
 
 
+class CheckpointError(ValueError):
+    """A missing, corrupt, truncated or mismatching weight file (names the file and the tensor)."""
+
+
 class Llama3RopeScaling(NamedTuple):
     """Llama-3.1/3.2 ("llama3") RoPE frequency scaling parameters (a hashable tuple)."""
 
