@@ -1,0 +1,235 @@
+"""`Sampler`: bucketed, compiled-once-per-bucket generation with a static KV cache.
+
+Per call: prompts are left-padded into a (batch bucket, prompt-length bucket) block, the agent's
+weights are fused (cached while the same arrays are passed again), then two ahead-of-time compiled
+executables run: `prefill` (builds the caches) and `decode` (the `lax.while_loop`, caches donated).
+Executables are cached by everything that fixes their shapes (bucket sizes, static sampling mode,
+stop-table shapes, parameter/adapter tree structure), never by values: temperature, top-p, seeds,
+max-new-tokens and the adapter's weights are traced inputs, so switching agents does not recompile.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rema_jax.models.adapters import Adapter, AdapterConfig
+from rema_jax.models.config import ModelConfig
+from rema_jax.sampling import bucketing, kernel, ops, stops
+from rema_jax.sampling.types import Generation, SamplingParams
+
+MIN_PROMPT_BUCKET = 16
+MIN_NEW_TOKENS_BUCKET = 16
+
+
+def _tree_signature(tree: Any) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
+
+
+class Sampler:
+    """Generates continuations of chat-templated token-id prompts (see `generate`).
+
+    Args:
+      config: the model config.
+      tokenizer: a HF tokenizer (decoding, EOS ids, stop-string byte tables).
+      adapter_config: when given, `generate` checks each adapter's kind against it.
+      max_cache_len: the longest prompt bucket + generation the KV cache may hold.
+      batch_buckets: allowed batch sizes; bigger calls are split into chunks of the largest.
+      fused_cache_size: how many agents' fused weights to keep between calls (2 = both ReMA agents).
+    """
+
+    def __init__(self, config: ModelConfig, tokenizer: Any, *, adapter_config: Optional[AdapterConfig] = None,
+                 max_cache_len: int = 2048, batch_buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128),
+                 fused_cache_size: int = 2):
+        if not batch_buckets or any(int(b) <= 0 for b in batch_buckets):
+            raise ValueError(f"Sampler batch_buckets must be positive ints, got {batch_buckets!r}")
+        if max_cache_len < MIN_PROMPT_BUCKET + 1:
+            raise ValueError(f"Sampler max_cache_len={max_cache_len} is too small (>= {MIN_PROMPT_BUCKET + 1})")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.adapter_config = adapter_config
+        self.max_cache_len = int(max_cache_len)
+        self.batch_buckets = tuple(sorted(int(b) for b in batch_buckets))
+        self._fused_cache_size = int(fused_cache_size)
+        self._fused: list[tuple[list, Any]] = []        # [(leaves of (params, adapter), FusedParams)]
+        self._executables: dict[tuple, Any] = {}
+        self._compile_seconds = 0.0
+        self._token_table: Optional[tuple[jnp.ndarray, jnp.ndarray]] = None
+        self._stop_tables: dict[tuple[str, ...], stops.StopTables] = {}
+
+    # ------------------------------------------------------------------ bookkeeping
+    @property
+    def compile_count(self) -> int:
+        """Number of distinct compilations so far (fuse, prefill and decode executables)."""
+        return len(self._executables)
+
+    @property
+    def compile_seconds(self) -> float:
+        """Total wall time spent compiling."""
+        return self._compile_seconds
+
+    def _compiled(self, key: tuple, fn, donate: tuple[int, ...], *args):
+        exe = self._executables.get(key)
+        if exe is None:
+            t0 = time.perf_counter()
+            exe = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+            self._compile_seconds += time.perf_counter() - t0
+            self._executables[key] = exe
+        return exe
+
+    # ------------------------------------------------------------------ inputs
+    def _eos_ids(self, sampling: SamplingParams) -> tuple[int, ...]:
+        if sampling.ignore_eos:
+            return ()
+        if sampling.eos_ids is not None:
+            return sampling.eos_ids
+        ids = list(self.config.eos_token_ids)
+        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+        if tok_eos is not None and tok_eos not in ids:
+            ids.append(int(tok_eos))
+        return tuple(ids)
+
+    def _stop_tables_for(self, stop_strings: tuple[str, ...]) -> Optional[stops.StopTables]:
+        if not stop_strings:
+            return None
+        if stop_strings not in self._stop_tables:
+            if self._token_table is None:
+                table, lengths = stops.build_token_table(stops.token_bytes(self.tokenizer, self.config.vocab_size))
+                self._token_table = (jnp.asarray(table), jnp.asarray(lengths))
+            s, sl = stops.build_stop_arrays(stop_strings)
+            self._stop_tables[stop_strings] = stops.StopTables(*self._token_table, jnp.asarray(s), jnp.asarray(sl))
+        return self._stop_tables[stop_strings]
+
+    def _check_adapter(self, adapter: Optional[Adapter]) -> None:
+        if adapter is not None and not isinstance(adapter, Adapter):
+            raise TypeError(f"Sampler.generate: adapter must be a rema_jax.models.adapters.Adapter or None, "
+                            f"got {type(adapter).__name__}")
+        if self.adapter_config is not None:
+            want = self.adapter_config.kind
+            got = "shared" if adapter is None else adapter.kind
+            if want != got:
+                raise ValueError(f"Sampler.generate: adapter kind {got!r} does not match adapter_config.kind {want!r}")
+
+    def _fused_params(self, params: dict, adapter: Optional[Adapter]) -> kernel.FusedParams:
+        """Fused weights of this agent, reused while the very same arrays are passed again."""
+        leaves = jax.tree.leaves((params, adapter))
+        for cached_leaves, fused in self._fused:
+            if len(cached_leaves) == len(leaves) and all(a is b for a, b in zip(cached_leaves, leaves)):
+                return fused
+        key = ("fuse", _tree_signature((params, adapter)), None if adapter is None else (adapter.kind, adapter.scale))
+        exe = self._compiled(key, lambda p, a: kernel.fuse_params(self.config, p, a), (), params, adapter)
+        fused = exe(params, adapter)
+        self._fused = ([(leaves, fused)] + self._fused)[:self._fused_cache_size]
+        return fused
+
+    def _validate_prompts(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+        if len(prompts) == 0:
+            raise ValueError("Sampler.generate: prompts is empty")
+        out = []
+        v = self.config.vocab_size
+        for i, p in enumerate(prompts):
+            try:
+                ids = [int(t) for t in p]
+            except (TypeError, ValueError):
+                raise TypeError(f"Sampler.generate: prompt {i} must be a sequence of int token ids, got "
+                                f"{type(p).__name__} {str(p)[:60]!r}") from None
+            if not ids:
+                raise ValueError(f"Sampler.generate: prompt {i} is empty (need at least one token id)")
+            bad = [t for t in ids if not 0 <= t < v]
+            if bad:
+                raise ValueError(f"Sampler.generate: prompt {i} has token ids outside [0, {v}): {bad[:5]}")
+            out.append(ids)
+        return out
+
+    def _row_seeds(self, seed, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(base seeds [n] uint32, row ids [n] int32): an int seed s gives row i the key
+        fold_in(key(s), i); per-row seeds [n] give row i fold_in(key(seeds[i]), 0)."""
+        if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
+            raise TypeError("Sampler.generate: seed must be an int or per-row int seeds, not a PRNG key")
+        arr = np.asarray(seed)
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(f"Sampler.generate: seed must be an int or an int array, got dtype {arr.dtype}")
+        if arr.ndim == 0:
+            return np.full((n,), int(arr) & 0xFFFFFFFF, np.uint32), np.arange(n, dtype=np.int32)
+        if arr.shape != (n,):
+            raise ValueError(f"Sampler.generate: per-row seeds must have shape ({n},), got {arr.shape}")
+        return (arr.astype(np.int64) & 0xFFFFFFFF).astype(np.uint32), np.zeros((n,), np.int32)
+
+    # ------------------------------------------------------------------ generate
+    def generate(self, params: dict, adapter: Optional[Adapter], prompts: Sequence[Sequence[int]],
+                 sampling: SamplingParams, *, seed: int | jax.Array = 0) -> list[Generation]:
+        """Samples a continuation for every prompt (lists of token ids, already chat-templated).
+
+        Rows are independent: a row's tokens do not depend on the other rows of the batch (for a
+        fixed row seed). `seed`: an int (row i uses key fold_in(key(seed), i)) or per-row ints.
+        """
+        if not isinstance(sampling, SamplingParams):
+            raise TypeError(f"Sampler.generate: sampling must be SamplingParams, got {type(sampling).__name__}")
+        self._check_adapter(adapter)
+        rows = self._validate_prompts(prompts)
+        seeds, row_ids = self._row_seeds(seed, len(rows))
+        fused = self._fused_params(params, adapter)
+        chunk = self.batch_buckets[-1]
+        out: list[Generation] = []
+        for start in range(0, len(rows), chunk):
+            sl = slice(start, start + chunk)
+            out.extend(self._generate_chunk(fused, rows[sl], sampling, seeds[sl], row_ids[sl]))
+        return out
+
+    def _generate_chunk(self, fused: kernel.FusedParams, rows: list[list[int]], sampling: SamplingParams,
+                        seeds: np.ndarray, row_ids: np.ndarray) -> list[Generation]:
+        n = len(rows)
+        b = bucketing.batch_bucket(n, self.batch_buckets)
+        p = bucketing.next_pow2(max(len(r) for r in rows), MIN_PROMPT_BUCKET)
+        n_out = bucketing.next_pow2(sampling.max_new_tokens, MIN_NEW_TOKENS_BUCKET)
+        cache_len = min(p + n_out, self.max_cache_len)
+        if p + sampling.max_new_tokens - 1 > cache_len:
+            raise ValueError(
+                f"Sampler.generate: prompt bucket {p} (longest prompt {max(len(r) for r in rows)}) + "
+                f"max_new_tokens {sampling.max_new_tokens} exceeds max_cache_len={self.max_cache_len}")
+        tokens_bp, pad_b = bucketing.left_pad(rows, b, p)
+        active = np.arange(b) < n
+        seeds_b = np.zeros((b,), np.uint32)
+        seeds_b[:n] = seeds
+        row_ids_b = np.zeros((b,), np.int32)
+        row_ids_b[:n] = row_ids
+        eos = self._eos_ids(sampling)
+        mode = ops.SamplingMode(greedy=sampling.greedy, top_k=0 if sampling.greedy else sampling.top_k,
+                                use_top_p=(not sampling.greedy) and sampling.top_p < 1.0)
+        stop_tables = self._stop_tables_for(sampling.stop_strings)
+        inp = kernel.DecodeInputs(
+            pad_b=jnp.asarray(pad_b), active_b=jnp.asarray(active), seeds_b=jnp.asarray(seeds_b),
+            row_ids_b=jnp.asarray(row_ids_b), max_new_tokens=jnp.int32(sampling.max_new_tokens),
+            temperature=jnp.float32(sampling.temperature), top_p=jnp.float32(sampling.top_p),
+            eos_ids=jnp.asarray(np.asarray(eos, np.int32).reshape(-1)))
+        fsig = _tree_signature(fused)
+
+        cfg = self.config
+        tokens_bp, pad_dev = jnp.asarray(tokens_bp), inp.pad_b
+        prefill_exe = self._compiled(
+            ("prefill", b, p, cache_len, fsig), lambda f, t, pd: kernel.prefill(cfg, f, t, pd, cache_len), (),
+            fused, tokens_bp, pad_dev)
+        caches, logits = prefill_exe(fused, tokens_bp, pad_dev)
+        stop_sig = None if stop_tables is None else _tree_signature(stop_tables)
+        decode_exe = self._compiled(
+            ("decode", b, p, cache_len, n_out, mode, len(eos), stop_sig, fsig),
+            lambda f, c, lg, i, st: kernel.decode(cfg, mode, f, c, lg, i, st, prompt_len=p, n_out=n_out), (1,),
+            fused, caches, logits, inp, stop_tables)
+        res, caches = decode_exe(fused, caches, logits, inp, stop_tables)
+        del caches
+        res = jax.device_get(res)
+        gens = []
+        eos_set = set(eos)
+        for i in range(n):
+            k = int(res.lengths_b[i])
+            ids = res.tokens_bn[i, :k].tolist()
+            stopped = bool(res.stopped_b[i])
+            text_ids = ids[:-1] if stopped and ids and ids[-1] in eos_set else ids
+            gens.append(Generation(token_ids=ids, logprobs=res.logprobs_bn[i, :k].astype(float).tolist(),
+                                   finish_reason="stop" if stopped else "length",
+                                   text=self.tokenizer.decode(text_ids)))
+        return gens
