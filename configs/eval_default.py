@@ -12,7 +12,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Model: a local HF dir, a .gguf file, "smollm2-135m" (embedded GGUF) or a hub id.
   c.model = "smollm2-135m"
   c.dtype = "float32"
-  # Trained agents (full-model checkpoints: HF dir or .gguf); "" = the base model for that role.
+  # Trained agents per role: an adapter dir (models.save_adapter) or a full-model checkpoint
+  # (HF dir / .gguf); "" = the base model for that role.
   c.checkpoints = ml_collections.ConfigDict({"meta_thinking": "", "reasoning": "", "single": ""})
   c.tag = ""  # appended to the column titles, e.g. "step 500"
   # Modes (columns): vrp, mrp, rema_single_turn, rema_multi_turn.

@@ -199,3 +199,18 @@ def test_launch_eval_smollm2_smoke(tmp_path, smollm2_gguf):
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["results"]["VRP"]["Builtin"]["num_tasks"] == 2
   assert (tmp_path / "table.md").read_text().startswith("| Benchmark | VRP |")
+
+
+def test_load_agent_adapters_from_adapter_dir(tmp_path):
+  import jax
+  import numpy as np
+  from rema_jax.models import AdapterConfig, init_adapter, save_adapter
+  from rema_jax.models.testing import random_params, tiny_config
+  cfg = tiny_config()
+  params = random_params(cfg, jax.random.PRNGKey(0))
+  lora = init_adapter(cfg, params, AdapterConfig(kind="lora", rank=2, alpha=4.0), jax.random.PRNGKey(1))
+  save_adapter(tmp_path / "ra", lora)
+  got = runner.load_agent_adapters({"meta_thinking": "", "reasoning": str(tmp_path / "ra")}, "float32")
+  assert set(got) == {"reasoning"} and got["reasoning"].kind == "lora" and got["reasoning"].scale == 2.0
+  a, b = jax.tree.leaves(lora.weights), jax.tree.leaves(got["reasoning"].weights)
+  assert len(a) == len(b) and all(np.allclose(x, y) for x, y in zip(a, b))

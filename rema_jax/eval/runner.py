@@ -89,15 +89,23 @@ def settings_from_config(config) -> harness.EvalSettings:
       grade_timeout=float(config.grade_timeout), progress=bool(config.progress))
 
 
-def _load_agent_params(sources: Mapping[str, str], dtype: str) -> dict[str, Any]:
-  """Full-model agent checkpoints (HF dirs / GGUF) per role, used as ``full`` adapters."""
-  from rema_jax.models.hub import load  # pylint: disable=g-import-not-at-top
-  return {role: load(src, dtype=dtype, with_tokenizer=False).params for role, src in sources.items() if src}
+def load_agent_adapters(sources: Mapping[str, str], dtype: str) -> dict[str, Any]:
+  """Trained agents per role: an adapter dir (``save_adapter`` output, LoRA or full) or a
+  full-model checkpoint (HF dir / .gguf, used as a ``full`` adapter). Empty sources are skipped."""
+  from rema_jax.models import Adapter, load, load_adapter  # pylint: disable=g-import-not-at-top
+  out = {}
+  for role, src in sources.items():
+    if not src:
+      continue
+    if (pathlib.Path(src) / "adapter_config.json").is_file():
+      out[role] = load_adapter(src)
+    else:
+      out[role] = Adapter(weights=load(src, dtype=dtype, with_tokenizer=False).params, kind="full")
+  return out
 
 
 def build_solvers(config) -> dict[str, harness.SolveFn]:
   """``{column title: solve_fn}`` for every mode in ``config.modes``, on the real model + sampler."""
-  from rema_jax.models import AdapterConfig  # pylint: disable=g-import-not-at-top
   from rema_jax.models.hub import load  # pylint: disable=g-import-not-at-top
   from rema_jax.rollout import ChatEncoder, make_sampler_policy  # pylint: disable=g-import-not-at-top
   from rema_jax.sampling import Sampler  # pylint: disable=g-import-not-at-top
@@ -109,15 +117,11 @@ def build_solvers(config) -> dict[str, harness.SolveFn]:
   t0 = time.time()
   model = load(config.model, dtype=config.dtype)
   log.info("loaded %s in %.1fs", config.model, time.time() - t0)
-  agents = _load_agent_params({"meta_thinking": config.checkpoints.meta_thinking,
-                               "reasoning": config.checkpoints.reasoning,
-                               "single": config.checkpoints.single}, config.dtype)
-  adapter_config = None
-  if agents:  # trained agents are full parameter trees; roles without one use the base tree
-    adapter_config = AdapterConfig(kind="full")
-    agents = {r: agents.get(r, model.params) for r in ("meta_thinking", "reasoning", "single")}
-  sampler = Sampler(model.config, model.tokenizer, adapter_config=adapter_config,
-                    max_cache_len=int(config.max_cache_len))
+  # Roles without a checkpoint run the base model (adapter None).
+  agents = load_agent_adapters({"meta_thinking": config.checkpoints.meta_thinking,
+                                "reasoning": config.checkpoints.reasoning,
+                                "single": config.checkpoints.single}, config.dtype)
+  sampler = Sampler(model.config, model.tokenizer, max_cache_len=int(config.max_cache_len))
   encoder = ChatEncoder(model.tokenizer)
   out = {}
   for m in modes:
