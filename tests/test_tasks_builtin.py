@@ -30,14 +30,18 @@ def test_seed_example_answer():
   assert builtin._poly_mul([3, 5, -3], [4, 2, -2]) == [12, 26, -8, -16, 6]
 
 
-def test_level1_arithmetic_is_one_small_operation():
+def test_low_arithmetic_levels_are_one_small_operation():
   rng = random.Random(0)
-  for _ in range(50):
-    t = builtin.make_task("arithmetic", 1, rng)
-    m = re.fullmatch(r"What is \$(\d) (\+|-|\\times) (\d)\$\?", t.question)
-    assert m, t.question
-    a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
-    assert int(t.answer) == {"+": a + b, "-": a - b, "\\times": a * b}[op]
+  for level, ops in ((1, {"+"}), (2, {"-", "\\times"})):
+    seen = set()
+    for _ in range(50):
+      t = builtin.make_task("arithmetic", level, rng)
+      m = re.fullmatch(r"What is \$(\d) (\+|-|\\times) (\d)\$\?", t.question)
+      assert m, t.question
+      a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+      assert int(t.answer) == {"+": a + b, "-": a - b, "\\times": a * b}[op] >= 0
+      seen.add(op)
+    assert seen == ops
 
 
 def _eval_linear(question: str) -> Fraction:

@@ -2,8 +2,9 @@
 
 Four families, each with levels 1..NUM_LEVELS (1 = easiest):
 
-* ``arithmetic``: level 1 is one operation on single-digit numbers ("What is 3 + 4?"); higher
-  levels add operations, larger numbers, parentheses, negatives and finally fractions.
+* ``arithmetic``: level 1 is one addition of single digits ("What is 3 + 4?"); level 2 one
+  subtraction or multiplication of single digits; then two-digit numbers, two operations
+  (precedence, parentheses, negatives) and finally fractions.
 * ``word_problem``: a story whose number of steps equals the level.
 * ``linear_equation``: ``x + a = b`` at level 1 up to ``a(x + b) = cx + d`` with a fractional root.
 * ``polynomial``: coefficient matching, e.g. the seed problem
@@ -55,16 +56,24 @@ def _signed(v: int) -> str:
 
 # ---------------------------------------------------------------- arithmetic
 
+_OPS = {"+": (lambda a, b: a + b, "+"), "-": (lambda a, b: a - b, "-"), "*": (lambda a, b: a * b, "\\times")}
+
+
+def _one_op(a: int, op: str, b: int) -> tuple[str, Fraction]:
+  fn, sym = _OPS[op]
+  return f"What is ${a} {sym} {b}$?", Fraction(fn(a, b))
+
+
 def _arithmetic(rng: random.Random, level: int) -> tuple[str, Fraction]:
-  if level == 1:  # one operation, single digits
+  if level == 1:  # one addition of single digits (SmolLM2-135M gets some of these right)
+    return _one_op(rng.randint(1, 9), "+", rng.randint(1, 9))
+  if level == 2:  # one subtraction (non-negative result) or multiplication of single digits
     a, b = rng.randint(1, 9), rng.randint(1, 9)
-    op = rng.choice("+-*")
+    op = rng.choice("-*")
     if op == "-" and b > a:
       a, b = b, a
-    value = {"+": a + b, "-": a - b, "*": a * b}[op]
-    sym = {"+": "+", "-": "-", "*": "\\times"}[op]
-    return f"What is ${a} {sym} {b}$?", Fraction(value)
-  if level == 2:  # one operation, two-digit numbers
+    return _one_op(a, op, b)
+  if level == 3:  # one operation on two-digit numbers
     op = rng.choice("+-*")
     if op == "*":
       a, b = rng.randint(11, 49), rng.randint(2, 9)
@@ -72,25 +81,22 @@ def _arithmetic(rng: random.Random, level: int) -> tuple[str, Fraction]:
       a, b = rng.randint(10, 99), rng.randint(10, 99)
       if op == "-" and b > a:
         a, b = b, a
-    value = {"+": a + b, "-": a - b, "*": a * b}[op]
-    sym = {"+": "+", "-": "-", "*": "\\times"}[op]
-    return f"What is ${a} {sym} {b}$?", Fraction(value)
-  if level == 3:  # two operations with precedence
-    a, b, c = rng.randint(2, 20), rng.randint(2, 9), rng.randint(2, 9)
+    return _one_op(a, op, b)
+  if level == 4:  # two operations: precedence, or parentheses with negatives
     if rng.random() < 0.5:
-      return f"Compute ${a} + {b} \\times {c}$.", Fraction(a + b * c)
-    return f"Compute ${a} \\times {b} - {c}$.", Fraction(a * b - c)
-  if level == 4:  # parentheses and negatives
-    a, b, c, d = _nz(rng, -15, 15), _nz(rng, -9, 9), rng.randint(2, 9), rng.randint(1, 20)
-    return (f"Compute $({a} {_signed(b)}) \\times {c} - {d}$.", Fraction((a + b) * c - d))
+      a, b, c = rng.randint(2, 20), rng.randint(2, 9), rng.randint(2, 9)
+      if rng.random() < 0.5:
+        return f"Compute ${a} + {b} \\times {c}$.", Fraction(a + b * c)
+      return f"Compute ${a} \\times {b} - {c}$.", Fraction(a * b - c)
+    a, b, c = _nz(rng, -15, 15), _nz(rng, -9, 9), rng.randint(2, 9)
+    return f"Compute $({a} {_signed(b)}) \\times {c}$.", Fraction((a + b) * c)
   # level >= 5: fraction arithmetic, answer a reduced fraction
   p = Fraction(rng.randint(1, 9), rng.randint(2, 9))
   q = Fraction(rng.randint(1, 9), rng.randint(2, 9))
   op = rng.choice("+-*")
-  value = {"+": p + q, "-": p - q, "*": p * q}[op]
-  sym = {"+": "+", "-": "-", "*": "\\times"}[op]
+  fn, sym = _OPS[op]
   return (f"Compute $\\frac{{{p.numerator}}}{{{p.denominator}}} {sym} "
-          f"\\frac{{{q.numerator}}}{{{q.denominator}}}$. Give the answer as a reduced fraction.", value)
+          f"\\frac{{{q.numerator}}}{{{q.denominator}}}$. Give the answer as a reduced fraction.", fn(p, q))
 
 
 # ---------------------------------------------------------------- word problems
