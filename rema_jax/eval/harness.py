@@ -73,8 +73,12 @@ def default_boxed_fn() -> Callable[[str], "str | None"]:
 
 
 def default_verdict_fn() -> VerdictFn:
-  from rema_jax.rewards import shaping  # pylint: disable=g-import-not-at-top
-  return shaping.parse_verdict
+  try:
+    from rema_jax.rewards.shaping import parse_verdict  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise RuntimeError("judge tasks are graded with rema_jax.rewards.shaping.parse_verdict, which "
+                       f"is not importable ({e}); pass verdict_fn explicitly") from None
+  return parse_verdict
 
 
 # ------------------------------------------------------------------ JSONL with resume
