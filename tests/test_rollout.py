@@ -386,7 +386,6 @@ def _check_rows(seqs, trs, role, tok, label_eos=True):
 
 
 def test_role_sequences_multi_turn(tok, enc):
-  pol = ScriptedPolicy(tok, _finished_script())
   cfg = _cfg(num_samples=2)
   script = {k: [[row[0]] * 2 for row in v] for k, v in _finished_script().items()}
   trs = R.run_rollout(ScriptedPolicy(tok, script), enc, [Q], cfg)
@@ -405,7 +404,6 @@ def test_role_sequences_multi_turn(tok, enc):
   ra = R.build_role_sequences(trs, enc, cfg, P.REASONING)
   text = tok.decode(ra.tokens[0][ra.attention_mask[0] == 1].tolist())
   assert text.endswith(f"<|im_start|>user\n{M2}<|im_end|>\n<|im_start|>assistant\n{R2}<|im_end|>")
-  del pol
 
 
 def test_role_sequences_options_and_dummy_rows(tok, enc):
@@ -415,8 +413,8 @@ def test_role_sequences_options_and_dummy_rows(tok, enc):
   trs = R.run_rollout(ScriptedPolicy(tok, script), enc, [Q], cfg)
   assert [t.finish_reason for t in trs] == [R.TRUNCATED, R.FINISHED]
   ra = R.build_role_sequences(trs, enc, cfg, P.REASONING, bucket="pow2")
-  _check_rows_pow2 = ra.tokens.shape[1]
-  assert _check_rows_pow2 & (_check_rows_pow2 - 1) == 0
+  length = ra.tokens.shape[1]
+  assert length & (length - 1) == 0
   assert ra.loss_mask[0].sum() == 0 and ra.num_turns.tolist() == [0, 1]  # dummy-only RA row
   assert ra.eos_label_mask.sum() == 0  # labelling switched off
   mta = R.build_role_sequences(trs, enc, cfg, P.META_THINKING, pad_to=512)
@@ -542,3 +540,16 @@ def test_smollm2_tokenizer_splicing(smollm2_gguf):
     seqs = R.build_role_sequences([tr], enc, cfg, role)
     _check_rows(seqs, [tr], role, tok)
     assert re.search(r"<\|im_start\|>system\n", tok.decode(seqs.tokens[0].tolist()))
+
+
+def test_single_turn_judge_mode(tok, enc):
+  script = {P.META_THINKING: [[("Compare accuracy.", "eos")]], P.REASONING: [[("[[B]]", "eos")]]}
+  pol = ScriptedPolicy(tok, script)
+  cfg = _cfg(mode="single_turn", task="judge")
+  (tr,) = R.run_rollout(pol, enc, [P.judge_fields("Which is right?", "2+2=5", "2+2=4")], cfg)
+  assert tr.finish_reason == R.FINISHED and tr.final_answer == "[[B]]"
+  mta_text = tok.decode(pol.role_calls(P.META_THINKING)[0][1][0])
+  assert "[User Question] Which is right? [End of User Question]" in mta_text
+  assert "2+2=5" not in mta_text  # the planner sees only the question
+  ra_text = tok.decode(pol.role_calls(P.REASONING)[0][1][0])
+  assert "2+2=5" in ra_text and "2+2=4" in ra_text and "Compare accuracy." in ra_text
