@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import pathlib
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -261,9 +262,11 @@ def run_evaluation(benchmarks: Mapping[str, Sequence[Task]], solvers: Mapping[st
                    boxed_fn: Callable[[str], "str | None"] | None = None) -> dict[str, Any]:
   """Every solver (mode / checkpoint) on every benchmark; writes samples, summary.json, table.md.
 
-  Returns ``{"results": {mode: {benchmark: metrics}}, "settings": ..., "table": markdown}``.
+  Returns ``{"results": {mode: {benchmark: metrics}}, "settings": ..., "table": markdown,
+  "wall_seconds": ...}`` (seconds of this call; resumed samples cost nothing).
   """
   workdir = pathlib.Path(workdir)
+  start = time.time()
   results: dict[str, dict[str, Any]] = {}
   for mode, solve_fn in solvers.items():
     results[mode] = {}
@@ -274,7 +277,8 @@ def run_evaluation(benchmarks: Mapping[str, Sequence[Task]], solvers: Mapping[st
           grade_fn=grade_fn, verdict_fn=verdict_fn, boxed_fn=boxed_fn)
   table = markdown_table({m: {b: r["score"] for b, r in res.items()} for m, res in results.items()},
                          columns=list(solvers), benchmarks=list(benchmarks))
-  summary = {"results": results, "settings": dataclasses.asdict(settings), "table": table}
+  summary = {"results": results, "settings": dataclasses.asdict(settings), "table": table,
+             "wall_seconds": time.time() - start}
   workdir.mkdir(parents=True, exist_ok=True)
   _atomic_write(workdir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
   _atomic_write(workdir / "table.md", table)
