@@ -1,0 +1,302 @@
+"""Turn-level PPO loss, KL to the reference, entropy, and the log-prob utility (jit-able jnp).
+
+Inputs follow Contract 4 (docs/architecture.md): `[B, L]` arrays where position t holds a target
+token, `loss_mask` marks this role's generated tokens and `turn_ids` their turn (-1 elsewhere).
+
+Loss (per unit u = a token, or a turn in the turn-ratio modes):
+    pg_u = max(-A_u * r_u, -A_u * clip(r_u, 1 - eps, 1 + eps))            (PPO clip, eps = 0.2)
+    pg_u = min(pg_u, -A_u * c)   if A_u < 0                               (dual clip, c = 3.0)
+    loss = agg(pg) + kl_coef * agg(KL(pi || pi_ref)) - entropy_coef * agg(H)
+
+Ratios:
+    token:           r_t = exp(clamp(logp_t - old_t, +-token_log_ratio_clip))
+    turn_geometric:  r_k = exp(min(mean_{t in k}(logp_t - old_t), 3.0))       (official code)
+    turn_arithmetic: r_k = mean_{t in k} exp(min(logp_t - old_t, 3.0))        (paper Eq. 13)
+  and in the turn modes A_k = mean_{t in k} A_t.
+
+Aggregation (per-token auxiliaries KL/H are first averaged per turn in the turn modes):
+    token_mean:      sum over tokens / #tokens                  (token ratio only, as the code)
+    turn_mean:       sum over turns of (turn value) / #turns    (token ratio: per-turn token means)
+    trajectory_mean: sum over sequences of (mean over the sequence's turns, or tokens in the
+                     token mode) / #sequences                   (paper Eq. 12, official default)
+
+The denominators (#tokens/#turns/#sequences) can be passed in as `normalizers` computed over a
+whole mini-batch, so summing micro-batch losses reproduces the mini-batch loss exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+RATIO_MODES = ("token", "turn_geometric", "turn_arithmetic")
+AGG_MODES = ("token_mean", "turn_mean", "trajectory_mean")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """PPO loss settings (defaults: the official multi-turn code, spec §3.2).
+
+    ratio_mode: one of RATIO_MODES. agg_mode: one of AGG_MODES ("token_mean" needs "token").
+    clip_eps: PPO clip epsilon. dual_clip_c: dual-clip bound for A < 0 (> 1), None disables.
+    log_ratio_clip: upper pre-clip of log-ratios in the turn modes (3.0, official).
+    token_log_ratio_clip: symmetric clamp of token log-ratios in the token mode (overflow guard).
+    kl_coef / kl_estimator / kl_clamp: KL(pi || pi_ref) loss term (k1/k2/k3, fp32, clamped).
+    entropy_coef: entropy bonus coefficient (subtracted). temperature: logits divisor for
+    log-probs (= the rollout temperature). max_turns: static number of turn segments.
+    logprob_chunk_size: time-chunk for the fp32 log-softmax (None: all positions at once).
+    """
+
+    ratio_mode: str = "turn_geometric"
+    agg_mode: str = "trajectory_mean"
+    clip_eps: float = 0.2
+    dual_clip_c: Optional[float] = 3.0
+    log_ratio_clip: float = 3.0
+    token_log_ratio_clip: float = 20.0
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    kl_clamp: float = 10.0
+    entropy_coef: float = 0.0
+    temperature: float = 1.0
+    max_turns: int = 32
+    logprob_chunk_size: Optional[int] = None
+
+    def __post_init__(self):
+        if self.ratio_mode not in RATIO_MODES:
+            raise ValueError(f"LossConfig.ratio_mode={self.ratio_mode!r} is unknown; valid: {RATIO_MODES}")
+        if self.agg_mode not in AGG_MODES:
+            raise ValueError(f"LossConfig.agg_mode={self.agg_mode!r} is unknown; valid: {AGG_MODES}")
+        if self.ratio_mode != "token" and self.agg_mode == "token_mean":
+            raise ValueError(
+                f"LossConfig: ratio_mode={self.ratio_mode!r} with agg_mode='token_mean' is rejected "
+                "(as in the official code); use 'turn_mean' or 'trajectory_mean'")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(
+                f"LossConfig.kl_estimator={self.kl_estimator!r} is unknown; valid: {KL_ESTIMATORS}")
+        if not 0 < self.clip_eps < 1:
+            raise ValueError(f"LossConfig.clip_eps must be in (0, 1), got {self.clip_eps}")
+        if self.dual_clip_c is not None and not self.dual_clip_c > 1:
+            raise ValueError(f"LossConfig.dual_clip_c must be > 1 or None, got {self.dual_clip_c}")
+        for name in ("log_ratio_clip", "token_log_ratio_clip", "kl_clamp", "temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"LossConfig.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("kl_coef", "entropy_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"LossConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not (isinstance(self.max_turns, int) and self.max_turns >= 1):
+            raise ValueError(f"LossConfig.max_turns must be an int >= 1, got {self.max_turns!r}")
+        if self.logprob_chunk_size is not None and self.logprob_chunk_size < 1:
+            raise ValueError(f"LossConfig.logprob_chunk_size must be >= 1 or None, "
+                             f"got {self.logprob_chunk_size}")
+
+    @property
+    def turn_level(self) -> bool:
+        return self.ratio_mode != "token"
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-probs
+# ----------------------------------------------------------------------------------------------
+def _logp_entropy_block(logits_btv, targets_bt, temperature):
+    x = logits_btv.astype(jnp.float32) / temperature
+    lse = jax.nn.logsumexp(x, axis=-1)
+    tgt = jnp.take_along_axis(x, targets_bt[..., None], axis=-1)[..., 0]
+    p = jnp.exp(x - lse[..., None])
+    ent = lse - jnp.sum(p * x, axis=-1)
+    return tgt - lse, ent
+
+
+def token_logprobs_and_entropy(logits_btv, tokens_bt, temperature: float = 1.0, *,
+                               chunk_size: Optional[int] = None):
+    """Per-token log-prob of `tokens_bt` and entropy of the predictive distribution (fp32).
+
+    Contract 4 alignment: logp[:, t] = log_softmax(logits[:, t-1] / T)[tokens[:, t]], the same
+    for entropy; position 0 has no prediction and is 0. With `chunk_size`, the fp32 softmax is
+    computed over time chunks in a loop, so at most [B, chunk, V] fp32 values live at once.
+    Returns (logp_bt, entropy_bt), both float32 [B, T].
+    """
+    b, t, _ = logits_btv.shape
+    if tokens_bt.shape != (b, t):
+        raise ValueError(f"tokens_bt shape {tokens_bt.shape} does not match logits {logits_btv.shape}")
+    logits = logits_btv[:, :-1]
+    targets = tokens_bt[:, 1:].astype(jnp.int32)
+    n = t - 1
+    if chunk_size is None or chunk_size >= n:
+        logp, ent = _logp_entropy_block(logits, targets, temperature)
+    else:
+        c = int(chunk_size)
+        num = -(-n // c)
+
+        def body(i, carry):
+            lp_acc, en_acc = carry
+            start = jnp.minimum(i * c, n - c)  # the last chunk overlaps; values are identical
+            lg = jax.lax.dynamic_slice_in_dim(logits, start, c, axis=1)
+            tg = jax.lax.dynamic_slice_in_dim(targets, start, c, axis=1)
+            lp, en = _logp_entropy_block(lg, tg, temperature)
+            return (jax.lax.dynamic_update_slice_in_dim(lp_acc, lp, start, axis=1),
+                    jax.lax.dynamic_update_slice_in_dim(en_acc, en, start, axis=1))
+
+        zeros = jnp.zeros((b, n), jnp.float32)
+        logp, ent = jax.lax.fori_loop(0, num, body, (zeros, zeros))
+    pad = jnp.zeros((b, 1), jnp.float32)
+    return jnp.concatenate([pad, logp], 1), jnp.concatenate([pad, ent], 1)
+
+
+def kl_estimate(logp_bl, ref_logp_bl, estimator: str = "k3", clamp: float = 10.0):
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi, in fp32, clamped to +-clamp.
+
+    k1 = logp - ref;  k2 = 0.5 (logp - ref)^2;  k3 = exp(ref - logp) - (ref - logp) - 1
+    (k3 is verl's `low_var_kl`).
+    """
+    d = logp_bl.astype(jnp.float32) - ref_logp_bl.astype(jnp.float32)
+    if estimator == "k1":
+        kl = d
+    elif estimator == "k2":
+        kl = 0.5 * d * d
+    elif estimator == "k3":
+        kl = jnp.exp(-d) + d - 1.0
+    else:
+        raise ValueError(f"kl_estimator={estimator!r} is unknown; valid: {KL_ESTIMATORS}")
+    return jnp.clip(kl, -clamp, clamp)
+
+
+# ----------------------------------------------------------------------------------------------
+# Segments
+# ----------------------------------------------------------------------------------------------
+def _turn_segments(mask_bl, turn_ids_bl, max_turns: int):
+    """Flat segment id b * K + k per loss token (dump segment B*K elsewhere) and B*K."""
+    b = mask_bl.shape[0]
+    valid = (mask_bl > 0) & (turn_ids_bl >= 0) & (turn_ids_bl < max_turns)
+    seg = jnp.arange(b)[:, None] * max_turns + jnp.clip(turn_ids_bl, 0, max_turns - 1)
+    return jnp.where(valid, seg, b * max_turns), b * max_turns
+
+
+def _turn_sum(x_bl, seg, nseg, b, k):
+    return jax.ops.segment_sum(x_bl.reshape(-1), seg.reshape(-1), num_segments=nseg + 1)[:nseg].reshape(b, k)
+
+
+def loss_normalizers(loss_mask_bl, turn_ids_bl, max_turns: int) -> dict:
+    """Counts used as loss denominators: loss tokens, valid turns, sequences with a loss token.
+
+    Tokens outside [0, max_turns) turns are ignored in every count, like in the loss.
+    """
+    mask = (loss_mask_bl > 0) & (turn_ids_bl >= 0) & (turn_ids_bl < max_turns)
+    seg, nseg = _turn_segments(mask.astype(jnp.float32), turn_ids_bl, max_turns)
+    b = mask.shape[0]
+    cnt_bk = _turn_sum(mask.astype(jnp.float32), seg, nseg, b, max_turns)
+    return {"tokens": mask.sum().astype(jnp.float32),
+            "turns": (cnt_bk > 0).sum().astype(jnp.float32),
+            "seqs": (cnt_bk.sum(1) > 0).sum().astype(jnp.float32)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss
+# ----------------------------------------------------------------------------------------------
+def _clipped_pg(adv, ratio, cfg: LossConfig):
+    """(pg, clipped?, dual-clipped?) elementwise; see the module docstring."""
+    pg1 = -adv * ratio
+    pg2 = -adv * jnp.clip(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps)
+    pg = jnp.maximum(pg1, pg2)
+    clipped = pg2 > pg1
+    if cfg.dual_clip_c is None:
+        return pg, clipped, jnp.zeros_like(clipped)
+    pg3 = -adv * cfg.dual_clip_c
+    dual = (adv < 0) & (pg3 < pg)
+    return jnp.where(adv < 0, jnp.minimum(pg, pg3), pg), clipped, dual
+
+
+def ppo_loss(logp_bl, old_logp_bl, adv_bl, loss_mask_bl, turn_ids_bl, cfg: LossConfig, *,
+             entropy_bl=None, ref_logp_bl=None, normalizers: Optional[dict] = None):
+    """Turn-level / token-level PPO loss (see module docstring). Returns (loss, metrics).
+
+    logp_bl: current log-probs (differentiated); old_logp_bl: recomputed old policy log-probs;
+    adv_bl: token advantages; entropy_bl / ref_logp_bl optional. `normalizers` (from
+    `loss_normalizers` over a whole mini-batch) replaces the local denominators.
+    Metrics (scalars): pg_loss, loss, clip_frac, dual_clip_frac, approx_kl (mean old - logp
+    over tokens), ratio_mean / ratio_max (over units), entropy, kl_ref (when given).
+    """
+    f32 = jnp.float32
+    b, _ = logp_bl.shape
+    k = cfg.max_turns
+    mask = ((loss_mask_bl > 0) & (turn_ids_bl >= 0) & (turn_ids_bl < k)).astype(f32)
+    seg, nseg = _turn_segments(mask, turn_ids_bl, k)
+    local = normalizers is None
+    norms = loss_normalizers(mask, turn_ids_bl, k) if local else normalizers
+    tok_den = jnp.maximum(norms["tokens"], 1.0)
+    turn_den = jnp.maximum(norms["turns"], 1.0)
+    seq_den = jnp.maximum(norms["seqs"], 1.0)
+    cnt_bk = _turn_sum(mask, seg, nseg, b, k)
+    turn_valid = (cnt_bk > 0).astype(f32)
+    seq_tok = mask.sum(1)
+    seq_turns = turn_valid.sum(1)
+
+    def tsum(x):  # [B, L] -> [B, K] masked per-turn sums
+        return _turn_sum(x * mask, seg, nseg, b, k)
+
+    def agg_tokens(x_bl):
+        """Aggregate a per-token quantity (in the turn modes: per-turn means first)."""
+        if cfg.agg_mode == "token_mean":
+            return jnp.sum(x_bl * mask) / tok_den
+        if cfg.agg_mode == "turn_mean" or cfg.turn_level:
+            turn_mean = tsum(x_bl) / jnp.maximum(cnt_bk, 1.0)
+            return agg_turns(turn_mean)
+        # token ratio + trajectory_mean: per-sequence token mean, then mean over sequences
+        return jnp.sum(jnp.sum(x_bl * mask, 1) / jnp.maximum(seq_tok, 1.0)) / seq_den
+
+    def agg_turns(v_bk):
+        if cfg.agg_mode == "turn_mean":
+            return jnp.sum(v_bk * turn_valid) / turn_den
+        # trajectory_mean: mean over the sequence's turns, then over sequences
+        per_seq = jnp.sum(v_bk * turn_valid, 1) / jnp.maximum(seq_turns, 1.0)
+        return jnp.sum(per_seq) / seq_den
+
+    logp = logp_bl.astype(f32)
+    old = old_logp_bl.astype(f32)
+    adv = adv_bl.astype(f32)
+    log_ratio = logp - old
+    if cfg.ratio_mode == "token":
+        ratio = jnp.exp(jnp.clip(log_ratio, -cfg.token_log_ratio_clip, cfg.token_log_ratio_clip))
+        pg, clipped, dual = _clipped_pg(adv, ratio, cfg)
+        pg_loss = agg_tokens(pg)
+        unit_mask, unit_den = mask, jnp.maximum(mask.sum(), 1.0)
+    else:
+        a_k = tsum(adv) / jnp.maximum(cnt_bk, 1.0)
+        if cfg.ratio_mode == "turn_geometric":
+            mean_lr = tsum(log_ratio) / jnp.maximum(cnt_bk, 1.0)
+            ratio = jnp.exp(jnp.minimum(mean_lr, cfg.log_ratio_clip))
+        else:  # turn_arithmetic
+            tok_ratio = jnp.exp(jnp.minimum(log_ratio, cfg.log_ratio_clip))
+            ratio = tsum(tok_ratio) / jnp.maximum(cnt_bk, 1.0)
+        pg, clipped, dual = _clipped_pg(a_k, ratio, cfg)
+        pg_loss = agg_turns(pg)
+        unit_mask, unit_den = turn_valid, jnp.maximum(turn_valid.sum(), 1.0)
+
+    loss = pg_loss
+    local_tok = jnp.maximum(mask.sum(), 1.0)
+    metrics = {
+        "pg_loss": pg_loss,
+        "clip_frac": jnp.sum(clipped * unit_mask) / unit_den,
+        "dual_clip_frac": jnp.sum(dual * unit_mask) / unit_den,
+        "approx_kl": jnp.sum(-log_ratio * mask) / local_tok,
+        "ratio_mean": jnp.sum(ratio * unit_mask) / unit_den,
+        "ratio_max": jnp.max(jnp.where(unit_mask > 0, ratio, 0.0)),  # ratios are > 0
+    }
+    if ref_logp_bl is not None:
+        kl = kl_estimate(logp, ref_logp_bl, cfg.kl_estimator, cfg.kl_clamp)
+        metrics["kl_ref"] = jnp.sum(kl * mask) / local_tok
+        if cfg.kl_coef > 0:
+            loss = loss + cfg.kl_coef * agg_tokens(kl)
+    elif cfg.kl_coef > 0:
+        raise ValueError("LossConfig.kl_coef > 0 but no ref_logp_bl was given")
+    if entropy_bl is not None:
+        ent = entropy_bl.astype(f32)
+        metrics["entropy"] = jnp.sum(ent * mask) / local_tok
+        if cfg.entropy_coef > 0:
+            loss = loss - cfg.entropy_coef * agg_tokens(ent)
+    elif cfg.entropy_coef > 0:
+        raise ValueError("LossConfig.entropy_coef > 0 but no entropy_bl was given")
+    metrics["loss"] = loss
+    return loss, metrics

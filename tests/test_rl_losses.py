@@ -1,0 +1,165 @@
+"""PPO loss modes against a loop-based numpy reference; log-prob alignment; KL estimators."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rema_jax.rl import losses as L
+
+
+def _batch(seed=0, b=5, l=14, k=3):
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((b, l), np.float32)
+    tid = -np.ones((b, l), np.int32)
+    for i in range(b):
+        pos = 1
+        for t in range(rng.integers(1, k + 1)):
+            pos += rng.integers(0, 2)                       # gap (other role / template)
+            n = rng.integers(1, 4)
+            mask[i, pos:pos + n] = 1
+            tid[i, pos:pos + n] = t
+            pos += n
+    mask[-1] = 0                                              # a sequence with no loss tokens
+    tid[-1] = -1
+    logp = rng.normal(-1.0, 0.5, (b, l)).astype(np.float32)
+    old = (logp + rng.normal(0, 0.4, (b, l))).astype(np.float32)
+    advs = np.repeat(rng.normal(size=(b, 1)), l, 1).astype(np.float32)
+    advs[1] = -np.abs(advs[1]) - 0.5
+    return logp, old, advs * mask, mask, tid
+
+
+def _reference(logp, old, adv, mask, tid, ratio_mode, agg_mode, eps=0.2, c=3.0, lclip=3.0):
+    def pg(a, r):
+        v = max(-a * r, -a * np.clip(r, 1 - eps, 1 + eps))
+        return min(v, -a * c) if a < 0 else v
+
+    units = {}   # (seq, turn) -> list of per-token values (token mode) or [turn value]
+    for i in range(mask.shape[0]):
+        for k in sorted(set(tid[i][mask[i] > 0].tolist())):
+            sel = (tid[i] == k) & (mask[i] > 0)
+            lr = logp[i][sel] - old[i][sel]
+            if ratio_mode == "token":
+                units[(i, k)] = [pg(a, np.exp(x)) for a, x in zip(adv[i][sel], lr)]
+            else:
+                r = (np.exp(min(lr.mean(), lclip)) if ratio_mode == "turn_geometric"
+                     else np.mean(np.exp(np.minimum(lr, lclip))))
+                units[(i, k)] = [pg(adv[i][sel].mean(), r)]
+    if agg_mode == "token_mean":
+        vals = [v for vs in units.values() for v in vs]
+        return np.mean(vals)
+    if agg_mode == "turn_mean":
+        return np.mean([np.mean(vs) for vs in units.values()])
+    seqs = sorted({i for i, _ in units})
+    if ratio_mode == "token":
+        return np.mean([np.mean([v for (j, _), vs in units.items() if j == i for v in vs]) for i in seqs])
+    return np.mean([np.mean([vs[0] for (j, _), vs in units.items() if j == i]) for i in seqs])
+
+
+COMBOS = [(r, a) for r, a in itertools.product(L.RATIO_MODES, L.AGG_MODES)
+          if not (r != "token" and a == "token_mean")]
+
+
+@pytest.mark.parametrize("ratio_mode,agg_mode", COMBOS)
+def test_loss_matches_reference(ratio_mode, agg_mode):
+    logp, old, adv, mask, tid = _batch()
+    cfg = L.LossConfig(ratio_mode=ratio_mode, agg_mode=agg_mode, max_turns=4)
+    loss, met = L.ppo_loss(jnp.asarray(logp), old, adv, mask, tid, cfg)
+    np.testing.assert_allclose(float(loss), _reference(logp, old, adv, mask, tid, ratio_mode, agg_mode),
+                               rtol=1e-5, atol=1e-6)
+    assert 0.0 <= float(met["clip_frac"]) <= 1.0 and float(met["ratio_max"]) > 0
+
+
+def test_on_policy_gradient_is_policy_gradient():
+    """At ratio 1 the gradient w.r.t. logp is -A / (normaliser): the plain policy gradient."""
+    _, _, adv, mask, tid = _batch(3)
+    logp = np.random.default_rng(3).normal(size=mask.shape).astype(np.float32)
+    cfg = L.LossConfig(ratio_mode="token", agg_mode="token_mean", max_turns=4)
+    g = jax.grad(lambda lp: L.ppo_loss(lp, logp, adv, mask, tid, cfg)[0])(jnp.asarray(logp))
+    np.testing.assert_allclose(np.asarray(g), -adv * mask / mask.sum(), rtol=1e-5, atol=1e-7)
+
+
+def test_dual_clip_caps_negative_advantages():
+    cfg = L.LossConfig(ratio_mode="token", agg_mode="token_mean", max_turns=1)
+    mask = np.array([[0, 1]], np.float32)
+    tid = np.array([[-1, 0]])
+    old = np.zeros((1, 2), np.float32)
+    logp = np.array([[0.0, 2.0]], np.float32)          # ratio e^2 = 7.39 > c = 3
+    loss, met = L.ppo_loss(logp, old, np.array([[0, -1.0]], np.float32), mask, tid, cfg)
+    assert float(loss) == pytest.approx(3.0) and float(met["dual_clip_frac"]) == 1.0
+    loss, met = L.ppo_loss(logp, old, np.array([[0, 1.0]], np.float32), mask, tid, cfg)
+    assert float(loss) == pytest.approx(-1.2) and float(met["clip_frac"]) == 1.0
+    no_dual = L.LossConfig(ratio_mode="token", agg_mode="token_mean", max_turns=1, dual_clip_c=None)
+    loss, _ = L.ppo_loss(logp, old, np.array([[0, -1.0]], np.float32), mask, tid, no_dual)
+    assert float(loss) == pytest.approx(np.exp(2.0), rel=1e-5)
+
+
+def test_turn_log_ratio_preclip():
+    cfg = L.LossConfig(ratio_mode="turn_geometric", agg_mode="turn_mean", max_turns=1, dual_clip_c=None)
+    mask = np.array([[0, 1, 1]], np.float32)
+    tid = np.array([[-1, 0, 0]])
+    logp = np.array([[0, 10.0, 10.0]], np.float32)
+    _, met = L.ppo_loss(logp, np.zeros_like(logp), -mask, mask, tid, cfg)
+    assert float(met["ratio_max"]) == pytest.approx(np.exp(3.0), rel=1e-5)
+
+
+def test_normalizers_make_micro_batches_additive():
+    logp, old, adv, mask, tid = _batch(5, b=6)
+    for r, a in COMBOS:
+        cfg = L.LossConfig(ratio_mode=r, agg_mode=a, max_turns=4)
+        full, _ = L.ppo_loss(logp, old, adv, mask, tid, cfg)
+        norms = L.loss_normalizers(jnp.asarray(mask), jnp.asarray(tid), 4)
+        parts = [L.ppo_loss(logp[s], old[s], adv[s], mask[s], tid[s], cfg, normalizers=norms)[0]
+                 for s in (slice(0, 2), slice(2, 6))]
+        np.testing.assert_allclose(float(sum(parts)), float(full), rtol=1e-5, atol=1e-6)
+
+
+def test_kl_and_entropy_terms():
+    logp, old, adv, mask, tid = _batch(7)
+    ref = old - 0.3
+    base = L.LossConfig(ratio_mode="token", agg_mode="token_mean", max_turns=4)
+    with_kl = L.LossConfig(ratio_mode="token", agg_mode="token_mean", max_turns=4, kl_coef=0.5,
+                           kl_estimator="k1", entropy_coef=0.1)
+    ent = np.full_like(logp, 2.0)
+    l0, _ = L.ppo_loss(logp, old, adv, mask, tid, base)
+    l1, met = L.ppo_loss(logp, old, adv, mask, tid, with_kl, ref_logp_bl=ref, entropy_bl=ent)
+    k1 = ((logp - ref) * mask).sum() / mask.sum()
+    assert float(l1) == pytest.approx(float(l0) + 0.5 * k1 - 0.1 * 2.0, rel=1e-5)
+    assert float(met["kl_ref"]) == pytest.approx(k1, rel=1e-5)
+    with pytest.raises(ValueError, match="no ref_logp_bl"):
+        L.ppo_loss(logp, old, adv, mask, tid, with_kl)
+
+
+def test_kl_estimators():
+    lp, ref = jnp.array([0.0, -1.0, -30.0]), jnp.array([0.0, -2.0, 0.0])
+    np.testing.assert_allclose(L.kl_estimate(lp, ref, "k1"), [0, 1, -10])            # clamped
+    np.testing.assert_allclose(L.kl_estimate(lp, ref, "k2"), [0, 0.5, 10])
+    np.testing.assert_allclose(L.kl_estimate(lp, ref, "k3"), [0, np.exp(-1) + 1 - 1, 10], rtol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 3, 5, 100])
+def test_token_logprobs_alignment_and_chunking(chunk):
+    rng = np.random.default_rng(0)
+    b, t, v = 2, 7, 11
+    logits = rng.normal(size=(b, t, v)).astype(np.float32)
+    tokens = rng.integers(0, v, (b, t)).astype(np.int32)
+    logp, ent = L.token_logprobs_and_entropy(jnp.asarray(logits, jnp.bfloat16), tokens, 2.0,
+                                             chunk_size=chunk)
+    x = np.asarray(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32)) / 2.0
+    lsm = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    assert logp.dtype == jnp.float32 and np.all(np.asarray(logp[:, 0]) == 0)
+    np.testing.assert_allclose(logp[:, 1:], np.take_along_axis(lsm[:, :-1], tokens[:, 1:, None], -1)[..., 0],
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ent[:, 1:], -(np.exp(lsm) * lsm).sum(-1)[:, :-1], rtol=1e-5, atol=1e-5)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="valid: \\('token', 'turn_geometric', 'turn_arithmetic'\\)"):
+        L.LossConfig(ratio_mode="seq")
+    with pytest.raises(ValueError, match="rejected"):
+        L.LossConfig(ratio_mode="turn_geometric", agg_mode="token_mean")
+    with pytest.raises(ValueError, match="kl_estimator"):
+        L.LossConfig(kl_estimator="k4")
+    with pytest.raises(ValueError, match="dual_clip_c"):
+        L.LossConfig(dual_clip_c=0.5)
