@@ -1,0 +1,238 @@
+"""One jitted RL update: mini-batches x micro-batches, gradient accumulation, masked step.
+
+`logits_fn(trainable, role, batch) -> logits_btv` is supplied by the caller (the trainer builds it
+from `rema_jax.models.forward`, picking the role's adapter); `role` is a static string and
+`batch` a dict with at least "tokens" [b, L] and "attention_mask" [b, L].
+
+A rollout batch is `{role: {tokens, attention_mask, loss_mask, turn_ids, advantages,
+old_logprobs[, ref_logprobs]}}` with [N_role, L] arrays (Contract 4 + RL fields; other keys are
+ignored). Each role's rows are split into `num_mini_batches` optimizer steps, each into
+`num_micro_batches` accumulation steps (N_role must be divisible by their product). Loss
+denominators are counted over each whole mini-batch across all its roles, so the accumulated
+loss equals the loss of the merged mini-batch (the official shared-weights merge).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rema_jax.rl import losses
+from rema_jax.rl.optimizer import MultiAgentOptimizer, check_trained
+
+LogitsFn = Callable[[Mapping[str, Any], str, Mapping[str, jax.Array]], jax.Array]
+
+MODEL_KEYS = ("tokens", "attention_mask", "loss_mask", "turn_ids")
+RL_KEYS = ("advantages", "old_logprobs")
+OPTIONAL_KEYS = ("ref_logprobs",)
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateConfig:
+    """num_mini_batches: optimizer steps per rollout batch (paper: 4; official example: 1).
+    num_micro_batches: gradient-accumulation steps per mini-batch (memory only)."""
+
+    num_mini_batches: int = 1
+    num_micro_batches: int = 1
+
+    def __post_init__(self):
+        for name in ("num_mini_batches", "num_micro_batches"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and v >= 1):
+                raise ValueError(f"UpdateConfig.{name} must be an int >= 1, got {v!r}")
+
+
+class RLState(NamedTuple):
+    """params: {agent: tree or None}; opt_state: {agent: AdamW state or None}."""
+
+    params: dict
+    opt_state: dict
+
+
+def init_rl_state(params: Mapping[str, Any], optimizer: MultiAgentOptimizer) -> RLState:
+    return RLState(params=dict(params), opt_state=optimizer.init(params))
+
+
+def _select(batch: Mapping[str, Any], role: str, need_ref: bool) -> dict:
+    keys = MODEL_KEYS + RL_KEYS + (OPTIONAL_KEYS if need_ref else ())
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise ValueError(f"batch for role {role!r} is missing {missing}; has {sorted(batch)}")
+    out = {k: batch[k] for k in keys}
+    shape = np.shape(out["tokens"])
+    for k, v in out.items():
+        if np.shape(v) != shape:
+            raise ValueError(f"batch[{role!r}][{k!r}] has shape {np.shape(v)}, expected {shape} "
+                             "(like 'tokens')")
+    return out
+
+
+def _check_turn_ids(batch: Mapping[str, Any], role: str, max_turns: int):
+    tid, mask = batch["turn_ids"], batch["loss_mask"]
+    if isinstance(tid, jax.core.Tracer) or isinstance(mask, jax.core.Tracer):
+        return
+    tid, mask = np.asarray(tid), np.asarray(mask)
+    bad = (mask > 0) & ((tid < 0) | (tid >= max_turns))
+    if bad.any():
+        raise ValueError(
+            f"batch[{role!r}]: {int(bad.sum())} loss tokens have turn_ids outside [0, max_turns="
+            f"{max_turns}) (max seen {int(tid.max())}); raise LossConfig.max_turns")
+
+
+def _split(x, m: int, u: int):
+    """[N, ...] -> [m, u, N / (m u), ...]."""
+    n = x.shape[0]
+    if n % (m * u):
+        raise ValueError(f"{n} rows are not divisible by num_mini_batches * num_micro_batches = {m * u}")
+    return x.reshape((m, u, n // (m * u)) + x.shape[1:])
+
+
+def _merge_metrics(stacked: dict) -> dict:
+    """Average metrics over the leading axis; keys ending in '_max' take the max."""
+    return {k: (jnp.max(v) if k.endswith("_max") else jnp.mean(v)) for k, v in stacked.items()}
+
+
+def make_update_fn(logits_fn: LogitsFn, loss_cfg: losses.LossConfig,
+                   optimizer: MultiAgentOptimizer, update_cfg: UpdateConfig = UpdateConfig(),
+                   *, donate_state: bool = False):
+    """Build `update(state, batches, trained) -> (new_state, metrics)`.
+
+    `trained` (tuple of agent names, e.g. ("reasoning",) or ("shared",)) is static: one
+    compilation per phase, none between steps of the same shapes. Metrics are scalars:
+    "<role>/<loss metric>" averaged over micro/mini-batches, plus "loss", "grad_norm", "lr",
+    "finite". When any mini-batch has a non-finite loss or gradient, the returned state is the
+    input state unchanged and metrics["finite"] is False. With `donate_state` the input state's
+    buffers are donated (do not reuse it after the call).
+    """
+    m, u = update_cfg.num_mini_batches, update_cfg.num_micro_batches
+    need_ref = loss_cfg.kl_coef > 0
+
+    def role_loss(params, role, mb, norms):
+        logits = logits_fn(params, role, {k: mb[k] for k in MODEL_KEYS})
+        logp, ent = losses.token_logprobs_and_entropy(
+            logits, mb["tokens"], loss_cfg.temperature, chunk_size=loss_cfg.logprob_chunk_size)
+        return losses.ppo_loss(logp, mb["old_logprobs"], mb["advantages"], mb["loss_mask"],
+                               mb["turn_ids"], loss_cfg, entropy_bl=ent,
+                               ref_logp_bl=mb.get("ref_logprobs"), normalizers=norms)
+
+    def core(state: RLState, batches: dict, trained: tuple):
+        roles = tuple(sorted(batches))
+        frozen = {a: p for a, p in state.params.items() if a not in trained}
+        split = {r: jax.tree_util.tree_map(lambda x: _split(jnp.asarray(x), m, u), b)
+                 for r, b in batches.items()}
+
+        def micro_loss(trained_params, micro, norms):
+            params = {**frozen, **trained_params}
+            total, metrics = 0.0, {}
+            for r in roles:
+                loss_r, met_r = role_loss(params, r, micro[r], norms)
+                total = total + loss_r
+                metrics.update({f"{r}/{k}": v for k, v in met_r.items()})
+            return total, metrics
+
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+        def mini_step(carry, mini):
+            params, opt_state = carry
+            norms = {"tokens": 0.0, "turns": 0.0, "seqs": 0.0}
+            for r in roles:  # denominators over the whole mini-batch, all roles
+                flat = jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), mini[r])
+                n_r = losses.loss_normalizers(flat["loss_mask"], flat["turn_ids"], loss_cfg.max_turns)
+                norms = {k: norms[k] + n_r[k] for k in norms}
+            trained_params = {a: params[a] for a in trained}
+
+            def micro_step(acc, micro):
+                (loss, met), g = grad_fn(trained_params, micro, norms)
+                acc_g, acc_loss = acc
+                acc_g = jax.tree_util.tree_map(jnp.add, acc_g, g)
+                return (acc_g, acc_loss + loss), met
+
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, trained_params)
+            (grads, loss), met = jax.lax.scan(micro_step, (zeros, jnp.zeros((), jnp.float32)),
+                                              mini)  # scans the micro axis of [u, b, L]
+            new_params, new_opt, step_met = optimizer.step(grads, opt_state, params, trained)
+            finite = jnp.isfinite(loss) & jnp.isfinite(step_met["grad_norm"])
+            keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+                lambda a, b: jnp.where(finite, a, b), new, old)
+            params_out = {**params, **keep({a: new_params[a] for a in trained},
+                                           {a: params[a] for a in trained})}
+            opt_out = {**opt_state, **keep({a: new_opt[a] for a in trained},
+                                           {a: opt_state[a] for a in trained})}
+            met = _merge_metrics(met)
+            met.update(loss=loss, finite=finite.astype(jnp.float32), **step_met)
+            return (params_out, opt_out), met
+
+        (params, opt_state), mets = jax.lax.scan(mini_step, (state.params, state.opt_state),
+                                                 split)  # scans the mini axis of [m, u, b, L]
+        all_finite = jnp.all(mets["finite"] > 0)
+        revert = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+            lambda a, b: jnp.where(all_finite, a, b), new, old)
+        new_state = RLState(params=revert(params, state.params),
+                            opt_state=revert(opt_state, state.opt_state))
+        metrics = _merge_metrics({k: v for k, v in mets.items() if k != "finite"})
+        metrics["finite"] = all_finite
+        return new_state, metrics
+
+    jitted = jax.jit(core, static_argnames=("trained",),
+                     donate_argnums=(0,) if donate_state else ())
+
+    def update(state: RLState, batches: Mapping[str, Mapping[str, Any]],
+               trained: Sequence[str]):
+        trained = check_trained(state.params, trained)
+        if not batches:
+            raise ValueError("update: batches is empty; pass {role: batch}")
+        sel = {}
+        for role, b in batches.items():
+            sel[role] = _select(b, role, need_ref)
+            _check_turn_ids(sel[role], role, loss_cfg.max_turns)
+            n = np.shape(sel[role]["tokens"])[0]
+            if n % (m * u):
+                raise ValueError(f"batch[{role!r}] has {n} rows, not divisible by num_mini_batches"
+                                 f" * num_micro_batches = {m} * {u}")
+        return jitted(state, sel, trained)
+
+    update.jitted = jitted
+    return update
+
+
+def compute_logprobs_fn(logits_fn: LogitsFn, temperature: float = 1.0, *,
+                        num_micro_batches: int = 1, chunk_size: int | None = None):
+    """Jitted `fn(params, role, batch) -> logp_nl [N, L] float32` (0 outside loss_mask).
+
+    Used after the rollout to recompute old log-probs under the training graph (and reference
+    log-probs with a reference `logits_fn`); the same log-softmax as the loss. `role` is static.
+    """
+    if not (isinstance(num_micro_batches, int) and num_micro_batches >= 1):
+        raise ValueError(f"num_micro_batches must be an int >= 1, got {num_micro_batches!r}")
+
+    def core(params, role, batch):
+        def one(mb):
+            logits = logits_fn(params, role, mb)
+            logp, _ = losses.token_logprobs_and_entropy(logits, mb["tokens"], temperature,
+                                                        chunk_size=chunk_size)
+            return logp * (mb["loss_mask"] > 0)
+
+        split = jax.tree_util.tree_map(
+            lambda x: x.reshape((num_micro_batches, -1) + x.shape[1:]), batch)
+        out = jax.lax.map(one, split)
+        return out.reshape((-1,) + out.shape[2:])
+
+    jitted = jax.jit(core, static_argnums=(1,))
+
+    def fn(params, role: str, batch: Mapping[str, Any]):
+        sel = {k: batch[k] for k in MODEL_KEYS if k in batch}
+        for k in ("tokens", "attention_mask", "loss_mask"):
+            if k not in sel:
+                raise ValueError(f"compute_logprobs: batch for role {role!r} is missing {k!r}")
+        if "turn_ids" not in sel:
+            sel["turn_ids"] = np.where(np.asarray(sel["loss_mask"]) > 0, 0, -1).astype(np.int32)
+        n = np.shape(sel["tokens"])[0]
+        if n % num_micro_batches:
+            raise ValueError(f"compute_logprobs: {n} rows not divisible by {num_micro_batches}")
+        return jitted(params, role, sel)
+
+    fn.jitted = jitted
+    return fn
