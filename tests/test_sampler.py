@@ -1,0 +1,301 @@
+"""Sampler tests on tiny random models: cache-path logits, padding, stops, seeds, sampling ops, compiles."""
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rema_jax.models import forward
+from rema_jax.models.adapters import Adapter, AdapterConfig, init_adapter
+from rema_jax.models.testing import random_params, tiny_config
+from rema_jax.sampling import Generation, Sampler, SamplingParams, kernel, ops, stops
+
+MERGES = [("[", "F"), ("I", "N"), ("I", "S"), ("IS", "H"), ("H", "]"), ("Ġ", "a"), ("b", "c")]
+
+
+def _tiny_tokenizer():
+    """A byte-level BPE tokenizer over printable ASCII (every id decodes to ASCII), with merges that
+    split "[FINISH]" across several tokens, wrapped as a HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for ch in ["Ġ"] + [chr(c) for c in range(ord("!"), ord("~") + 1)]:
+        vocab[ch] = len(vocab)
+    for a, b in MERGES:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=MERGES))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+TOKENIZER = _tiny_tokenizer()
+CFG = tiny_config(vocab_size=len(TOKENIZER))
+PARAMS = random_params(CFG, jax.random.key(0))
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27], [40, 41]]
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    return Sampler(CFG, TOKENIZER, max_cache_len=256)
+
+
+def _lora(seed, config=CFG, params=PARAMS):
+    """A LoRA adapter with nonzero B, so it changes the model."""
+    ad = init_adapter(config, params, AdapterConfig(rank=4, alpha=8.0), jax.random.key(seed))
+    w = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(seed + 1), x.shape), ad.weights)
+    return Adapter(weights=w, kind="lora", scale=ad.scale)
+
+
+# --------------------------------------------------------------------------- kernel vs forward
+@pytest.mark.parametrize("variant", ["llama", "qwen2_bias_tied", "lora"])
+def test_cache_decode_logits_equal_full_forward(variant):
+    cfg, adapter = CFG, None
+    if variant == "qwen2_bias_tied":
+        cfg = tiny_config(vocab_size=CFG.vocab_size, family="qwen2", attention_bias=True, tie_word_embeddings=True)
+    params = random_params(cfg, jax.random.key(3))
+    if variant == "lora":
+        adapter = _lora(7, cfg, params)
+    fp = kernel.fuse_params(cfg, params, adapter)
+    rng = np.random.default_rng(0)
+    p, n_new = 8, 5
+    pad = np.array([3, 0, 6], np.int32)
+    tokens = rng.integers(3, cfg.vocab_size, size=(3, p + n_new)).astype(np.int32)
+    tokens[:, :p][np.arange(p)[None] < pad[:, None]] = 0
+    mask = (np.arange(p + n_new)[None] >= pad[:, None]).astype(np.int32)
+    ref = np.asarray(forward(cfg, params, jnp.asarray(tokens), adapter, attention_mask=jnp.asarray(mask)))
+    caches, logits = kernel.prefill(cfg, fp, jnp.asarray(tokens[:, :p]), jnp.asarray(pad), p + n_new)
+    np.testing.assert_allclose(np.asarray(logits), ref[:, p - 1], atol=2e-5, rtol=1e-5)
+    for t in range(n_new):
+        caches, logits = kernel.decode_step(cfg, fp, caches, jnp.asarray(tokens[:, p + t]),
+                                            jnp.asarray(p - pad + t), p + t, jnp.asarray(pad))
+        np.testing.assert_allclose(np.asarray(logits), ref[:, p + t], atol=2e-5, rtol=1e-5)
+
+
+def test_greedy_generate_equals_uncached_forward_with_and_without_adapter(sampler):
+    """Teacher-forced check: every greedy token is the argmax of the full (uncached) forward over
+    prompt + generated prefix, and its log-prob is that forward's log-softmax."""
+    for ad in (None, _lora(11)):
+        gens = sampler.generate(PARAMS, ad, PROMPTS, SamplingParams(max_new_tokens=6, greedy=True, ignore_eos=True))
+        for prompt, g in zip(PROMPTS, gens):
+            ref_lp = np.asarray(jax.nn.log_softmax(forward(CFG, PARAMS, jnp.asarray([prompt + g.token_ids]), ad)[0], -1))
+            rows = ref_lp[len(prompt) - 1:len(prompt) - 1 + len(g.token_ids)]
+            assert g.token_ids == rows.argmax(-1).tolist()
+            np.testing.assert_allclose(g.logprobs, rows[np.arange(6), g.token_ids], atol=1e-4)
+            assert g.finish_reason == "length" and isinstance(g, Generation)
+
+
+# --------------------------------------------------------------------------- padding / batching
+@pytest.mark.parametrize("greedy", [True, False])
+def test_padded_row_gives_the_tokens_it_gives_alone(sampler, greedy):
+    sp = SamplingParams(max_new_tokens=12, greedy=greedy, ignore_eos=True)
+    seeds = np.array([101, 202, 303])
+    batch = sampler.generate(PARAMS, None, PROMPTS, sp, seed=seeds)
+    for i, prompt in enumerate(PROMPTS):
+        alone = sampler.generate(PARAMS, None, [prompt], sp, seed=seeds[i:i + 1])[0]
+        assert batch[i].token_ids == alone.token_ids
+        np.testing.assert_allclose(batch[i].logprobs, alone.logprobs, atol=1e-5)
+
+
+def test_batches_larger_than_the_largest_bucket_are_split(sampler):
+    small = Sampler(CFG, TOKENIZER, max_cache_len=64, batch_buckets=(1, 2))
+    sp = SamplingParams(max_new_tokens=4, temperature=0.7, ignore_eos=True)
+    gens = small.generate(PARAMS, None, PROMPTS, sp, seed=5)
+    whole = sampler.generate(PARAMS, None, PROMPTS, sp, seed=5)
+    assert [g.token_ids for g in gens] == [g.token_ids for g in whole]
+
+
+# --------------------------------------------------------------------------- stops
+def test_max_new_tokens_and_length_reason(sampler):
+    for n in (1, 3, 16):
+        for g in sampler.generate(PARAMS, None, PROMPTS, SamplingParams(max_new_tokens=n, ignore_eos=True)):
+            assert len(g.token_ids) == len(g.logprobs) == n and g.finish_reason == "length"
+
+
+def test_eos_at_any_position(sampler):
+    prompt = PROMPTS[1]
+    free = sampler.generate(PARAMS, None, [prompt], SamplingParams(max_new_tokens=16, greedy=True, ignore_eos=True))[0]
+    seq = free.token_ids
+    for k in range(len(seq)):
+        first = seq.index(seq[k])
+        g = sampler.generate(PARAMS, None, [prompt, PROMPTS[0]],
+                             SamplingParams(max_new_tokens=16, greedy=True, eos_ids=(seq[k],)))[0]
+        assert g.token_ids == seq[:first + 1] and g.finish_reason == "stop"
+        assert g.text == TOKENIZER.decode(seq[:first])  # EOS removed from the text only
+
+
+def _first_stop_index(seq, stop):
+    """Reference: index of the token whose decoded prefix first contains `stop`."""
+    for j in range(len(seq)):
+        if stop in TOKENIZER.decode(seq[:j + 1]):
+            return j
+    return None
+
+
+def test_multi_token_stop_strings_at_any_position(sampler):
+    prompt = PROMPTS[0]
+    seq = sampler.generate(PARAMS, None, [prompt],
+                           SamplingParams(max_new_tokens=24, greedy=True, ignore_eos=True))[0].token_ids
+    text = TOKENIZER.decode(seq)
+    assert len(text) >= 8
+    checked = 0
+    for start in range(0, len(text) - 3, 2):
+        stop = text[start:start + 3]  # usually spans 2-3 tokens
+        want = _first_stop_index(seq, stop)
+        g = sampler.generate(PARAMS, None, [prompt],
+                             SamplingParams(max_new_tokens=24, greedy=True, ignore_eos=True,
+                                            stop_strings=("never-there", stop)))[0]
+        assert g.token_ids == seq[:want + 1], (stop, want)
+        assert g.finish_reason == "stop" and stop in g.text
+        checked += 1
+    assert checked >= 3
+
+
+def test_stop_window_finds_finish_split_over_tokens():
+    finish_ids = TOKENIZER.encode("ab[FINISH]c")
+    assert len(finish_ids) >= 6  # "[FINISH]" is several tokens
+    tables = stops.StopTables(*map(jnp.asarray, stops.build_token_table(stops.token_bytes(TOKENIZER, CFG.vocab_size))),
+                              *map(jnp.asarray, stops.build_stop_arrays(("[FINISH]", "zz"))))
+    hist = stops.init_history(1, tables)
+    hits = []
+    for t in finish_ids:
+        hist, hit = stops.update_and_match(hist, jnp.asarray([t]), tables)
+        hits.append(bool(hit[0]))
+    end = [i for i in range(len(finish_ids)) if "[FINISH]" in TOKENIZER.decode(finish_ids[:i + 1])][0]
+    assert hits == [i == end for i in range(len(finish_ids))]
+
+
+def test_token_bytes_match_the_tokenizer_for_smollm2_style_byte_level():
+    table = stops.token_bytes(TOKENIZER, CFG.vocab_size + 3)
+    for i in range(3, len(TOKENIZER)):
+        assert table[i].decode() == TOKENIZER.decode([i]), i
+    assert table[-1] == b""  # padded embedding rows decode to nothing
+
+
+# --------------------------------------------------------------------------- seeds
+def test_determinism_per_seed(sampler):
+    sp = SamplingParams(max_new_tokens=10, temperature=1.0, ignore_eos=True)
+    a = sampler.generate(PARAMS, None, PROMPTS, sp, seed=1)
+    b = sampler.generate(PARAMS, None, PROMPTS, sp, seed=1)
+    c = sampler.generate(PARAMS, None, PROMPTS, sp, seed=2)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    assert [g.logprobs for g in a] == [g.logprobs for g in b]
+    assert [g.token_ids for g in a] != [g.token_ids for g in c]
+    # Rows of one call get different streams even for identical prompts.
+    same = sampler.generate(PARAMS, None, [PROMPTS[0]] * 4, sp, seed=1)
+    assert len({tuple(g.token_ids) for g in same}) > 1
+
+
+def test_sampled_logprobs_are_the_tempered_filtered_distribution(sampler):
+    prompt = PROMPTS[1]
+    sp = SamplingParams(max_new_tokens=5, temperature=0.7, top_k=20, top_p=0.9, ignore_eos=True)
+    g = sampler.generate(PARAMS, None, [prompt], sp, seed=3)[0]
+    logits = np.asarray(forward(CFG, PARAMS, jnp.asarray([prompt + g.token_ids]))[0], np.float64)
+    for i, tok in enumerate(g.token_ids):
+        x = logits[len(prompt) - 1 + i] / 0.7
+        order = np.argsort(-x)[:20]
+        p = np.exp(x[order] - x[order].max())
+        p /= p.sum()
+        keep = (np.cumsum(p) - p) < 0.9
+        q = p * keep / (p * keep).sum()
+        assert tok in order[keep]
+        np.testing.assert_allclose(g.logprobs[i], np.log(q[list(order).index(tok)]), atol=1e-4)
+
+
+# --------------------------------------------------------------------------- sampling ops
+def _draw(logits_v, mode, n=20000, temperature=1.0, top_p=1.0, seed=0):
+    logits = jnp.broadcast_to(jnp.asarray(logits_v, jnp.float32), (n, len(logits_v)))
+    u = jax.random.uniform(jax.random.key(seed), (n,))
+    fn = jax.jit(lambda lg, uu: ops.sample_tokens(lg, uu, mode, temperature, top_p))
+    tok, lp = fn(logits, u)
+    return np.asarray(tok), np.asarray(lp)
+
+
+def _expected(logits_v, temperature=1.0, top_k=0, top_p=1.0):
+    x = np.asarray(logits_v, np.float64) / temperature
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    keep = np.zeros_like(p, bool)
+    keep[order[:top_k or len(p)]] = True
+    q = np.where(keep, p, 0)
+    q /= q.sum()
+    cum = np.cumsum(q[order]) - q[order]
+    keep_p = np.zeros_like(p, bool)
+    keep_p[order[cum < top_p]] = True
+    keep_p[order[0]] = True
+    q = np.where(keep_p, q, 0)
+    return q / q.sum()
+
+
+@pytest.mark.parametrize("top_k,top_p,temperature", [(0, 1.0, 1.0), (0, 1.0, 0.5), (3, 1.0, 1.0),
+                                                      (0, 0.75, 1.0), (4, 0.8, 2.0)])
+def test_sampling_ops_match_the_filtered_distribution(top_k, top_p, temperature):
+    logits = [2.0, 1.5, 1.0, 0.5, 0.0, -1.0, 3.0, 0.2]
+    mode = ops.SamplingMode(greedy=False, top_k=top_k, use_top_p=top_p < 1.0)
+    tok, lp = _draw(logits, mode, temperature=temperature, top_p=top_p)
+    q = _expected(logits, temperature, top_k, top_p)
+    freq = np.bincount(tok, minlength=len(logits)) / len(tok)
+    assert np.all(freq[q == 0] == 0), "sampled a filtered-out token"
+    np.testing.assert_allclose(freq, q, atol=0.015)
+    np.testing.assert_allclose(lp, np.log(q[tok]), atol=1e-5)
+
+
+def test_full_vocab_two_level_inverse_cdf_is_unbiased():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=700) * 2  # > 2 blocks of 256, ragged tail
+    logits[[5, 300, 699]] += 6
+    tok, lp = _draw(logits, ops.SamplingMode(False, 0, False), n=40000)
+    q = _expected(logits)
+    freq = np.bincount(tok, minlength=len(logits)) / len(tok)
+    for i in (5, 300, 699):
+        assert abs(freq[i] - q[i]) < 0.015
+    assert abs(freq.sum() - 1) < 1e-9 and tok.max() < 700
+    np.testing.assert_allclose(lp, np.log(q[tok]), atol=1e-4)
+
+
+def test_greedy_op_is_argmax_with_model_logprob():
+    logits = jnp.asarray([[0.0, 3.0, 1.0], [5.0, -1.0, 5.5]])
+    tok, lp = ops.sample_tokens(logits, jnp.zeros(2), ops.SamplingMode(True, 0, False), 1.0, 1.0)
+    assert tok.tolist() == [1, 2]
+    np.testing.assert_allclose(lp, jax.nn.log_softmax(logits)[jnp.arange(2), tok], atol=1e-6)
+
+
+# --------------------------------------------------------------------------- compilation
+def test_no_recompilation_across_adapters_and_calls_within_a_bucket():
+    s = Sampler(CFG, TOKENIZER, max_cache_len=128)
+    mta, ra = _lora(21), _lora(31)
+    sp = SamplingParams(max_new_tokens=10, temperature=1.0, ignore_eos=True)
+    a = s.generate(PARAMS, mta, PROMPTS, sp, seed=0)
+    count = s.compile_count
+    assert count == 3  # fuse, prefill, decode
+    b = s.generate(PARAMS, ra, PROMPTS, sp, seed=0)  # other agent, same structure
+    assert [g.token_ids for g in a] != [g.token_ids for g in b]  # the adapter is really used
+    s.generate(PARAMS, mta, [[3] * 20, [4] * 30, [5] * 17], sp, seed=9)  # other lengths, same buckets
+    s.generate(PARAMS, ra, PROMPTS[:3], SamplingParams(max_new_tokens=13, temperature=0.5, top_p=1.0,
+                                                       ignore_eos=True), seed=1)
+    s.generate(PARAMS, mta, PROMPTS, SamplingParams(max_new_tokens=16, temperature=1.3, stop_strings=("xy",)),
+               seed=2)
+    assert s.compile_count == count + 1  # only the stop-string decode variant is new
+    s.generate(PARAMS, ra, PROMPTS, SamplingParams(max_new_tokens=12, temperature=0.9, stop_strings=("[FINISH]",)),
+               seed=3)
+    assert s.compile_count == count + 1
+
+
+def test_bad_inputs_raise_clear_errors(sampler):
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=0)
+    with pytest.raises(ValueError, match="stop_strings"):
+        SamplingParams(max_new_tokens=3, stop_strings="[FINISH]")
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(max_new_tokens=3, top_p=0.0)
+    with pytest.raises(ValueError, match="outside"):
+        sampler.generate(PARAMS, None, [[1, CFG.vocab_size]], SamplingParams(max_new_tokens=2))
+    with pytest.raises(ValueError, match="empty"):
+        sampler.generate(PARAMS, None, [[]], SamplingParams(max_new_tokens=2))
+    with pytest.raises(ValueError, match="max_cache_len"):
+        sampler.generate(PARAMS, None, [[3] * 100], SamplingParams(max_new_tokens=200))
+    with pytest.raises(ValueError, match="per-row seeds"):
+        sampler.generate(PARAMS, None, PROMPTS, SamplingParams(max_new_tokens=2), seed=np.arange(2))
