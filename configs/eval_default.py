@@ -37,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.max_new_tokens = 512
   c.max_turns = 30
   c.max_prompt_len = 2048
+  # A turn that hits max_new_tokens ends the trajectory. None = mode default: True for
+  # multi-turn (official rollout), False for single-turn (the RA answers a cut plan).
+  c.stop_when_truncated = ml_collections.config_dict.placeholder(bool)
   c.max_cache_len = 4096
   c.batch_size = 16
   c.seed = 0

@@ -214,3 +214,23 @@ def test_load_agent_adapters_from_adapter_dir(tmp_path):
   assert set(got) == {"reasoning"} and got["reasoning"].kind == "lora" and got["reasoning"].scale == 2.0
   a, b = jax.tree.leaves(lora.weights), jax.tree.leaves(got["reasoning"].weights)
   assert len(a) == len(b) and all(np.allclose(x, y) for x, y in zip(a, b))
+
+
+def test_truncated_plan_still_answered_in_single_turn_eval():
+  """A meta-thinking plan cut at max_new_tokens: single-turn eval lets the RA answer anyway."""
+  tok = _tokenizer()
+
+  class LongPlan(ArithmeticPolicy):
+    def __call__(self, role, prompts, sampling):
+      gens = super().__call__(role, prompts, sampling)
+      if role == P.META_THINKING:
+        return [Generation(g.token_ids, g.logprobs, "length", g.text) for g in gens]
+      return gens
+
+  task = _tasks()[:1]
+  m, j = solvers.rollout_configs("rema_single_turn", max_new_tokens=32)
+  assert m.stop_when_truncated is False
+  assert solvers.rollout_solver(LongPlan(tok), ChatEncoder(tok), m, j)(task)[0]["final_answer"].endswith("{3}.")
+  m, j = solvers.rollout_configs("rema_single_turn", max_new_tokens=32, stop_when_truncated=True)
+  assert solvers.rollout_solver(LongPlan(tok), ChatEncoder(tok), m, j)(task)[0]["final_answer"] == ""
+  assert solvers.rollout_configs("rema_multi_turn")[0].stop_when_truncated is True

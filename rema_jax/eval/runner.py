@@ -128,7 +128,8 @@ def build_solvers(config) -> dict[str, harness.SolveFn]:
     math_cfg, judge_cfg = solvers_lib.rollout_configs(
         m, greedy=bool(config.greedy), temperature=float(config.temperature),
         max_new_tokens=int(config.max_new_tokens), max_turns=int(config.max_turns),
-        max_prompt_len=int(config.max_prompt_len), prompt_variant=config.prompt_variant or None)
+        max_prompt_len=int(config.max_prompt_len), prompt_variant=config.prompt_variant or None,
+        stop_when_truncated=config.stop_when_truncated)
     policy = make_sampler_policy(sampler, model.params, solvers_lib.adapters_for(m, agents),
                                  seed=int(config.seed))
     title = solvers_lib.MODE_TITLES[m] + (f" [{config.tag}]" if config.tag else "")

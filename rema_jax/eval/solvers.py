@@ -66,13 +66,21 @@ def rollout_solver(policy, encoder, config: RolloutConfig,
 
 def rollout_configs(mode: str, *, greedy: bool = True, temperature: float = 1.0,
                     max_new_tokens: int = 512, max_turns: int = 30, max_prompt_len: int = 2048,
-                    prompt_variant: str | None = None) -> tuple[RolloutConfig, RolloutConfig | None]:
-  """(math config, judge config or None when the mode has no judge prompts) for a harness mode."""
+                    prompt_variant: str | None = None,
+                    stop_when_truncated: bool | None = None) -> tuple[RolloutConfig, RolloutConfig | None]:
+  """(math config, judge config or None when the mode has no judge prompts) for a harness mode.
+
+  ``stop_when_truncated=None`` picks the mode's default: True for multi-turn (the official
+  rollout ends a trajectory whose turn hit the token limit), False for single-turn modes, so
+  the reasoning agent still answers after a meta-thinking plan cut at ``max_new_tokens``.
+  """
   if mode not in MODES:
     raise ValueError(f"unknown eval mode {mode!r}; expected one of {sorted(MODES)}")
+  if stop_when_truncated is None:
+    stop_when_truncated = MODES[mode] == "multi_turn"
   kw = dict(mode=MODES[mode], prompt_variant=prompt_variant, num_samples=1, greedy=greedy,
             temperature=temperature, max_new_tokens=max_new_tokens, max_turns=max_turns,
-            max_prompt_len=max_prompt_len)
+            max_prompt_len=max_prompt_len, stop_when_truncated=stop_when_truncated)
   math_cfg = RolloutConfig(task="math", **kw)
   try:
     judge_cfg = RolloutConfig(task="judge", **kw)
