@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 
 from rema_jax.models.config import CheckpointError, ModelConfig
-from rema_jax.models.hf_loader import assign_tensor, check_complete
+from rema_jax.models.hf_loader import Placer, assign_tensor, check_complete
 from rema_jax.models.transformer import Params, param_shapes
 
 _GLOBAL = {"token_embd.weight": (("embed_tokens", "embedding"), False),
@@ -70,8 +70,9 @@ def open_gguf(path: str | pathlib.Path):
         raise CheckpointError(f"{path}: cannot read GGUF file (corrupt or truncated?): {type(e).__name__}: {e}") from None
 
 
-def load_gguf_params(reader, config: ModelConfig, source: str) -> Params:
-    """Dequantizes every tensor of `reader` into a Contract-1 tree for `config`."""
+def load_gguf_params(reader, config: ModelConfig, source: str, *, place: Optional[Placer] = None) -> Params:
+    """Dequantizes every tensor of `reader` into a Contract-1 tree for `config` (`place`: see
+    `hf_loader.assign_tensor`)."""
     import gguf
 
     shapes = param_shapes(config)
@@ -95,7 +96,8 @@ def load_gguf_params(reader, config: ModelConfig, source: str) -> Params:
             w = reverse_llama_permute(w, config.num_heads if path[-2] == "q_proj" else config.num_kv_heads)
         if transpose:
             w = w.T
-        assign_tensor(params, shapes, path, w, file=source, name=t.name, param_dtype=config.params_dtype)
+        assign_tensor(params, shapes, path, w, file=source, name=t.name, param_dtype=config.params_dtype,
+                      place=place)
     check_complete(params, shapes, source, path_to_gguf_name)
     return params
 

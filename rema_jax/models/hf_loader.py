@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax.numpy as jnp
 
@@ -18,6 +18,8 @@ from rema_jax.models.config import CheckpointError, ModelConfig
 from rema_jax.models.transformer import ATTENTION_PROJS, MLP_PROJS, Params, param_shapes
 
 INDEX_FILE = "model.safetensors.index.json"
+# (Contract-1 path, host value, param dtype) -> the array to store; see `assign_tensor`.
+Placer = Callable[[tuple[str, ...], Any, Any], Any]
 # Buffers some older checkpoints carry that are not parameters (recomputed from the config).
 _IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp|input_layernorm|post_attention_layernorm)\.(?:(\w+)\.)?"
@@ -114,8 +116,12 @@ def _iter_tensors(files: dict[pathlib.Path, list[str] | None]) -> Iterator[tuple
 
 
 def assign_tensor(params: Params, shapes: Params, path: tuple[str, ...], value: Any, *, file: Any, name: str,
-                  param_dtype: Any) -> None:
-    """Checks `value` against the expected shape at `path` and stores it (cast to `param_dtype`)."""
+                  param_dtype: Any, place: Optional[Placer] = None) -> None:
+    """Checks `value` against the expected shape at `path` and stores it (cast to `param_dtype`).
+
+    `place(path, value, dtype) -> array`, when given, builds the stored array instead of
+    `jnp.asarray` (e.g. straight into a sharded array, see `rema_jax.sharding.loading`).
+    """
     node = shapes
     for key in path:
         if not isinstance(node, dict) or key not in node:
@@ -130,7 +136,8 @@ def assign_tensor(params: Params, shapes: Params, path: tuple[str, ...], value: 
         target = target.setdefault(key, {})
     if path[-1] in target:
         raise CheckpointError(f"{file}: tensor {name!r} appears twice in the checkpoint")
-    target[path[-1]] = jnp.asarray(value, dtype=param_dtype)
+    target[path[-1]] = (jnp.asarray(value, dtype=param_dtype) if place is None
+                        else place(path, value, param_dtype))
 
 
 def check_complete(params: Params, shapes: Params, source: Any, name_of) -> None:
@@ -144,8 +151,9 @@ def check_complete(params: Params, shapes: Params, source: Any, name_of) -> None
     walk(shapes, params, ())
 
 
-def load_hf_params(directory: str | pathlib.Path, config: ModelConfig) -> Params:
-    """Reads all weights of a HF checkpoint directory into a Contract-1 tree for `config`."""
+def load_hf_params(directory: str | pathlib.Path, config: ModelConfig, *, place: Optional[Placer] = None) -> Params:
+    """Reads all weights of a HF checkpoint directory into a Contract-1 tree for `config`
+    (`place`: see `assign_tensor`)."""
     directory = pathlib.Path(directory)
     shapes = param_shapes(config)
     params: Params = {}
@@ -163,7 +171,8 @@ def load_hf_params(directory: str | pathlib.Path, config: ModelConfig) -> Params
             if tensor.ndim != 2:
                 raise CheckpointError(f"{f}: tensor {name!r} has shape {tuple(tensor.shape)}, expected a matrix")
             tensor = tensor.T
-        assign_tensor(params, shapes, path, tensor, file=f, name=name, param_dtype=config.params_dtype)
+        assign_tensor(params, shapes, path, tensor, file=f, name=name, param_dtype=config.params_dtype,
+                      place=place)
         del tensor
     check_complete(params, shapes, directory, path_to_hf_name)
     return params

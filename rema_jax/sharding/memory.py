@@ -1,0 +1,190 @@
+"""Memory planning: bytes per device for each kind of state, computed before anything is compiled.
+
+Parameters, adapters, optimizer moments, gradients, the sampler's fused weights and the KV cache
+are *exact* per-device figures: shapes from the config, per-device block shapes from the same
+sharding rules the run uses. Training activations are an *estimate* (what a non-rematerialised
+backward pass keeps alive per token, see `activation_bytes_per_token`). A run has two phases that
+do not overlap: rollout (resident state + fused weights + KV cache) and update (resident state +
+gradients + activations); the peak is the larger. `check_fits` refuses a plan whose peak exceeds
+the device memory, printing the whole breakdown, instead of letting XLA fail with an OOM later.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+
+from rema_jax.models.adapters import ALL_TARGETS
+from rema_jax.models.config import ModelConfig
+from rema_jax.models.transformer import ATTENTION_PROJS, param_shapes
+from rema_jax.sharding.mesh import mesh_sizes
+from rema_jax.sharding.rules import DEFAULT_RULES, CACHE_AXES, Rules, ShardingPlan, iter_param_specs, shard_shape
+
+GiB = 1024 ** 3
+
+
+class MemoryPlanError(RuntimeError):
+    """The configuration cannot fit the device memory; the message carries the per-device breakdown."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Per-device bytes by kind (`rows`), phase peaks, and what the figures assume (`notes`)."""
+
+    rows: dict[str, int]
+    rollout_bytes: int
+    update_bytes: int
+    mesh: dict[str, int]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.rollout_bytes, self.update_bytes)
+
+    def table(self, device_memory_bytes: Optional[int] = None) -> str:
+        """A fixed-width table of the breakdown (GiB and MiB per device)."""
+        lines = [f"memory plan per device (mesh {self.mesh})", f"{'kind':<28}{'MiB':>12}{'GiB':>10}"]
+        for name, b in self.rows.items():
+            lines.append(f"{name:<28}{b / 2**20:>12.1f}{b / GiB:>10.3f}")
+        lines.append("-" * 50)
+        for name, b in (("rollout phase total", self.rollout_bytes), ("update phase total", self.update_bytes),
+                        ("peak", self.peak_bytes)):
+            lines.append(f"{name:<28}{b / 2**20:>12.1f}{b / GiB:>10.3f}")
+        if device_memory_bytes:
+            lines.append(f"{'device memory':<28}{device_memory_bytes / 2**20:>12.1f}{device_memory_bytes / GiB:>10.3f}")
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rows": dict(self.rows), "rollout_bytes": self.rollout_bytes, "update_bytes": self.update_bytes,
+                "peak_bytes": self.peak_bytes, "mesh": dict(self.mesh)}
+
+
+def _itemsize(dtype: Any) -> int:
+    return int(np.dtype(jax.numpy.dtype(dtype)).itemsize)
+
+
+def _tree_bytes(rows: Sequence[tuple[tuple[str, ...], tuple[int, ...]]], plan: ShardingPlan, itemsize: int) -> int:
+    total = 0
+    for keys, shape in rows:
+        total += math.prod(shard_shape(shape, plan.leaf_spec(keys, shape), plan.sizes)) * itemsize
+    return total
+
+
+def lora_shapes(config: ModelConfig, rank: int, targets: Sequence[str] = ALL_TARGETS
+                ) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+    """(path, shape) of every LoRA factor of one agent (Contract 1 adapter layout)."""
+    shapes = param_shapes(config)
+    out = []
+    for i in range(config.num_layers):
+        for t in targets:
+            module = "self_attn" if t in ATTENTION_PROJS else "mlp"
+            n_in, n_out = shapes[f"layers_{i}"][module][t]["kernel"]
+            base = (f"layers_{i}", module, t)
+            out += [(base + ("lora_a",), (n_in, rank)), (base + ("lora_b",), (rank, n_out))]
+    return out
+
+
+def activation_bytes_per_token(config: ModelConfig, seq_len: int, sizes: dict[str, int],
+                               lora_rank: int = 0) -> float:
+    """Estimated bytes one training token keeps alive for the backward pass (no rematerialisation).
+
+    Per layer, in the compute dtype: the residual input and the two norm outputs plus the post-
+    attention residual (4·H), q/k/v and the attention output (2·nh·hd + 2·nkv·hd), gate/up/product
+    (3·F), LoRA `x@A` terms (7·r); attention probabilities (nh·T, compute dtype) and float32 scores
+    (nh·T). Plus float32 logits, log-softmax and their gradient (3·V). Head/MLP/vocab terms are
+    divided by the `tensor` axis when it divides them (as the rules shard them).
+    """
+    t = sizes.get("tensor", 1)
+    th = t if config.num_heads % t == 0 else 1
+    tkv = t if config.num_kv_heads % t == 0 else 1
+    tf = t if config.intermediate_size % t == 0 else 1
+    tv = t if config.vocab_size % t == 0 else 1
+    c = _itemsize(config.compute_dtype)
+    hd, nh, nkv = config.head_dim, config.num_heads, config.num_kv_heads
+    per_layer = (4 * config.hidden_size + 7 * lora_rank) * c + (2 * nh * hd / th + 2 * nkv * hd / tkv) * c \
+        + 3 * config.intermediate_size / tf * c + nh * seq_len / th * (c + 4)
+    return config.num_layers * per_layer + 3 * config.vocab_size / tv * 4
+
+
+def plan_memory(config: ModelConfig, mesh: Any, *, rules: Rules = DEFAULT_RULES, adapter_kind: str = "lora",
+                lora_rank: int = 8, lora_targets: Sequence[str] = ALL_TARGETS, num_agents: int = 2,
+                optimizer_moments: int = 2, train_batch: int = 8, train_seq: int = 1024,
+                rollout_batch: int = 64, cache_len: int = 2048, fused_copies: int = 2,
+                lora_dtype: str = "float32") -> MemoryPlan:
+    """Per-device memory of a ReMA run on `mesh` (a `Mesh` or a dict of axis sizes).
+
+    `adapter_kind`: `lora` (each agent trains LoRA factors in `lora_dtype`), `full` (each agent has
+    a full params copy in `param_dtype`) or `shared` (both roles train the base itself).
+    `optimizer_moments`: state arrays per trainable parameter (AdamW: 2). `train_batch`/`train_seq`:
+    rows and length of one update micro-batch; `rollout_batch`/`cache_len`: sampler KV cache;
+    `fused_copies`: agents whose decode-ready fused weights the sampler keeps (compute dtype).
+    """
+    if adapter_kind not in ("lora", "full", "shared"):
+        raise ValueError(f"plan_memory: adapter_kind={adapter_kind!r}; expected 'lora', 'full' or 'shared'")
+    sizes = mesh_sizes(mesh)
+    plan = ShardingPlan(sizes, config, rules)
+    base_rows = [(k, s) for k, s, _ in iter_param_specs(param_shapes(config), plan)]
+    p_item = _itemsize(config.params_dtype)
+    params_b = _tree_bytes(base_rows, plan, p_item)
+    if adapter_kind == "lora":
+        lrows = lora_shapes(config, lora_rank, lora_targets)
+        trainable_one = _tree_bytes(lrows, plan, _itemsize(lora_dtype))
+        adapters_b, trainable_b = num_agents * trainable_one, num_agents * trainable_one
+    elif adapter_kind == "full":
+        adapters_b = trainable_b = num_agents * params_b
+    else:
+        adapters_b, trainable_b = 0, params_b
+    opt_b = optimizer_moments * trainable_b
+    grads_b = trainable_b
+    fused_b = fused_copies * _tree_bytes(base_rows, plan, _itemsize(config.compute_dtype))
+
+    cache_shape = (rollout_batch, cache_len, config.num_kv_heads, config.head_dim)
+    cache_block = shard_shape(cache_shape, plan.spec(CACHE_AXES, cache_shape, "kv_cache"), sizes)
+    kv_b = 2 * config.num_layers * math.prod(cache_block) * _itemsize(config.compute_dtype)
+
+    batch_block = shard_shape((train_batch,), plan.batch_spec((train_batch,)), sizes)[0]
+    act_b = int(batch_block * train_seq * activation_bytes_per_token(
+        config, train_seq, sizes, lora_rank if adapter_kind == "lora" else 0))
+
+    rows = {"params (base)": params_b, "adapters": adapters_b, "optimizer state": opt_b,
+            "gradients": grads_b, "sampler fused weights": fused_b, "kv cache": kv_b,
+            "activations (estimate)": act_b}
+    resident = params_b + adapters_b + opt_b
+    notes = (f"{adapter_kind} x{num_agents} agents, {optimizer_moments} optimizer moments per trainable value",
+             f"update micro-batch {train_batch}x{train_seq} ({batch_block} rows/device); rollout batch "
+             f"{rollout_batch}, cache {cache_len}",
+             "rollout = params+adapters+optimizer+fused+kv; update = params+adapters+optimizer+grads+activations")
+    return MemoryPlan(rows, resident + fused_b + kv_b, resident + grads_b + act_b, sizes, notes)
+
+
+def device_memory_bytes(device: Optional[jax.Device] = None, default: Optional[int] = None) -> Optional[int]:
+    """The accelerator's memory limit from `device.memory_stats()` (GPU/TPU), else `default`."""
+    device = device or jax.local_devices()[0]
+    try:
+        stats = device.memory_stats()
+    except Exception:  # some backends raise instead of returning None
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    return default
+
+
+def check_fits(plan: MemoryPlan, device_memory: Optional[int], headroom: float = 0.9) -> None:
+    """Raises `MemoryPlanError` (with the breakdown) when the plan's peak exceeds `headroom` of the
+    device memory. `device_memory=None` (unknown, e.g. CPU without a configured value) checks nothing."""
+    if not 0 < headroom <= 1:
+        raise ValueError(f"check_fits: headroom must be in (0, 1], got {headroom}")
+    if device_memory is None:
+        return
+    budget = headroom * device_memory
+    if plan.peak_bytes > budget:
+        worst = max(plan.rows, key=plan.rows.get)
+        raise MemoryPlanError(
+            f"this configuration needs {plan.peak_bytes / GiB:.2f} GiB per device at its peak but only "
+            f"{budget / GiB:.2f} GiB ({headroom:.0%} of {device_memory / GiB:.2f} GiB) is usable; largest item: "
+            f"{worst}. Shard more (fsdp/tensor), shrink the batch / cache length, or use LoRA.\n"
+            + plan.table(device_memory))
