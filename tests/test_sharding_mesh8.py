@@ -170,6 +170,19 @@ def _worker() -> None:
         sampled = [g.token_ids for g in Sampler(cfg, Tok(), max_cache_len=64).generate(
             s_base, s_adapter, prompt_rows, greedy_sampling)]
         rec["sampler_equal"] = sampled == ref_sampled
+        if mesh_shape == (1, 2, 4):  # sharded loading of a HF checkpoint dir straight into this layout
+            import tempfile
+
+            from rema_jax.models import export_hf
+            from rema_jax.sharding import load_sharded
+
+            with tempfile.TemporaryDirectory() as d:
+                export_hf(d, cfg, base)
+                loaded, _ = load_sharded(d, mesh, with_tokenizer=False)
+            rec["loaded_diff"] = max_diff(loaded.params, base)
+            q = loaded.params["layers_0"]["self_attn"]["q_proj"]["kernel"]
+            rec["loaded_q_shard"] = shard_shape(q)
+            rec["loaded_q_spec"] = str(q.sharding.spec)
         rec["seconds"] = round(time.perf_counter() - t0, 2)
         print("RESULT " + json.dumps(rec), flush=True)
 
@@ -218,6 +231,12 @@ def test_params_are_really_sharded(mesh8_results):
     assert r["lora_a_shard"] == [16, 4] and r["lora_b_shard"] == [4, 8] and r["lora_b_mu_shard"] == [4, 8]
     assert r["tokens_shard"] == [4, 16] and r["cache_shard"] == [4, 16, 1, 8]
     assert r["greedy_out_shard"] == [4, 8]
+
+
+def test_sharded_loading_places_each_tensor_in_its_layout(mesh8_results):
+    r = mesh8_results[(1, 2, 4)]
+    assert r["loaded_diff"] == 0.0
+    assert r["loaded_q_shard"] == [16, 8] and r["loaded_q_spec"] == "PartitionSpec('fsdp', 'tensor')"
 
 
 if __name__ == "__main__":
