@@ -102,3 +102,14 @@ def test_bad_shapes_raise():
     with pytest.raises(ValueError, match="max_len"):
         forward(config, params, jnp.zeros((1, 4), jnp.int32), cache=init_cache(config, 1, 8),
                 attention_mask=jnp.ones((1, 4)))
+
+
+def test_logits_at_gathers_the_same_logits():
+    config = tiny_config()
+    params = random_params(config, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, config.vocab_size)
+    full = forward(config, params, tokens)
+    at = jnp.array([[0, 5, 11], [3, 3, 7]])
+    part = forward(config, params, tokens, logits_at_bk=at)
+    assert part.shape == (2, 3, config.vocab_size)
+    np.testing.assert_allclose(part, jnp.take_along_axis(full, at[..., None], axis=1), atol=1e-5)

@@ -163,3 +163,21 @@ def test_config_validation():
         L.LossConfig(kl_estimator="k4")
     with pytest.raises(ValueError, match="dual_clip_c"):
         L.LossConfig(dual_clip_c=0.5)
+
+
+def test_sparse_logprobs_match_dense_at_loss_positions():
+    from rema_jax.rl.losses import sparse_token_logprobs_and_entropy, token_logprobs_and_entropy
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(3, 10, 17)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, 17, size=(3, 10)))
+    mask = np.zeros((3, 10), np.float32)
+    mask[0, 4:8] = 1
+    mask[1, [2, 3, 9]] = 1
+    mask[2, 0] = 1          # position 0 never has a prediction
+    dense_lp, dense_ent = token_logprobs_and_entropy(logits, tokens, 0.7)
+    at_fn = lambda pos_bk: jnp.take_along_axis(logits, pos_bk[..., None], axis=1)  # noqa: E731
+    lp, ent = sparse_token_logprobs_and_entropy(at_fn, tokens, mask, max_loss_tokens=4, temperature=0.7)
+    m = mask.copy()
+    m[:, 0] = 0
+    np.testing.assert_allclose(lp, dense_lp * m, atol=1e-6)
+    np.testing.assert_allclose(ent, dense_ent * m, atol=1e-6)

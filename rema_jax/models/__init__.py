@@ -19,3 +19,14 @@ __all__ = [
     "apply_rope", "apply_rope_cos_sin", "rope_cos_sin",
     "dot_product_attention", "forward", "init_cache", "lora_delta", "param_shapes", "rms_norm",
 ]
+
+
+def __getattr__(name):
+    """`load`, `LoadedModel` and the exporters import transformers: load them on first use."""
+    if name in ("load", "LoadedModel", "ModelSourceError", "smollm2_gguf_path"):
+        from rema_jax.models import hub
+        return getattr(hub, name)
+    if name in ("export_hf", "save_adapter", "load_adapter"):
+        from rema_jax.models import export
+        return getattr(export, name)
+    raise AttributeError(f"module 'rema_jax.models' has no attribute {name!r}")

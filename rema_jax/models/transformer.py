@@ -179,7 +179,8 @@ class Transformer(nn.Module):
     lora_scale: float = 1.0
 
     @nn.compact
-    def __call__(self, tokens_bt, positions_bt, mask_bts, cache: Optional[Cache] = None, cache_index=None):
+    def __call__(self, tokens_bt, positions_bt, mask_bts, cache: Optional[Cache] = None, cache_index=None,
+                 logits_at_bk=None):
         cfg = self.config
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
                          embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
@@ -191,6 +192,8 @@ class Transformer(nn.Module):
                 x, cos, sin, mask_bts, None if cache is None else cache[i], cache_index)
             new_cache.append(layer_cache)
         x = RMSNorm(cfg, name="norm")(x)
+        if logits_at_bk is not None:  # project only the positions the caller needs
+            x = jnp.take_along_axis(x, logits_at_bk[..., None].astype(jnp.int32), axis=1)
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
         else:
@@ -201,7 +204,8 @@ class Transformer(nn.Module):
 # ---------------------------------------------------------------------------- pure forward
 def forward(config: ModelConfig, params: Params, tokens_bt: jnp.ndarray, adapter=None, *,
             positions_bt: Optional[jnp.ndarray] = None, attention_mask: Optional[jnp.ndarray] = None,
-            cache: Optional[Cache] = None, cache_index: Optional[jnp.ndarray] = None):
+            cache: Optional[Cache] = None, cache_index: Optional[jnp.ndarray] = None,
+            logits_at_bk: Optional[jnp.ndarray] = None):
     """Logits `[B, T, V]` (float32) for `tokens_bt [B, T]`; `(logits, new_cache)` when `cache` is given.
 
     Args:
@@ -215,6 +219,9 @@ def forward(config: ModelConfig, params: Params, tokens_bt: jnp.ndarray, adapter
         including the slots of the new tokens. 1 = real token; 0-slots are never attended to.
       cache: Contract 2 KV cache; the new keys/values are written at `cache_index`.
       cache_index: scalar int32 slot where `tokens_bt[:, 0]` goes (default 0).
+      logits_at_bk: optional `[B, K]` time indices; the vocabulary projection then runs only there and
+        the result is `[B, K, V]` (RL losses need logits at the response tokens only, and the projection
+        plus log-softmax over every prompt position dominates the cost for large vocabularies).
     """
     from rema_jax.models.adapters import Adapter  # local: adapters imports this module
 
@@ -265,5 +272,5 @@ def forward(config: ModelConfig, params: Params, tokens_bt: jnp.ndarray, adapter
                 pos_bs = jnp.maximum(jnp.cumsum(mask_bs.astype(jnp.int32), axis=1) - 1, 0)
                 positions_bt = jax.lax.dynamic_slice_in_dim(pos_bs, cache_index, t, axis=1)
     logits_btv, new_cache = Transformer(config, lora_scale).apply(
-        variables, tokens_bt, positions_bt, mask_bts, cache, cache_index)
+        variables, tokens_bt, positions_bt, mask_bts, cache, cache_index, logits_at_bk)
     return logits_btv if cache is None else (logits_btv, new_cache)

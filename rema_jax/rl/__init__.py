@@ -20,6 +20,7 @@ from rema_jax.rl.losses import (
     kl_estimate,
     loss_normalizers,
     ppo_loss,
+    sparse_token_logprobs_and_entropy,
     token_logprobs_and_entropy,
 )
 from rema_jax.rl.optimizer import (

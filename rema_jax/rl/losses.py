@@ -145,6 +145,35 @@ def token_logprobs_and_entropy(logits_btv, tokens_bt, temperature: float = 1.0, 
     return jnp.concatenate([pad, logp], 1), jnp.concatenate([pad, ent], 1)
 
 
+def sparse_token_logprobs_and_entropy(logits_at_fn, tokens_bt, loss_mask_bt, max_loss_tokens: int,
+                                      temperature: float = 1.0):
+    """`token_logprobs_and_entropy` evaluated only at loss positions (same values there, 0 elsewhere).
+
+    `logits_at_fn(positions_bk) -> logits_bkv` returns the logits at the given time indices (e.g.
+    `models.forward(..., logits_at_bk=...)`). The first `max_loss_tokens` loss positions of each
+    row (static K) are gathered, so the vocabulary projection and fp32 log-softmax run on [B, K, V]
+    instead of [B, T, V]; RL sequences are mostly prompt, so this is several times cheaper. Rows
+    with more than K loss tokens must be rejected by the caller before tracing (values past K would
+    be dropped).
+    Returns (logp_bt, entropy_bt) float32 [B, T], Contract 4 aligned.
+    """
+    b, t = tokens_bt.shape
+    k = int(max_loss_tokens)
+    mask = jnp.asarray(loss_mask_bt) > 0
+    mask = mask.at[:, 0].set(False)  # position 0 has no prediction
+    order_bk = jnp.argsort(~mask, axis=1, stable=True)[:, :k]   # loss positions first, in order
+    valid_bk = jnp.take_along_axis(mask, order_bk, axis=1)
+    pos_bk = jnp.where(valid_bk, order_bk, 1)
+    logits_bkv = logits_at_fn(pos_bk - 1)
+    targets_bk = jnp.take_along_axis(tokens_bt.astype(jnp.int32), pos_bk, axis=1)
+    logp_bk, ent_bk = _logp_entropy_block(logits_bkv, targets_bk, temperature)
+    rows = jnp.arange(b)[:, None]
+    zeros = jnp.zeros((b, t), jnp.float32)
+    logp_bt = zeros.at[rows, pos_bk].add(jnp.where(valid_bk, logp_bk, 0.0))
+    ent_bt = zeros.at[rows, pos_bk].add(jnp.where(valid_bk, ent_bk, 0.0))
+    return logp_bt, ent_bt
+
+
 def kl_estimate(logp_bl, ref_logp_bl, estimator: str = "k3", clamp: float = 10.0):
     """Per-token estimate of KL(pi || pi_ref) from samples of pi, in fp32, clamped to +-clamp.
 

@@ -24,6 +24,25 @@ from rema_jax.rl import losses
 from rema_jax.rl.optimizer import MultiAgentOptimizer, check_trained
 
 LogitsFn = Callable[[Mapping[str, Any], str, Mapping[str, jax.Array]], jax.Array]
+LogprobsFn = Callable[[Mapping[str, Any], str, Mapping[str, jax.Array]], tuple[jax.Array, jax.Array]]
+"""`logprobs_fn(params, role, batch) -> (logp_bl, entropy_bl)`, Contract 4 aligned: an alternative
+to `logits_fn` for callers that compute log-probs more cheaply (e.g. only at loss positions with
+`losses.sparse_token_logprobs_and_entropy`)."""
+
+
+def _as_logprobs_fn(logits_fn: LogitsFn | None, logprobs_fn: LogprobsFn | None, temperature: float,
+                    chunk_size: int | None) -> LogprobsFn:
+    if (logits_fn is None) == (logprobs_fn is None):
+        raise ValueError("pass exactly one of logits_fn and logprobs_fn")
+    if logprobs_fn is not None:
+        return logprobs_fn
+
+    def from_logits(params, role, batch):
+        logits = logits_fn(params, role, batch)
+        return losses.token_logprobs_and_entropy(logits, batch["tokens"], temperature,
+                                                 chunk_size=chunk_size)
+
+    return from_logits
 
 MODEL_KEYS = ("tokens", "attention_mask", "loss_mask", "turn_ids")
 RL_KEYS = ("advantages", "old_logprobs")
@@ -95,9 +114,9 @@ def _merge_metrics(stacked: dict) -> dict:
     return {k: (jnp.max(v) if k.endswith("_max") else jnp.mean(v)) for k, v in stacked.items()}
 
 
-def make_update_fn(logits_fn: LogitsFn, loss_cfg: losses.LossConfig,
+def make_update_fn(logits_fn: LogitsFn | None, loss_cfg: losses.LossConfig,
                    optimizer: MultiAgentOptimizer, update_cfg: UpdateConfig = UpdateConfig(),
-                   *, donate_state: bool = False):
+                   *, donate_state: bool = False, logprobs_fn: LogprobsFn | None = None):
     """Build `update(state, batches, trained) -> (new_state, metrics)`.
 
     `trained` (tuple of agent names, e.g. ("reasoning",) or ("shared",)) is static: one
@@ -110,17 +129,17 @@ def make_update_fn(logits_fn: LogitsFn, loss_cfg: losses.LossConfig,
     m, u = update_cfg.num_mini_batches, update_cfg.num_micro_batches
     need_ref = loss_cfg.kl_coef > 0
 
+    lp_fn = _as_logprobs_fn(logits_fn, logprobs_fn, loss_cfg.temperature, loss_cfg.logprob_chunk_size)
+
     def role_loss(params, role, mb, norms):
-        logits = logits_fn(params, role, {k: mb[k] for k in MODEL_KEYS})
-        logp, ent = losses.token_logprobs_and_entropy(
-            logits, mb["tokens"], loss_cfg.temperature, chunk_size=loss_cfg.logprob_chunk_size)
+        logp, ent = lp_fn(params, role, {k: mb[k] for k in MODEL_KEYS})
         return losses.ppo_loss(logp, mb["old_logprobs"], mb["advantages"], mb["loss_mask"],
                                mb["turn_ids"], loss_cfg, entropy_bl=ent,
                                ref_logp_bl=mb.get("ref_logprobs"), normalizers=norms)
 
-    def core(state: RLState, batches: dict, trained: tuple):
+    def core(state: RLState, batches: dict, trained: tuple, constants: dict):
         roles = tuple(sorted(batches))
-        frozen = {a: p for a, p in state.params.items() if a not in trained}
+        frozen = {**constants, **{a: p for a, p in state.params.items() if a not in trained}}
         split = {r: jax.tree_util.tree_map(lambda x: _split(jnp.asarray(x), m, u), b)
                  for r, b in batches.items()}
 
@@ -180,8 +199,12 @@ def make_update_fn(logits_fn: LogitsFn, loss_cfg: losses.LossConfig,
                      donate_argnums=(0,) if donate_state else ())
 
     def update(state: RLState, batches: Mapping[str, Mapping[str, Any]],
-               trained: Sequence[str]):
+               trained: Sequence[str], constants: Mapping[str, Any] | None = None):
         trained = check_trained(state.params, trained)
+        constants = dict(constants or {})
+        clash = sorted(set(constants) & set(state.params))
+        if clash:
+            raise ValueError(f"update: constants {clash} clash with agent names in state.params")
         if not batches:
             raise ValueError("update: batches is empty; pass {role: batch}")
         sel = {}
@@ -192,14 +215,15 @@ def make_update_fn(logits_fn: LogitsFn, loss_cfg: losses.LossConfig,
             if n % (m * u):
                 raise ValueError(f"batch[{role!r}] has {n} rows, not divisible by num_mini_batches"
                                  f" * num_micro_batches = {m} * {u}")
-        return jitted(state, sel, trained)
+        return jitted(state, sel, trained, constants)
 
     update.jitted = jitted
     return update
 
 
-def compute_logprobs_fn(logits_fn: LogitsFn, temperature: float = 1.0, *,
-                        num_micro_batches: int = 1, chunk_size: int | None = None):
+def compute_logprobs_fn(logits_fn: LogitsFn | None, temperature: float = 1.0, *,
+                        num_micro_batches: int = 1, chunk_size: int | None = None,
+                        logprobs_fn: LogprobsFn | None = None):
     """Jitted `fn(params, role, batch) -> logp_nl [N, L] float32` (0 outside loss_mask).
 
     Used after the rollout to recompute old log-probs under the training graph (and reference
@@ -208,11 +232,11 @@ def compute_logprobs_fn(logits_fn: LogitsFn, temperature: float = 1.0, *,
     if not (isinstance(num_micro_batches, int) and num_micro_batches >= 1):
         raise ValueError(f"num_micro_batches must be an int >= 1, got {num_micro_batches!r}")
 
+    lp_fn = _as_logprobs_fn(logits_fn, logprobs_fn, temperature, chunk_size)
+
     def core(params, role, batch):
         def one(mb):
-            logits = logits_fn(params, role, mb)
-            logp, _ = losses.token_logprobs_and_entropy(logits, mb["tokens"], temperature,
-                                                        chunk_size=chunk_size)
+            logp, _ = lp_fn(params, role, mb)
             return logp * (mb["loss_mask"] > 0)
 
         split = jax.tree_util.tree_map(

@@ -1,0 +1,44 @@
+"""Train the ReMA agents with multi-agent RL.
+
+    python launch/train.py --config=configs/default.py --workdir=runs/default
+    python launch/train.py --config=configs/default.py --config.loop.steps=4 --workdir=/tmp/r
+
+The config is an ml_collections file; every ``--config.x.y=value`` override is validated (wrong
+key, type or value → a clear error) before any model is loaded. Re-running with the same
+``--workdir`` resumes from the latest checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Output directory: checkpoints, metrics.jsonl, tb/, plots.")
+flags.DEFINE_bool("resume", True, "Resume from the latest checkpoint in --workdir if there is one.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
+    from rema_jax.config_utils import ConfigError
+    from rema_jax.training.config import load_train_config
+    from rema_jax.training.trainer import train
+
+    try:
+        config = load_train_config(FLAGS.config)
+    except ConfigError as e:
+        raise app.UsageError(f"invalid config {FLAGS['config'].value!r}: {e}") from None
+    train(config, FLAGS.workdir, resume=FLAGS.resume)
+
+
+if __name__ == "__main__":
+    app.run(main)

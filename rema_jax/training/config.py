@@ -1,0 +1,199 @@
+"""The typed training config: every section a frozen dataclass, validated on load.
+
+``configs/*.py`` files return an ``ml_collections.ConfigDict`` with the same nesting;
+``load_train_config`` turns it into a ``TrainConfig`` and fails with the dotted field path on a
+wrong key, type or value (before any model is loaded), then checks cross-section consistency.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from rema_jax.config_utils import ConfigError, from_dict
+from rema_jax.models.adapters import AdapterConfig
+from rema_jax.rewards.math_grading import GradingConfig
+from rema_jax.rewards.shaping import RewardConfig
+from rema_jax.rl.advantages import AdvantageConfig
+from rema_jax.rl.losses import LossConfig
+from rema_jax.rl.optimizer import OptimizerConfig
+from rema_jax.rl.update import UpdateConfig
+from rema_jax.rollout import RolloutConfig
+from rema_jax.tasks.builtin import FAMILIES, NUM_LEVELS
+from rema_jax.training.schedules import ScheduleConfig
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """source: ``smollm2-135m``, a local HF dir, a ``.gguf`` file or a hub id.
+    random_init: ``None`` for the pretrained weights, or ``ModelConfig`` overrides (e.g.
+    ``{"num_layers": 2, "hidden_size": 64}``) for a random model of that shape that keeps the
+    tokenizer (and vocabulary) of ``source`` — for tests and smoke runs.
+    max_cache_len: the sampler's KV-cache length (prompt bucket + new tokens)."""
+    source: str = "smollm2-135m"
+    dtype: str = "float32"
+    param_dtype: str | None = None
+    random_init: dict[str, Any] | None = None
+    max_cache_len: int = 1024
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}; expected one of {DTYPES}")
+        if self.param_dtype is not None and self.param_dtype not in DTYPES:
+            raise ValueError(f"param_dtype={self.param_dtype!r}; expected one of {DTYPES} or None")
+        if self.max_cache_len < 64:
+            raise ValueError(f"max_cache_len must be >= 64, got {self.max_cache_len}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    """source ``builtin``: the procedural tasks (families × levels, seeded split, no files).
+    source ``benchmark``: ``benchmark`` names a loader (``rema_jax.tasks``) reading ``train_path``;
+    ``test_path`` (optional) is the held-out split."""
+    source: Literal["builtin", "benchmark"] = "builtin"
+    families: tuple[str, ...] = FAMILIES
+    levels: tuple[int, ...] = (1, 2)
+    train_per_cell: int = 64
+    test_per_cell: int = 16
+    split_seed: int = 0
+    benchmark: str | None = None
+    train_path: str | None = None
+    test_path: str | None = None
+    skip_bad_records: bool = False
+
+    def __post_init__(self):
+        if self.source == "builtin":
+            unknown = sorted(set(self.families) - set(FAMILIES))
+            if unknown or not self.families:
+                raise ValueError(f"families: unknown {unknown}; choose from {FAMILIES}")
+            bad = [lv for lv in self.levels if not 1 <= lv <= NUM_LEVELS]
+            if bad or not self.levels:
+                raise ValueError(f"levels: {bad or '()'} outside 1..{NUM_LEVELS}")
+            if self.train_per_cell < 1 or self.test_per_cell < 0:
+                raise ValueError("train_per_cell must be >= 1 and test_per_cell >= 0")
+        elif not (self.benchmark and self.train_path):
+            raise ValueError("source='benchmark' needs benchmark and train_path")
+
+
+@dataclasses.dataclass(frozen=True)
+class CurriculumSection:
+    """Algorithm 1's filter: at the start of each phase, estimate the success rate of up to
+    ``pool_size`` training questions with ``num_samples`` samples at T=1 from the phase's agent
+    (the other agent greedy) and keep those within [low, high]."""
+    enabled: bool = False
+    low: float = 0.2
+    high: float = 0.8
+    num_samples: int = 10
+    pool_size: int = 64
+
+    def __post_init__(self):
+        if not 0.0 <= self.low <= self.high <= 1.0:
+            raise ValueError(f"need 0 <= low <= high <= 1, got low={self.low}, high={self.high}")
+        if self.num_samples < 1 or self.pool_size < 1:
+            raise ValueError("num_samples and pool_size must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSection:
+    """steps: RL steps. questions_per_step: questions per rollout batch (each gets
+    ``rollout.num_samples`` trajectories; single-turn MAMRP: plans, each answered
+    ``solutions_per_plan`` times). max_seq_len: the static padded length of training sequences.
+    eval_every: held-out greedy accuracy every k steps (0: only before and after training)."""
+    steps: int = 12
+    questions_per_step: int = 4
+    solutions_per_plan: int = 1
+    seed: int = 0
+    max_seq_len: int = 512
+    eval_every: int = 0
+    eval_questions: int = 32
+    eval_before: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "questions_per_step", "solutions_per_plan", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0 or self.eval_questions < 0:
+            raise ValueError("eval_every and eval_questions must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    every: int = 1
+    keep_last: int = 3
+
+    def __post_init__(self):
+        if self.every < 1 or self.keep_last < 1:
+            raise ValueError("every and keep_last must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: ModelSection = ModelSection()
+    adapter: AdapterConfig = AdapterConfig()
+    rollout: RolloutConfig = RolloutConfig(mode="single_turn", num_samples=2)
+    reward: RewardConfig = RewardConfig()
+    grading: GradingConfig = GradingConfig()
+    advantage: AdvantageConfig = AdvantageConfig()
+    loss: LossConfig = LossConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    update: UpdateConfig = UpdateConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    curriculum: CurriculumSection = CurriculumSection()
+    data: DataSection = DataSection()
+    loop: LoopSection = LoopSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+
+    def __post_init__(self):
+        single_agent = self.rollout.mode in ("vrp", "mrp")
+        if self.adapter.kind == "shared" and not single_agent and self.schedule.kind != "simultaneous":
+            raise ValueError("adapter.kind='shared' (one model for both roles) needs "
+                             "schedule.kind='simultaneous'")
+        if self.reward.kind == "multi_turn" and self.rollout.mode != "multi_turn":
+            raise ValueError(f"reward.kind='multi_turn' needs rollout.mode='multi_turn', "
+                             f"got {self.rollout.mode!r}")
+        if self.reward.kind == "consistency" and self.rollout.mode != "single_turn":
+            raise ValueError("reward.kind='consistency' is a single-turn MAMRP reward")
+        if (self.reward.kind == "judge") != (self.rollout.task == "judge"):
+            raise ValueError("reward.kind='judge' and rollout.task='judge' go together")
+        if self.loop.solutions_per_plan > 1 and self.rollout.mode != "single_turn":
+            raise ValueError("loop.solutions_per_plan > 1 only applies to rollout.mode='single_turn'")
+        if self.rollout.mode == "multi_turn" and self.loss.max_turns < self.rollout.max_turns:
+            raise ValueError(f"loss.max_turns={self.loss.max_turns} < rollout.max_turns="
+                             f"{self.rollout.max_turns}: every turn needs a segment")
+        if self.loss.temperature != (1.0 if self.rollout.greedy else self.rollout.temperature):
+            raise ValueError(f"loss.temperature={self.loss.temperature} must equal the rollout "
+                             f"temperature {self.rollout.temperature} (log-probs of the sampled policy)")
+        need_seq = self.rollout.max_prompt_len + self.rollout.max_new_tokens + 1
+        if self.loop.max_seq_len < need_seq:
+            raise ValueError(f"loop.max_seq_len={self.loop.max_seq_len} < rollout.max_prompt_len + "
+                             f"rollout.max_new_tokens + 1 = {need_seq}: a training sequence may not fit")
+        prompt_bucket = 1 << max(self.rollout.max_prompt_len - 1, 1).bit_length()
+        need_cache = prompt_bucket + self.rollout.max_new_tokens
+        if self.model.max_cache_len < need_cache:
+            raise ValueError(f"model.max_cache_len={self.model.max_cache_len} < {need_cache} (the prompt "
+                             f"bucket {prompt_bucket} of rollout.max_prompt_len + max_new_tokens)")
+        rows = {"mta": self.loop.questions_per_step * self.rollout.num_samples}
+        rows["ra"] = rows["mta"] * self.loop.solutions_per_plan
+        chunk = self.update.num_mini_batches * self.update.num_micro_batches
+        for name, n in rows.items():
+            if n % chunk:
+                raise ValueError(f"{n} {name} rows per step (questions_per_step × num_samples"
+                                 f"{' × solutions_per_plan' if name == 'ra' else ''}) are not divisible by "
+                                 f"num_mini_batches × num_micro_batches = {chunk}")
+        if self.advantage.estimator == "grpo" and self.rollout.num_samples * self.loop.solutions_per_plan < 2:
+            raise ValueError("GRPO needs at least 2 samples per question (rollout.num_samples)")
+
+    @property
+    def single_agent(self) -> bool:
+        return self.rollout.mode in ("vrp", "mrp")
+
+
+def load_train_config(config: Any) -> TrainConfig:
+    """``ml_collections.ConfigDict`` / dict → validated ``TrainConfig`` (raises ``ConfigError``)."""
+    try:
+        return from_dict(TrainConfig, config, "config")
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config: {e}") from e

@@ -1,0 +1,153 @@
+"""The RL trainer end to end on a tiny random model with the real SmolLM2 tokenizer.
+
+Covers: config validation before any compute, exact resume after a kill, the frozen agent staying
+bit-identical, reward rising on a trivially learnable reward in each schedule, the NaN guard, and
+the files a run leaves behind (metrics, TensorBoard, checkpoints, plots, summary).
+"""
+import copy
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from rema_jax.config_utils import ConfigError
+from rema_jax.rl import tree_bitwise_equal
+from rema_jax.training import trainer as trainer_lib
+from rema_jax.training.config import TrainConfig, load_train_config
+from rema_jax.training.metrics import read_jsonl
+
+TINY = {"num_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
+        "num_kv_heads": 2, "head_dim": 8}
+
+
+def tiny_train_config(**sections) -> dict:
+    cfg = {
+        "model": {"source": "smollm2-135m", "random_init": TINY, "max_cache_len": 544},
+        "adapter": {"kind": "lora", "rank": 4, "alpha": 8.0},
+        "rollout": {"mode": "single_turn", "num_samples": 4, "max_new_tokens": 8, "max_prompt_len": 287,
+                    "stop_when_truncated": False},
+        "reward": {"kind": "paper"},
+        "grading": {"timeout_s": 5.0},
+        "advantage": {"estimator": "grpo"},
+        "loss": {"max_turns": 1},
+        "optimizer": {"learning_rate": 3e-2, "weight_decay": 0.0},
+        "update": {"num_mini_batches": 1, "num_micro_batches": 1},
+        "schedule": {"kind": "alternating", "reasoning_steps": 2, "meta_thinking_steps": 2},
+        "data": {"source": "builtin", "levels": [1], "train_per_cell": 8, "test_per_cell": 2},
+        "loop": {"steps": 4, "questions_per_step": 2, "max_seq_len": 296, "eval_questions": 0,
+                 "eval_before": False},
+        "checkpoint": {"every": 1, "keep_last": 2},
+    }
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values}
+    return cfg
+
+
+def even_token_reward(exp):
+    """Reward = share of even token ids in the row's own generated tokens (learnable, base ≈ 0.5)."""
+    for role, rows in exp.rows.items():
+        vals = []
+        for tr in rows:
+            ids = [i for t in tr.turns_of(role, include_dummy=False) for i in t.token_ids]
+            vals.append(np.mean([i % 2 == 0 for i in ids]) if ids else 0.0)
+        exp.rewards[role] = np.asarray(vals, np.float32)
+    return exp
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"loop": {"stepz": 3}}, "config.loop: unknown key(s) ['stepz']"),
+    ({"loop": {"steps": "3"}}, "config.loop.steps: expected an int"),
+    ({"rollout": {"mode": "three_agents"}}, "config.rollout"),
+    ({"adapter": {"kind": "shared"}}, "needs schedule.kind='simultaneous'"),
+    ({"reward": {"kind": "multi_turn"}}, "needs rollout.mode='multi_turn'"),
+    ({"loop": {"max_seq_len": 100}}, "a training sequence may not fit"),
+    ({"update": {"num_mini_batches": 3}}, "not divisible by num_mini_batches"),
+    ({"loss": {"temperature": 0.7}}, "must equal the rollout temperature"),
+])
+def test_config_errors_are_specific(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_train_config(tiny_train_config(**override))
+    assert message in str(e.value)
+
+
+def test_default_configs_validate():
+    import importlib.util
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    for name in sorted(os.listdir(root)):
+        if not name.endswith(".py") or name.startswith("eval"):
+            continue
+        spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(root, name))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        assert isinstance(load_train_config(mod.get_config()), TrainConfig), name
+
+
+def _strip_times(records):
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in records]
+
+
+@pytest.mark.real_model
+def test_kill_and_resume_is_exact(tmp_path, smollm2_gguf):
+    cfg = load_train_config(tiny_train_config())
+    straight = trainer_lib.train(cfg, str(tmp_path / "straight"), progress=False)
+    trainer_lib.train(cfg, str(tmp_path / "resumed"), progress=False, max_steps=2)  # "killed" after 2
+    resumed = trainer_lib.train(cfg, str(tmp_path / "resumed"), progress=False)
+    assert resumed["resumed_from_step"] == 2 and straight["steps"] == resumed["steps"] == 4
+
+    a = trainer_lib.Trainer(cfg, str(tmp_path / "straight"), progress=False)
+    b = trainer_lib.Trainer(cfg, str(tmp_path / "resumed"), progress=False)
+    assert a.restore() and b.restore()
+    assert tree_bitwise_equal(a.state.params, b.state.params)
+    assert tree_bitwise_equal(a.state.opt_state, b.state.opt_state)
+    ma = _strip_times(read_jsonl(str(tmp_path / "straight" / "metrics.jsonl")))
+    mb = _strip_times(read_jsonl(str(tmp_path / "resumed" / "metrics.jsonl")))
+    assert [r["step"] for r in mb] == [1, 2, 3, 4]
+    assert ma == mb
+    for name in ("metrics.jsonl", "curves.png", "summary.json", "config.json"):
+        assert (tmp_path / "straight" / name).exists(), name
+    assert any(f.startswith("events") for f in os.listdir(tmp_path / "straight" / "tb"))
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("schedule, adapter", [("alternating", "lora"), ("simultaneous", "shared")])
+def test_reward_rises_and_only_trained_agent_moves(tmp_path, smollm2_gguf, schedule, adapter):
+    steps = 24
+    cfg = load_train_config(tiny_train_config(
+        adapter={"kind": adapter},
+        schedule={"kind": schedule, "reasoning_steps": steps, "meta_thinking_steps": steps},
+        optimizer={"learning_rate": 3e-2 if adapter == "lora" else 3e-3},
+        loop={"steps": steps}, checkpoint={"every": steps}))
+    trainer = trainer_lib.Trainer(cfg, str(tmp_path), reward_override=even_token_reward, progress=False)
+    before = jax.tree.map(np.asarray, trainer.state.params)
+    rewards = []
+    for _ in range(steps):
+        m = trainer.step()
+        trained = m["phase/trained"].split("+")
+        role = "reasoning" if "reasoning" in trained else trained[0]
+        rewards.append(m[f"{role}/reward_mean"])
+    first, last = np.mean(rewards[:6]), np.mean(rewards[-6:])
+    assert last > first + 0.1, (first, last, rewards)
+    after = trainer.state.params
+    if adapter == "lora":   # the reasoning agent trained all along; the meta-thinking agent is frozen
+        assert tree_bitwise_equal(before["meta_thinking"], after["meta_thinking"])
+        assert not tree_bitwise_equal(before["reasoning"], after["reasoning"])
+    else:
+        assert not tree_bitwise_equal(before["shared"], after["shared"])
+
+
+@pytest.mark.real_model
+def test_non_finite_update_stops_with_clear_error(tmp_path, smollm2_gguf):
+    cfg = load_train_config(tiny_train_config(loop={"steps": 2}))
+
+    def nan_reward(exp):
+        for role in exp.rewards:
+            exp.rewards[role] = np.full_like(exp.rewards[role], np.nan)
+        return exp
+
+    trainer = trainer_lib.Trainer(cfg, str(tmp_path), reward_override=nan_reward, progress=False)
+    before = copy.deepcopy(jax.tree.map(np.asarray, trainer.state.params))
+    with pytest.raises(trainer_lib.NonFiniteUpdateError, match="NaN/inf"):
+        trainer.step()
+    assert tree_bitwise_equal(before, trainer.state.params)
