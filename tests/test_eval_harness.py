@@ -208,3 +208,13 @@ def test_shared_math500_through_the_harness(tmp_path, shared_data):
                            benchmark="math500", mode="gold", settings=EvalSettings(progress=False),
                            grade_fn=lambda p, g: mg.grade_batch(p, g, in_process=True))
   assert res["num_tasks"] == 20 and res["pass@1"] == 100.0 and res["boxed_rate"] == 100.0
+
+
+def test_default_judge_verdicts_from_rewards():
+  pytest.importorskip("rema_jax.rewards.shaping")
+  pairs = [judge_task("p0", "Q", "a", "b", "A>B"), judge_task("p1", "Q", "a", "b", "B>A"),
+           judge_task("p2", "Q", "a", "b", "A>B")]
+  texts = {"p0": "I pick [[A]].", "p1": "Verdict: [[A]]", "p2": "no verdict"}
+  res = evaluate_benchmark(pairs, lambda b: [{"final_answer": texts[t.uid], "messages": []} for t in b],
+                           benchmark="j", mode="m", settings=EvalSettings(progress=False))
+  assert res["accuracy"] == pytest.approx(100 / 3) and res["no_verdict_rate"] == pytest.approx(100 / 3)
