@@ -1,6 +1,6 @@
 """The embedded default: SmolLM2-135M-Instruct, LoRA agents, single-turn ReMA on built-in tasks.
 
-Sized for a 2-core CPU (about 15 minutes): 10 steps of 4 questions × 2 plans × 2 solutions,
+Sized for a 2-core CPU (about 12 minutes): 8 steps of 4 questions × 2 plans × 2 solutions,
 alternating between the reasoning agent (RA) and the meta-thinking agent (MTA) every 2 steps
 (Algorithm 1), with the paper's shaped rewards and GRPO advantages.
 
@@ -11,11 +11,11 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.model = dict(source="smollm2-135m", dtype="float32", random_init=None, max_cache_len=640)
+    c.model = dict(source="smollm2-135m", dtype="float32", random_init=None, max_cache_len=320)
     c.adapter = dict(kind="lora", rank=16, alpha=32.0,
                      targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
-    c.rollout = dict(mode="single_turn", prompt_variant="paper", num_samples=2, max_new_tokens=96,
-                     max_prompt_len=287, temperature=1.0, top_p=1.0, top_k=0, stop_when_truncated=False)
+    c.rollout = dict(mode="single_turn", prompt_variant="paper", num_samples=2, max_new_tokens=64,
+                     max_prompt_len=191, temperature=1.0, top_p=1.0, top_k=0, stop_when_truncated=False)
     c.reward = dict(kind="paper")
     c.grading = dict(timeout_s=10.0, workers=1)
     c.advantage = dict(estimator="grpo")
@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.curriculum = dict(enabled=False)
     c.data = dict(source="builtin", families=("arithmetic", "word_problem", "linear_equation", "polynomial"),
                   levels=(1, 2), train_per_cell=32, test_per_cell=4, split_seed=0)
-    c.loop = dict(steps=10, questions_per_step=4, solutions_per_plan=2, seed=0, max_seq_len=384,
+    c.loop = dict(steps=8, questions_per_step=4, solutions_per_plan=2, seed=0, max_seq_len=256,
                   eval_every=0, eval_questions=16, eval_before=True)
     c.checkpoint = dict(every=1, keep_last=2)
     return c

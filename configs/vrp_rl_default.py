@@ -10,8 +10,8 @@ from configs import default  # noqa: F401  (resolved by launch/train.py's sys.pa
 
 def get_config() -> ml_collections.ConfigDict:
     c = default.get_config()
-    c.rollout = dict(mode="vrp", prompt_variant="paper", num_samples=4, max_new_tokens=96,
-                     max_prompt_len=287, temperature=1.0, top_p=1.0, top_k=0, stop_when_truncated=False)
+    c.rollout = dict(mode="vrp", prompt_variant="paper", num_samples=4, max_new_tokens=64,
+                     max_prompt_len=191, temperature=1.0, top_p=1.0, top_k=0, stop_when_truncated=False)
     c.loop.solutions_per_plan = 1
     c.schedule = dict(kind="alternating")
     return c

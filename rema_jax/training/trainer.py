@@ -387,6 +387,23 @@ class Trainer:
         return True
 
 
+def heldout_subset(tasks: Sequence[Task], n: int) -> list[Task]:
+    """The first ``n`` held-out tasks taken round-robin over (subject, level) cells, so a small
+    evaluation still covers every task family and level."""
+    cells: dict[tuple, list[Task]] = {}
+    for t in tasks:
+        cells.setdefault((t.subject, t.level), []).append(t)
+    out: list[Task] = []
+    queues = list(cells.values())
+    i = 0
+    while len(out) < min(n, len(tasks)):
+        q = queues[i % len(queues)]
+        if q:
+            out.append(q.pop(0))
+        i += 1
+    return out
+
+
 def _eval_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
     """Harness summary (percentages) → logged fractions."""
     out = {"eval/accuracy": summary["score"] / 100.0}
@@ -422,7 +439,7 @@ def train(config: TrainConfig, workdir: str, *, resume: bool = True,
         open(logger.path, "w").close()
 
     cfg = config.loop
-    eval_tasks = trainer.test_tasks[:cfg.eval_questions]
+    eval_tasks = heldout_subset(trainer.test_tasks, cfg.eval_questions)
     summary: dict[str, Any] = {"resumed_from_step": trainer.step_index if resumed else None}
     if eval_tasks and cfg.eval_before and not resumed:
         ev = trainer.evaluate(eval_tasks, "step_0")
