@@ -45,15 +45,23 @@ def tiny_train_config(**sections) -> dict:
     return cfg
 
 
-def even_token_reward(exp):
-    """Reward = share of even token ids in the row's own generated tokens (learnable, base ≈ 0.5)."""
-    for role, rows in exp.rows.items():
-        vals = []
-        for tr in rows:
-            ids = [i for t in tr.turns_of(role, include_dummy=False) for i in t.token_ids]
-            vals.append(np.mean([i % 2 == 0 for i in ids]) if ids else 0.0)
-        exp.rewards[role] = np.asarray(vals, np.float32)
-    return exp
+def first_token_reward(targets: dict):
+    """Reward = 1 when a row's first generated token is its role's target token.
+
+    The target is the most common first token of that role's first rollout: a bandit-like signal
+    with a non-trivial base rate that a tiny random model can learn within a dozen steps.
+    """
+    import collections
+
+    def override(exp):
+        for role, rows in exp.rows.items():
+            firsts = [tr.turns_of(role)[0].token_ids[:1] for tr in rows]
+            if role not in targets:
+                targets[role] = collections.Counter(firsts).most_common(1)[0][0]
+            exp.rewards[role] = np.asarray([f == targets[role] for f in firsts], np.float32)
+        return exp
+
+    return override
 
 
 @pytest.mark.parametrize("override, message", [
@@ -111,30 +119,44 @@ def test_kill_and_resume_is_exact(tmp_path, smollm2_gguf):
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("schedule, adapter", [("alternating", "lora"), ("simultaneous", "shared")])
+@pytest.mark.parametrize("schedule, adapter", [
+    ("alternating", "lora"), ("simultaneous", "shared"),
+    pytest.param("switch_every", "lora", marks=pytest.mark.slow)])
 def test_reward_rises_and_only_trained_agent_moves(tmp_path, smollm2_gguf, schedule, adapter):
-    steps = 24
+    """The meta-thinking agent (whose prompt is the fixed question) learns a first-token bandit.
+
+    alternating: step 0 trains the reasoning agent (Alg. 1 starts with it), then the meta-thinking
+    agent trains while the reasoning agent stays bit-identical; switch_every (official variant):
+    the meta-thinking agent from the first step; simultaneous: one shared model, both roles.
+    """
+    steps = 12
     cfg = load_train_config(tiny_train_config(
+        model={"random_init": {**TINY, "init_std": 2.0}, "max_cache_len": 260},
         adapter={"kind": adapter},
-        schedule={"kind": schedule, "reasoning_steps": steps, "meta_thinking_steps": steps},
-        optimizer={"learning_rate": 3e-2 if adapter == "lora" else 3e-3},
-        loop={"steps": steps}, checkpoint={"every": steps}))
-    trainer = trainer_lib.Trainer(cfg, str(tmp_path), reward_override=even_token_reward, progress=False)
-    before = jax.tree.map(np.asarray, trainer.state.params)
+        rollout={"num_samples": 8, "max_new_tokens": 2, "max_prompt_len": 160},
+        schedule={"kind": schedule, "reasoning_steps": 1, "meta_thinking_steps": steps,
+                  "switch_freq": steps + 2, "start_agent": "meta_thinking"},
+        optimizer={"learning_rate": 1e-2 if adapter == "lora" else 1e-3},
+        data={"families": ["arithmetic"], "train_per_cell": 1, "test_per_cell": 0},
+        loop={"steps": steps + 1, "questions_per_step": 1, "max_seq_len": 168}, checkpoint={"every": steps}))
+    trainer = trainer_lib.Trainer(cfg, str(tmp_path), reward_override=first_token_reward({}), progress=False)
+    if schedule == "alternating":
+        assert trainer.step()["phase/trained"] == "reasoning"
+    frozen_before = jax.tree.map(np.asarray, trainer.state)
     rewards = []
     for _ in range(steps):
         m = trainer.step()
-        trained = m["phase/trained"].split("+")
-        role = "reasoning" if "reasoning" in trained else trained[0]
-        rewards.append(m[f"{role}/reward_mean"])
-    first, last = np.mean(rewards[:6]), np.mean(rewards[-6:])
-    assert last > first + 0.1, (first, last, rewards)
-    after = trainer.state.params
-    if adapter == "lora":   # the reasoning agent trained all along; the meta-thinking agent is frozen
-        assert tree_bitwise_equal(before["meta_thinking"], after["meta_thinking"])
-        assert not tree_bitwise_equal(before["reasoning"], after["reasoning"])
+        assert "meta_thinking" in m["phase/trained"]
+        rewards.append(m["meta_thinking/reward_mean"])
+    first, last = np.mean(rewards[:3]), np.mean(rewards[-3:])
+    assert last >= first + 0.25, (first, last, rewards)
+    after = trainer.state
+    if adapter == "lora":   # the reasoning agent was frozen: params and AdamW state untouched
+        assert tree_bitwise_equal(frozen_before.params["reasoning"], after.params["reasoning"])
+        assert tree_bitwise_equal(frozen_before.opt_state["reasoning"], after.opt_state["reasoning"])
+        assert not tree_bitwise_equal(frozen_before.params["meta_thinking"], after.params["meta_thinking"])
     else:
-        assert not tree_bitwise_equal(before["shared"], after["shared"])
+        assert not tree_bitwise_equal(frozen_before.params["shared"], after.params["shared"])
 
 
 @pytest.mark.real_model
