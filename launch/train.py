@@ -6,6 +6,11 @@
 The config is an ml_collections file; every ``--config.x.y=value`` override is validated (wrong
 key, type or value → a clear error) before any model is loaded. Re-running with the same
 ``--workdir`` resumes from the latest checkpoint.
+
+Multi-device and multi-host: ``--config.mesh.data/fsdp/tensor`` lay the run out on a device mesh
+(default: every device on ``data``). On a pod slice (or multi-node GPU with ``JAX_COORDINATOR_ADDRESS``,
+``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``) run the same command on every host
+(``launch/tpu_pod.sh``); ``jax.distributed`` is initialised here before any device is touched.
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    from rema_jax.sharding import maybe_initialize
+    maybe_initialize()  # jax.distributed on multi-process runs; must precede any device use
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     from rema_jax.config_utils import ConfigError

@@ -16,7 +16,7 @@ from rema_jax.sharding.mesh import MESH_AXES, MeshConfig, MeshConfigError, make_
 from rema_jax.sharding.rules import (CACHE_AXES, DEFAULT_RULES, KERNEL_AXES, ShardingPlan, ShardingRulesError,
                                      describe, logical_to_spec, param_logical_axes, place, shard_shape,
                                      unknown_leaves, validate_rules)
-from rema_jax.sharding.step import shard_update_fn
+from rema_jax.sharding.step import shard_logprobs_fn, shard_update_fn
 
 __all__ = [
     "DistributedConfigError", "global_batch_from_host", "host_rows", "is_main_process", "maybe_initialize",
@@ -27,5 +27,5 @@ __all__ = [
     "MESH_AXES", "MeshConfig", "MeshConfigError", "make_mesh", "mesh_sizes",
     "CACHE_AXES", "DEFAULT_RULES", "KERNEL_AXES", "ShardingPlan", "ShardingRulesError", "describe",
     "logical_to_spec", "param_logical_axes", "place", "shard_shape", "unknown_leaves", "validate_rules",
-    "shard_update_fn",
+    "shard_logprobs_fn", "shard_update_fn",
 ]

@@ -48,3 +48,29 @@ def shard_update_fn(update_fn: Callable, plan: ShardingPlan, state: Any, batches
 
     run.jitted = jitted
     return run
+
+
+def shard_logprobs_fn(logprobs_fn: Callable, plan: ShardingPlan, params: Any, batch: Mapping[str, Any],
+                      role: str):
+    """`fn(params, batch) -> logp_nl [N, L]` for one `role`: `rema_jax.rl.compute_logprobs_fn`'s jitted
+    core under the mesh, params laid out by the rules, batch rows and the output split over `data`×`fsdp`.
+
+    Compiled for the shapes of `params`/`batch` (pass the placed trees; `batch` holds the Contract-4
+    keys `tokens, attention_mask, loss_mask, turn_ids`).
+    """
+    core = getattr(logprobs_fn, "jitted", None)
+    if core is None:
+        raise TypeError("shard_logprobs_fn needs the function returned by rema_jax.rl.compute_logprobs_fn "
+                        "(it exposes the jitted core as `.jitted`)")
+    if "tokens" not in batch:
+        raise ValueError(f"shard_logprobs_fn: batch for role {role!r} has no 'tokens'; has {sorted(batch)}")
+    out_sh = plan._named(plan.batch_spec(batch["tokens"].shape, f"{role}/logprobs"))
+    jitted = jax.jit(lambda p, b: core(p, role, b), in_shardings=(plan.tree_shardings(params),
+                                                                  plan.batch_shardings(batch)),
+                     out_shardings=out_sh)
+
+    def run(p, b):
+        return jitted(p, b)
+
+    run.jitted = jitted
+    return run

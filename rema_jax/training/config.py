@@ -18,6 +18,7 @@ from rema_jax.rl.losses import LossConfig
 from rema_jax.rl.optimizer import OptimizerConfig
 from rema_jax.rl.update import UpdateConfig
 from rema_jax.rollout import RolloutConfig
+from rema_jax.sharding.mesh import MeshConfig
 from rema_jax.tasks.builtin import FAMILIES, NUM_LEVELS
 from rema_jax.training.schedules import ScheduleConfig
 
@@ -128,6 +129,24 @@ class CheckpointSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class MemorySection:
+    """The memory plan printed (main process) and checked before anything is compiled.
+
+    check: refuse a run whose planned per-device peak exceeds ``headroom`` × the device memory.
+    device_bytes: the per-device memory to check against when the backend reports none (CPU);
+    ``None`` = use ``device.memory_stats()`` and skip the check (with a note) where it has no limit."""
+    check: bool = True
+    device_bytes: int | None = None
+    headroom: float = 0.9
+
+    def __post_init__(self):
+        if self.device_bytes is not None and self.device_bytes < 1:
+            raise ValueError(f"device_bytes must be a positive byte count or None, got {self.device_bytes}")
+        if not 0.0 < self.headroom <= 1.0:
+            raise ValueError(f"headroom must be in (0, 1], got {self.headroom}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: ModelSection = ModelSection()
     adapter: AdapterConfig = AdapterConfig()
@@ -143,6 +162,8 @@ class TrainConfig:
     data: DataSection = DataSection()
     loop: LoopSection = LoopSection()
     checkpoint: CheckpointSection = CheckpointSection()
+    mesh: MeshConfig = MeshConfig()
+    memory: MemorySection = MemorySection()
 
     def __post_init__(self):
         single_agent = self.rollout.mode in ("vrp", "mrp")
@@ -173,20 +194,37 @@ class TrainConfig:
         if self.model.max_cache_len < need_cache:
             raise ValueError(f"model.max_cache_len={self.model.max_cache_len} < {need_cache} (the prompt "
                              f"bucket {prompt_bucket} of rollout.max_prompt_len + max_new_tokens)")
-        rows = {"mta": self.loop.questions_per_step * self.rollout.num_samples}
-        rows["ra"] = rows["mta"] * self.loop.solutions_per_plan
         chunk = self.update.num_mini_batches * self.update.num_micro_batches
-        for name, n in rows.items():
+        for name, n in self.rows_per_step.items():
             if n % chunk:
                 raise ValueError(f"{n} {name} rows per step (questions_per_step × num_samples"
                                  f"{' × solutions_per_plan' if name == 'ra' else ''}) are not divisible by "
                                  f"num_mini_batches × num_micro_batches = {chunk}")
+        if -1 not in (self.mesh.data, self.mesh.fsdp):  # else checked once the device count is known
+            self.check_batch_shards(self.mesh.data * self.mesh.fsdp)
         if self.advantage.estimator == "grpo" and self.rollout.num_samples * self.loop.solutions_per_plan < 2:
             raise ValueError("GRPO needs at least 2 samples per question (rollout.num_samples)")
 
     @property
     def single_agent(self) -> bool:
         return self.rollout.mode in ("vrp", "mrp")
+
+    @property
+    def rows_per_step(self) -> dict[str, int]:
+        """Training rows per step by role kind: ``mta`` (questions × samples) and ``ra`` (× solutions per plan)."""
+        mta = self.loop.questions_per_step * self.rollout.num_samples
+        return {"mta": mta, "ra": mta * self.loop.solutions_per_plan}
+
+    def check_batch_shards(self, batch_shards: int) -> None:
+        """Raises ``ValueError`` unless every micro-batch (rows / (mini × micro)) splits evenly over
+        ``batch_shards`` = mesh data × fsdp devices (the batch axis of the update and log-prob steps)."""
+        chunk = self.update.num_mini_batches * self.update.num_micro_batches
+        for name, n in self.rows_per_step.items():
+            if (n // chunk) % batch_shards:
+                raise ValueError(
+                    f"mesh: {n} {name} rows per step give micro-batches of {n // chunk} rows (÷ num_mini_batches × "
+                    f"num_micro_batches = {chunk}), not divisible by mesh data × fsdp = {batch_shards}; change "
+                    "loop.questions_per_step / rollout.num_samples or the mesh")
 
 
 def load_train_config(config: Any) -> TrainConfig:

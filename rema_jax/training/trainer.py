@@ -11,6 +11,13 @@ One step (``Trainer.step``):
      parameters and optimizer state pass through bit-identical;
   7. metrics go to JSONL + TensorBoard, and an orbax checkpoint is written.
 
+With more than one device the run is laid out on a mesh (``config.mesh``): base params, adapters
+and optimizer state by the sharding rules, batch rows over ``data``×``fsdp``, the update and the
+log-prob passes jitted with explicit in/out shardings. One process driving several devices needs
+nothing else; with several processes (a pod slice) each host rolls out its own questions
+(``host_rows``), the global batch is assembled from the hosts' rows, host-local metrics are
+averaged over hosts, and only process 0 writes files (orbax checkpoints are written by all).
+
 Everything random is derived from ``(loop.seed, step)``, and the data position and curriculum pool
 are checkpointed, so a killed run resumes exactly.
 """
@@ -28,10 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rema_jax import models, rl
+from rema_jax import models, rl, sharding
 from rema_jax.config_utils import to_dict
 from rema_jax.models.adapters import Adapter, init_adapter
 from rema_jax.rewards.math_grading import get_grader
+from rema_jax.rl.update import MODEL_KEYS, OPTIONAL_KEYS, RL_KEYS
 from rema_jax.rollout import (META_THINKING, REASONING, SINGLE, ChatEncoder, RolloutConfig,
                               build_role_sequences, make_sampler_policy)
 from rema_jax.sampling import Sampler
@@ -90,13 +98,29 @@ class Trainer:
         os.makedirs(self.workdir, exist_ok=True)
         cfg = config
 
+        # Mesh: one device keeps plain (uncommitted) arrays; more are laid out by the sharding rules.
+        self.mesh = self.plan = None
+        self._update_steps: dict[tuple, Any] = {}
+        self._logprob_steps: dict[tuple, Any] = {}
+        if jax.device_count() > 1:
+            sizes = cfg.mesh.resolve(jax.device_count())
+            cfg.check_batch_shards(sizes["data"] * sizes["fsdp"])
+            self.mesh = sharding.make_mesh(cfg.mesh)
+
         # Model, tokenizer, sampler.
         t0 = time.perf_counter()
         if cfg.model.random_init is None:
-            loaded = models.load(cfg.model.source, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+            if self.mesh is None:
+                loaded = models.load(cfg.model.source, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+            else:  # each tensor goes straight into its sharded array
+                loaded, _ = sharding.load_sharded(cfg.model.source, self.mesh, dtype=cfg.model.dtype,
+                                                  param_dtype=cfg.model.param_dtype)
             self.model_config, base, self.tokenizer = loaded.config, loaded.params, loaded.tokenizer
         else:
             self.model_config, base, self.tokenizer = self._random_model(cfg)
+        if self.mesh is not None:
+            self.plan = sharding.ShardingPlan(self.mesh, self.model_config)
+            base = self.plan.put(base)  # a no-op for load_sharded's arrays
         self.load_seconds = time.perf_counter() - t0
         self.encoder = ChatEncoder(self.tokenizer)
         self.sampler = Sampler(self.model_config, self.tokenizer, max_cache_len=cfg.model.max_cache_len)
@@ -104,6 +128,7 @@ class Trainer:
         # Roles and the agents that own parameters.
         self.roles: tuple[str, ...] = cfg.rollout.agent_roles
         self.shared = cfg.adapter.kind == SHARED
+        self.memory_plan = self._check_memory()
         key = jax.random.key(_seed(cfg.loop.seed, "adapters"))
         if self.shared:
             trainable = {SHARED: base}
@@ -121,6 +146,9 @@ class Trainer:
 
         self.optimizer = rl.MultiAgentOptimizer(cfg.optimizer)
         self.state = rl.init_rl_state(trainable, self.optimizer)
+        if self.plan is not None:  # adapters / trained params and their AdamW moments by the rules
+            self.state = self.plan.put(self.state)
+            self.constants = self.plan.put(self.constants)
         # Log-probs are needed at response tokens only: project to the vocabulary there alone.
         rounds = cfg.rollout.max_turns if cfg.rollout.mode == "multi_turn" else 1
         self.max_loss_tokens = min(rounds * (cfg.rollout.max_new_tokens + 1), cfg.loop.max_seq_len)
@@ -165,6 +193,79 @@ class Trainer:
         model_config = tiny_config(**overrides)
         params = random_params(model_config, jax.random.key(_seed(cfg.loop.seed, "random_init")), std=init_std)
         return model_config, params, tokenizer
+
+    def _check_memory(self) -> sharding.MemoryPlan:
+        """Plans per-device memory for this run's shapes, prints the table (main process) and refuses
+        a run that cannot fit (``MemoryPlanError`` with the breakdown) before anything is compiled."""
+        cfg = self.config
+        chunk = cfg.update.num_mini_batches * cfg.update.num_micro_batches
+        rows = cfg.rows_per_step
+        role_rows = [rows["mta"] if r in (META_THINKING, SINGLE) else rows["ra"] for r in self.roles]
+        # one micro-batch holds every trained role's rows: all roles in shared mode, one otherwise
+        train_rows = sum(role_rows) // chunk if self.shared else max(role_rows) // chunk
+        buckets = self.sampler.batch_buckets
+        rollout_rows = next((b for b in buckets if b >= max(role_rows)), buckets[-1])
+        mesh = self.mesh if self.mesh is not None else {"data": 1, "fsdp": 1, "tensor": 1}
+        plan = sharding.plan_memory(
+            self.model_config, mesh, adapter_kind=cfg.adapter.kind, lora_rank=cfg.adapter.rank,
+            lora_targets=cfg.adapter.targets, num_agents=len(self.roles), train_batch=train_rows,
+            train_seq=cfg.loop.max_seq_len, rollout_batch=rollout_rows, cache_len=cfg.model.max_cache_len)
+        device_bytes = sharding.device_memory_bytes(default=cfg.memory.device_bytes)
+        if sharding.is_main_process():
+            print(plan.table(device_bytes), flush=True)
+            if cfg.memory.check and device_bytes is None:
+                print(f"memory check skipped: {jax.devices()[0].platform} reports no memory limit and "
+                      "memory.device_bytes is not set", flush=True)
+        if cfg.memory.check:
+            sharding.check_fits(plan, device_bytes, headroom=cfg.memory.headroom)
+        return plan
+
+    def _global_batch(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This host's rows → global arrays with rows over data × fsdp (the batch spec of the *global* shape)."""
+        n_proc = jax.process_count()
+        host_batch = {k: np.asarray(v, jax.dtypes.canonicalize_dtype(np.asarray(v).dtype))
+                      for k, v in host_batch.items()}
+        global_shapes = {k: np.broadcast_to(np.zeros((), v.dtype), (v.shape[0] * n_proc,) + v.shape[1:])
+                         for k, v in host_batch.items()}
+        return sharding.global_batch_from_host(host_batch, self.plan.batch_shardings(global_shapes))
+
+    @staticmethod
+    def _host_values(x: jax.Array) -> np.ndarray:
+        """This host's rows of a global batch-sharded array."""
+        if jax.process_count() == 1:
+            return np.asarray(x)
+        from jax.experimental import multihost_utils
+        full = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return full[sharding.host_rows(full.shape[0])]
+
+    def _logprobs(self, fn, all_params: Mapping[str, Any], role: str, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Old / reference log-probs ``[N, L]`` of ``role``'s rows (this host's rows under a mesh)."""
+        if self.plan is None:
+            return np.asarray(fn(all_params, role, batch))
+        gb = self._global_batch({k: batch[k] for k in MODEL_KEYS})
+        key = (id(fn), role, tuple(gb["tokens"].shape))
+        if key not in self._logprob_steps:
+            self._logprob_steps[key] = sharding.shard_logprobs_fn(fn, self.plan, all_params, gb, role)
+        return self._host_values(self._logprob_steps[key](all_params, gb))
+
+    def _update(self, batches: Mapping[str, Mapping[str, np.ndarray]], trained_agents: tuple[str, ...]):
+        """One RL update: the plain jitted step on one device, or the mesh step with explicit shardings."""
+        if self.plan is None:
+            return self.update_fn(self.state, batches, trained_agents, constants=self.constants)
+        keys = MODEL_KEYS + RL_KEYS + (OPTIONAL_KEYS if self.config.loss.kl_coef > 0 else ())
+        host = {}
+        for role, b in batches.items():
+            bad = (b["loss_mask"] > 0) & ((b["turn_ids"] < 0) | (b["turn_ids"] >= self.config.loss.max_turns))
+            if bad.any():
+                raise ValueError(f"{role}: {int(bad.sum())} loss tokens have turn_ids outside "
+                                 f"[0, loss.max_turns={self.config.loss.max_turns})")
+            host[role] = {k: b[k] for k in keys}
+        global_batches = {role: self._global_batch(b) for role, b in host.items()}
+        key = (trained_agents, tuple((r, b["tokens"].shape) for r, b in sorted(global_batches.items())))
+        if key not in self._update_steps:
+            self._update_steps[key] = sharding.shard_update_fn(
+                self.update_fn, self.plan, self.state, global_batches, trained_agents, self.constants)
+        return self._update_steps[key](self.state, global_batches, self.constants)
 
     def _agent(self, role: str) -> str:
         return SHARED if self.shared else role
@@ -271,6 +372,8 @@ class Trainer:
             self.iterator = TaskIterator(self.pool, cfg.loop.questions_per_step,
                                          seed=_seed(cfg.loop.seed, "pool", phase.index))
         tasks = self.iterator.next()
+        if jax.process_count() > 1:  # each host rolls out (and grades) its own questions
+            tasks = tasks[sharding.host_rows(len(tasks))]
 
         t0 = time.perf_counter()
         exp = experience_lib.collect(
@@ -287,10 +390,10 @@ class Trainer:
         batches = {}
         for role in trained_roles:
             b = self._role_batch(exp, role)
-            b["old_logprobs"] = np.asarray(self.logprob_fn(all_params, role, b))
+            b["old_logprobs"] = self._logprobs(self.logprob_fn, all_params, role, b)
             need_ref = cfg.loss.kl_coef > 0 or (cfg.advantage.estimator == "reinforce_pp" and cfg.advantage.kl_coef > 0)
             if need_ref:
-                b["ref_logprobs"] = np.asarray(self.ref_logprob_fn(all_params, role, b))
+                b["ref_logprobs"] = self._logprobs(self.ref_logprob_fn, all_params, role, b)
             adv = rl.compute_advantages(
                 cfg.advantage, rewards_n=b["rewards"], group_ids_n=b["group_ids"],
                 loss_mask_nl=b["loss_mask"], turn_ids_nl=b["turn_ids"],
@@ -304,10 +407,15 @@ class Trainer:
             metrics[f"{role}/loss_tokens"] = float(b["loss_mask"].sum())
             batches[role] = b
         t_prepare = time.perf_counter() - t0
+        if jax.process_count() > 1:  # rollout/reward/prepare metrics above are host-local
+            local = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            sums = {k for k in local if k.endswith("/loss_tokens")}
+            metrics.update(sharding.reduce_metrics({k: v for k, v in local.items() if k not in sums}, "mean"))
+            metrics.update(sharding.reduce_metrics({k: local[k] for k in sums}, "sum") if sums else {})
 
         t0 = time.perf_counter()
         trained_agents = tuple(dict.fromkeys(self._agent(r) for r in trained_roles))
-        new_state, upd = self.update_fn(self.state, batches, trained_agents, constants=self.constants)
+        new_state, upd = self._update(batches, trained_agents)
         upd = jax.device_get(upd)
         t_update = time.perf_counter() - t0
         if not bool(upd["finite"]):
@@ -322,7 +430,7 @@ class Trainer:
                 continue
             key = k if "/" in k else f"{'+'.join(trained_agents)}/{k}"
             metrics[key] = float(np.asarray(v))
-        tokens = sum(float(b["attention_mask"].sum()) for b in batches.values())
+        tokens = sum(float(b["attention_mask"].sum()) for b in batches.values()) * jax.process_count()
         generated = sum(len(t.token_ids) for tr in exp.trajectories for t in tr.turns)
         metrics.update({
             "phase/trained": "+".join(phase.trained), "phase/index": phase.index,
@@ -346,8 +454,8 @@ class Trainer:
                                 self.encoder, rollout)
         settings = EvalSettings(batch_size=max(len(tasks), 1), grade_timeout=self.config.grading.timeout_s,
                                 progress=False)
-        path = os.path.join(self.workdir, "eval", f"{tag}.jsonl")
-        if os.path.exists(path):
+        path = os.path.join(self.workdir, "eval", f"{tag}.jsonl") if sharding.is_main_process() else None
+        if path is not None and os.path.exists(path):
             os.remove(path)  # evaluations inside training are recomputed, never resumed
         summary = evaluate_benchmark(list(tasks), solver, benchmark="heldout", mode=self.config.rollout.mode,
                                      settings=settings, samples_path=path)
@@ -430,12 +538,12 @@ def train(config: TrainConfig, workdir: str, *, resume: bool = True,
     t_run = time.perf_counter()
     trainer = Trainer(config, workdir, reward_override=reward_override, progress=progress)
     resumed = resume and trainer.restore()
-    is_main = jax.process_index() == 0
+    is_main = sharding.is_main_process()
     if is_main:
         with open(os.path.join(trainer.workdir, "config.json"), "w", encoding="utf-8") as f:
             json.dump(to_dict(config), f, indent=2, default=str)
     logger = MetricsLogger(trainer.workdir, resume_from_step=trainer.step_index if resumed else 0)
-    if not resumed and os.path.exists(logger.path):
+    if is_main and not resumed and os.path.exists(logger.path):
         open(logger.path, "w").close()
 
     cfg = config.loop
