@@ -64,10 +64,10 @@ def run_ours(args) -> dict:
         assert all(len(g.token_ids) == args.new_tokens for g in gens), "EOS must be ignored"
         times, cpus = [], []
         for r in range(args.repeats):
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             sampler.generate(model.params, None, prompts, sp, seed=r + 1)
             times.append(time.perf_counter() - t0)
-            cpus.append(time.process_time() - c0)
+            cpus.append(time.process_time() - cpu0)
         med = statistics.median(times)
         out["batches"][str(b)] = {
             "tokens_per_s": round(b * args.new_tokens / med, 2), "median_s": round(med, 4),
@@ -91,7 +91,7 @@ def run_hf(args) -> dict:
     path = smollm2_gguf_path()
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     model.eval()
     load_s = time.perf_counter() - t0
     prompt = _prompt_ids(tok, args.prompt_len)

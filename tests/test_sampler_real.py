@@ -39,7 +39,7 @@ def test_greedy_matches_transformers_generate_token_for_token(model, smollm2_ggu
 
     torch.set_num_threads(2)
     hf = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
-                                              torch_dtype=torch.float32).eval()
+                                              dtype=torch.float32).eval()
     eos = model.tokenizer.eos_token_id
     for prompt, g in zip(prompts, ours):
         with torch.inference_mode():
