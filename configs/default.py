@@ -29,5 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
                   levels=(1, 2), train_per_cell=32, test_per_cell=4, split_seed=0)
     c.loop = dict(steps=8, questions_per_step=4, solutions_per_plan=2, seed=0, max_seq_len=256,
                   eval_every=0, eval_questions=16, eval_before=True)
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.memory = dict(check=True, device_bytes=None, headroom=0.9)
     c.checkpoint = dict(every=1, keep_last=2)
     return c

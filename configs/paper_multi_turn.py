@@ -37,5 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
                   test_path="../shared/data/rema_public/test500.parquet")
     c.loop = dict(steps=500, questions_per_step=128, solutions_per_plan=1, seed=0, max_seq_len=4096 + 512 + 1,
                   eval_every=10, eval_questions=500, eval_before=True)
+    c.mesh = dict(data=-1, fsdp=8, tensor=1)
+    c.memory = dict(check=True, device_bytes=None, headroom=0.9)
     c.checkpoint = dict(every=50, keep_last=3)
     return c

@@ -4,6 +4,7 @@ Hyper-parameters from the paper: two full copies of the model (``adapter.kind='f
 updates (Algorithm 1) with the [0.2, 0.8] success-rate curriculum, REINFORCE++ with a k1 KL of 1e-2
 folded into the reward, PPO clip 0.2 on token ratios, Adam lr 5e-7, rollout batch 1000 prompts × 4
 samples with mini-batches of 500 (8 optimizer steps per rollout), max generation 2048, T = 1.0,
+(here 1024 prompts, so a micro-batch of 32 rows divides any data × fsdp size up to 32),
 MATH train (7.5k). The paper's "#Training Episode = 4" per phase is approximated by
 ``schedule.*_steps`` (one step = one rollout batch of 1000 prompts).
 
@@ -29,12 +30,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss = dict(ratio_mode="token", agg_mode="token_mean", clip_eps=0.2, dual_clip_c=3.0,
                   kl_coef=0.0, entropy_coef=0.0, temperature=1.0, max_turns=1)
     c.optimizer = dict(learning_rate=5e-7, schedule="constant", weight_decay=0.0, max_grad_norm=1.0)
-    c.update = dict(num_mini_batches=8, num_micro_batches=25)
+    c.update = dict(num_mini_batches=8, num_micro_batches=16)
     c.schedule = dict(kind="alternating", reasoning_steps=8, meta_thinking_steps=8)
     c.curriculum = dict(enabled=True, low=0.2, high=0.8, num_samples=10, pool_size=2000)
     c.data = dict(source="benchmark", benchmark="math_train", train_path=MATH_TRAIN,
                   test_path="../shared/data/math500/test.jsonl")
-    c.loop = dict(steps=48, questions_per_step=1000, solutions_per_plan=1, seed=0, max_seq_len=4097,
+    c.loop = dict(steps=48, questions_per_step=1024, solutions_per_plan=1, seed=0, max_seq_len=4097,
                   eval_every=8, eval_questions=500, eval_before=True)
+    c.mesh = dict(data=-1, fsdp=8, tensor=1)
+    c.memory = dict(check=True, device_bytes=None, headroom=0.9)
     c.checkpoint = dict(every=4, keep_last=3)
     return c
