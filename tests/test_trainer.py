@@ -173,3 +173,24 @@ def test_non_finite_update_stops_with_clear_error(tmp_path, smollm2_gguf):
     with pytest.raises(trainer_lib.NonFiniteUpdateError, match="NaN/inf"):
         trainer.step()
     assert tree_bitwise_equal(before, trainer.state.params)
+
+
+@pytest.mark.real_model
+def test_rl_starts_from_sft_adapters(tmp_path, smollm2_gguf):
+    from rema_jax.models import Adapter, save_adapter
+
+    cfg = load_train_config(tiny_train_config())
+    fresh = trainer_lib.Trainer(cfg, str(tmp_path / "fresh"), progress=False)
+    for i, (agent, tree) in enumerate(fresh.state.params.items()):
+        moved = jax.tree.map(lambda x: x + 0.01 * (i + 1), tree)
+        save_adapter(str(tmp_path / "sft" / agent), Adapter(weights=moved, kind="lora", scale=cfg.adapter.scale))
+    warm = trainer_lib.Trainer(load_train_config(tiny_train_config(
+        model={"init_adapters_from": str(tmp_path / "sft")})), str(tmp_path / "warm"), progress=False)
+    for i, agent in enumerate(fresh.state.params):
+        expected = jax.tree.map(lambda x: np.asarray(x) + 0.01 * (i + 1), fresh.state.params[agent])
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-7),
+                     warm.state.params[agent], expected)
+    with pytest.raises(ValueError, match="differ from the config's adapter"):
+        trainer_lib.Trainer(load_train_config(tiny_train_config(
+            adapter={"rank": 8, "alpha": 16.0}, model={"init_adapters_from": str(tmp_path / "sft")})),
+            str(tmp_path / "bad"), progress=False)

@@ -31,12 +31,15 @@ class ModelSection:
     random_init: ``None`` for the pretrained weights, or ``ModelConfig`` overrides (e.g.
     ``{"num_layers": 2, "hidden_size": 64}``) for a random model of that shape that keeps the
     tokenizer (and vocabulary) of ``source`` — for tests and smoke runs.
-    max_cache_len: the sampler's KV-cache length (prompt bucket + new tokens)."""
+    max_cache_len: the sampler's KV-cache length (prompt bucket + new tokens).
+    init_adapters_from: ``<sft workdir>/adapters`` (``launch/sft.py``): start each agent from its
+    supervised warm-start instead of a fresh adapter."""
     source: str = "smollm2-135m"
     dtype: str = "float32"
     param_dtype: str | None = None
     random_init: dict[str, Any] | None = None
     max_cache_len: int = 1024
+    init_adapters_from: str | None = None
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

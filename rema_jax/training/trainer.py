@@ -132,14 +132,18 @@ class Trainer:
         key = jax.random.key(_seed(cfg.loop.seed, "adapters"))
         if self.shared:
             trainable = {SHARED: base}
+            if cfg.model.init_adapters_from:
+                trainable = self._load_sft_adapters(cfg, trainable)
             self.constants = {}
-            if cfg.loss.kl_coef > 0 or cfg.advantage.kl_coef > 0:
+            if cfg.loss.kl_coef > 0 or cfg.advantage.kl_coef > 0:  # the reference is the SFT model
                 self.constants[REFERENCE] = jax.tree.map(jnp.copy, base)
         else:
             trainable = {}
             for i, role in enumerate(self.roles):
                 adapter = init_adapter(self.model_config, base, cfg.adapter, jax.random.fold_in(key, i))
                 trainable[role] = adapter.weights
+            if cfg.model.init_adapters_from:
+                trainable = self._load_sft_adapters(cfg, trainable)
             self.constants = {BASE: base}
             self._adapter_kind = cfg.adapter.kind
             self._adapter_scale = cfg.adapter.scale if cfg.adapter.kind == "lora" else 1.0
@@ -266,6 +270,26 @@ class Trainer:
             self._update_steps[key] = sharding.shard_update_fn(
                 self.update_fn, self.plan, self.state, global_batches, trained_agents, self.constants)
         return self._update_steps[key](self.state, global_batches, self.constants)
+
+    def _load_sft_adapters(self, cfg: TrainConfig, trainable: dict[str, Any]) -> dict[str, Any]:
+        """Start RL from an SFT warm-start: ``<init_adapters_from>/<agent>`` written by
+        ``launch/sft.py`` (``models.save_adapter``). Kind, scale and tree shapes must match the config;
+        the optimizer state starts fresh."""
+        out = dict(trainable)
+        want_kind = "full" if self.shared else cfg.adapter.kind
+        want_scale = cfg.adapter.scale if want_kind == "lora" else 1.0
+        for agent, tree in trainable.items():
+            path = os.path.join(cfg.model.init_adapters_from, agent)
+            loaded = models.load_adapter(path)
+            if loaded.kind != want_kind or not np.isclose(loaded.scale, want_scale):
+                raise ValueError(f"{path}: adapter {loaded.kind} with scale {loaded.scale}, but the config "
+                                 f"wants {want_kind} with scale {want_scale}")
+            shapes = lambda t: jax.tree.map(lambda x: tuple(x.shape), t)  # noqa: E731
+            if shapes(loaded.weights) != shapes(tree):
+                raise ValueError(f"{path}: the adapter's tree or shapes differ from the config's adapter "
+                                 "(rank, targets or model)")
+            out[agent] = jax.tree.map(lambda x, ref: jnp.asarray(x, ref.dtype), loaded.weights, tree)
+        return out
 
     def _agent(self, role: str) -> str:
         return SHARED if self.shared else role
