@@ -12,6 +12,7 @@ Outputs under ``workdir``: ``adapters/<agent>/`` (``models.save_adapter``: what 
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -44,7 +45,9 @@ ADAPTERS_DIR = "adapters"
 @dataclasses.dataclass(frozen=True)
 class SFTDataSection:
   """builtin: worked examples from the built-in train split (families × levels × train_per_cell);
-  the held-out ``test_per_cell`` questions feed the before/after evaluation.
+  the held-out ``test_per_cell`` questions feed the before/after evaluation. Use the RL run's
+  ``train_per_cell``/``test_per_cell``/``split_seed`` so SFT never trains on RL's held-out questions,
+  and ``examples_per_cell`` to fine-tune on only the first k training questions of each cell.
   meta_thinking_file / reasoning_file: alpaca ``.jsonl`` conversation files (official format).
   file_system_prompt: ``"file"`` keeps each record's system prompt, ``"rollout"`` replaces it by
   the multi-turn RL prompt so SFT and RL see the same text. file_limit: records per file."""
@@ -53,6 +56,7 @@ class SFTDataSection:
   levels: tuple[int, ...] = (1, 2)
   train_per_cell: int = 8
   test_per_cell: int = 4
+  examples_per_cell: int | None = None
   split_seed: int = 0
   prompt_variant: str | None = None
   meta_thinking_file: str | None = None
@@ -147,6 +151,17 @@ def load_model(section: ModelSection, seed: int = 0):
 
 
 # ------------------------------------------------------------------------------------ data
+def _first_per_cell(tasks: Sequence, k: int) -> list:
+  """The first ``k`` tasks of every (subject, level) cell, in order."""
+  taken: collections.Counter = collections.Counter()
+  out = []
+  for t in tasks:
+    if taken[(t.subject, t.level)] < k:
+      taken[(t.subject, t.level)] += 1
+      out.append(t)
+  return out
+
+
 def build_conversations(cfg: SFTConfig) -> tuple[dict[str, list[data_lib.Conversation]], list]:
   """({role: conversations}, held-out built-in tasks for evaluation)."""
   convs: dict[str, list[data_lib.Conversation]] = {META_THINKING: [], REASONING: []}
@@ -156,6 +171,8 @@ def build_conversations(cfg: SFTConfig) -> tuple[dict[str, list[data_lib.Convers
     train, test = builtin_split(d.train_per_cell, d.test_per_cell, seed=d.split_seed,
                                 families=d.families, levels=d.levels)
     if d.builtin:
+      if d.examples_per_cell is not None:
+        train = _first_per_cell(train, d.examples_per_cell)
       for role, rows in data_lib.builtin_conversations(train, prompt_variant=d.prompt_variant).items():
         convs[role].extend(rows)
   rl_prompts = prompts_lib.get_prompts("multi_turn")
