@@ -49,7 +49,10 @@ class CheckpointManager:
         self.save_every = save_every
         self._manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep_last, create=True),
+            # Synchronous saves: the trainer waits for each save anyway (a resumable run needs the
+            # checkpoint on disk before the next step), and async mode only adds a finalize thread.
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep_last, create=True,
+                                                 enable_async_checkpointing=False),
         )
 
     def latest_step(self) -> int | None:
