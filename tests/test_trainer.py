@@ -194,3 +194,38 @@ def test_rl_starts_from_sft_adapters(tmp_path, smollm2_gguf):
         trainer_lib.Trainer(load_train_config(tiny_train_config(
             adapter={"rank": 8, "alpha": 16.0}, model={"init_adapters_from": str(tmp_path / "sft")})),
             str(tmp_path / "bad"), progress=False)
+
+
+@pytest.mark.real_model
+def test_curriculum_keeps_questions_in_the_success_band_and_survives_resume(tmp_path, smollm2_gguf, monkeypatch):
+    from rema_jax.training import experience as experience_lib
+
+    cfg = load_train_config(tiny_train_config(
+        curriculum={"enabled": True, "low": 0.2, "high": 0.8, "num_samples": 5, "pool_size": 8},
+        loop={"steps": 2}))
+    trainer = trainer_lib.Trainer(cfg, str(tmp_path), progress=False)
+    real_collect = experience_lib.collect
+    seen = {}
+
+    def fake_collect(policy, encoder, tasks, rollout, reward, grade_fn, **kw):
+        if rollout.num_samples != 5:          # a training rollout: the real thing
+            return real_collect(policy, encoder, tasks, rollout, reward, grade_fn, **kw)
+        seen["overrides"] = kw.get("sampling_overrides")
+        # Question i is solved in (i % 6) of its 5 samples: rates 0, .2, .4, .6, .8, 1.0, 0, .2
+        correct = [s < (i % 6) for i in range(len(tasks)) for s in range(5)]
+        seen["rates"] = {t.uid: (i % 6) / 5 for i, t in enumerate(tasks)}
+        return experience_lib.Experience(trajectories=[], correct=correct, rows={}, rewards={},
+                                          group_ids={}, grade_stats={})
+
+    monkeypatch.setattr(experience_lib, "collect", fake_collect)
+    pool = trainer.curriculum_pool(trainer.phase(0), 0)
+    assert {t.uid for t in pool} == {u for u, r in seen["rates"].items() if 0.2 <= r <= 0.8}
+    # Phase agent (reasoning) samples at T=1; the frozen meta-thinking agent is greedy (Alg. 1).
+    assert seen["overrides"] == {"meta_thinking": {"greedy": True},
+                                 "reasoning": {"greedy": False, "temperature": 1.0}}
+    trainer.step()
+    trainer.save()
+    resumed = trainer_lib.Trainer(cfg, str(tmp_path), progress=False)
+    assert resumed.restore()
+    assert [t.uid for t in resumed.pool] == [t.uid for t in trainer.pool]
+    assert resumed.iterator.position == trainer.iterator.position
