@@ -7,11 +7,12 @@ alternating between the reasoning agent (RA) and the meta-thinking agent (MTA) e
     python launch/train.py --config=configs/default.py --workdir=runs/default
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.model = dict(source="smollm2-135m", dtype="float32", random_init=None, max_cache_len=320)
+    c.model = dict(source="smollm2-135m", dtype="float32", random_init=None, init_adapters_from=placeholder(str), max_cache_len=320)
     c.adapter = dict(kind="lora", rank=16, alpha=32.0,
                      targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
     c.rollout = dict(mode="single_turn", prompt_variant="paper", num_samples=2, max_new_tokens=64,

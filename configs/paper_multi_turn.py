@@ -13,12 +13,13 @@ The paper starts from Qwen2.5-7B after SFT on the ReMA multi-turn conversations;
 ``--config.model.source`` at that checkpoint. Needs accelerators: see docs/tpu_pod.md.
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = dict(source="Qwen/Qwen2.5-7B-Instruct", dtype="bfloat16", param_dtype="bfloat16",
-                   random_init=None, max_cache_len=8192 + 512)
+                   random_init=None, init_adapters_from=placeholder(str), max_cache_len=8192 + 512)
     c.adapter = dict(kind="shared")
     c.rollout = dict(mode="multi_turn", prompt_variant="code", num_samples=16, max_turns=30,
                      max_new_tokens=512, max_prompt_len=4096, stop_when_truncated=True,

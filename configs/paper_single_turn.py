@@ -13,6 +13,7 @@ allows) of Qwen2.5-7B-Instruct (the default below), Llama-3.1-8B-Instruct or Lla
 Needs accelerators: see docs/tpu_pod.md.
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 MATH_TRAIN = "../shared/data/math_train/algebra.jsonl"
 
@@ -20,7 +21,7 @@ MATH_TRAIN = "../shared/data/math_train/algebra.jsonl"
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = dict(source="Qwen/Qwen2.5-7B-Instruct", dtype="bfloat16", param_dtype="bfloat16",
-                   random_init=None, max_cache_len=4096 + 2048)
+                   random_init=None, init_adapters_from=placeholder(str), max_cache_len=4096 + 2048)
     c.adapter = dict(kind="full")
     c.rollout = dict(mode="single_turn", prompt_variant="paper", num_samples=4, max_new_tokens=2048,
                      max_prompt_len=2048, temperature=1.0, top_p=1.0, top_k=0, stop_when_truncated=False)
