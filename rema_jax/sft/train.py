@@ -19,14 +19,14 @@ import json
 import logging
 import os
 import time
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rema_jax import models, rl
-from rema_jax.config_utils import ConfigError, from_dict, to_dict
+from rema_jax.config_utils import from_dict, to_dict
 from rema_jax.models.adapters import Adapter, AdapterConfig, init_adapter
 from rema_jax.rollout import ChatEncoder
 from rema_jax.rollout import prompts as prompts_lib
@@ -120,12 +120,7 @@ class SFTConfig:
 
 def load_sft_config(config: Any) -> SFTConfig:
   """``ml_collections.ConfigDict`` / dict → validated ``SFTConfig`` (raises ``ConfigError``)."""
-  try:
-    return from_dict(SFTConfig, config, "config")
-  except ConfigError:
-    raise
-  except (ValueError, TypeError) as e:
-    raise ConfigError(f"config: {e}") from e
+  return from_dict(SFTConfig, config, "config")  # wraps every ValueError/TypeError with its path
 
 
 # ------------------------------------------------------------------------------------ model

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from rema_jax.config_utils import ConfigError, from_dict
+from rema_jax.config_utils import from_dict
 from rema_jax.models.adapters import AdapterConfig
 from rema_jax.rewards.math_grading import GradingConfig
 from rema_jax.rewards.shaping import RewardConfig
@@ -232,9 +232,4 @@ class TrainConfig:
 
 def load_train_config(config: Any) -> TrainConfig:
     """``ml_collections.ConfigDict`` / dict → validated ``TrainConfig`` (raises ``ConfigError``)."""
-    try:
-        return from_dict(TrainConfig, config, "config")
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"config: {e}") from e
+    return from_dict(TrainConfig, config, "config")  # wraps every ValueError/TypeError with its path

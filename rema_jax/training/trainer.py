@@ -40,7 +40,7 @@ from rema_jax.config_utils import to_dict
 from rema_jax.models.adapters import Adapter, init_adapter
 from rema_jax.rewards.math_grading import get_grader
 from rema_jax.rl.update import MODEL_KEYS, OPTIONAL_KEYS, RL_KEYS
-from rema_jax.rollout import (META_THINKING, REASONING, SINGLE, ChatEncoder, RolloutConfig,
+from rema_jax.rollout import (META_THINKING, REASONING, SINGLE, ChatEncoder,
                               build_role_sequences, make_sampler_policy)
 from rema_jax.sampling import Sampler
 from rema_jax.tasks.types import Task
@@ -411,11 +411,11 @@ class Trainer:
         t0 = time.perf_counter()
         trained_roles = self.roles if self.shared else phase.trained
         all_params = {**self.state.params, **self.constants}
+        need_ref = cfg.loss.kl_coef > 0 or (cfg.advantage.estimator == "reinforce_pp" and cfg.advantage.kl_coef > 0)
         batches = {}
         for role in trained_roles:
             b = self._role_batch(exp, role)
             b["old_logprobs"] = self._logprobs(self.logprob_fn, all_params, role, b)
-            need_ref = cfg.loss.kl_coef > 0 or (cfg.advantage.estimator == "reinforce_pp" and cfg.advantage.kl_coef > 0)
             if need_ref:
                 b["ref_logprobs"] = self._logprobs(self.ref_logprob_fn, all_params, role, b)
             adv = rl.compute_advantages(
