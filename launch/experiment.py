@@ -1,15 +1,22 @@
 """The CPU learning experiment: ReMA vs a single-agent RL baseline, in the paper's Table 1 layout.
 
-    python launch/experiment.py --workdir=runs/experiment
+    python launch/experiment.py --workdir=runs/experiment            # SFT then RL (about 1 hour)
+    python launch/experiment.py --workdir=runs/experiment --nosft    # RL from the base model
+
+With ``--sft`` (the default), the paper's bootstrap first: each side is fine-tuned on the same
+built-in worked examples (configs/sft_default.py: MTA plans + RA solutions; configs/sft_vrp.py: the
+same solutions for the single agent), then RL starts from those adapters (configs/rema_from_sft.py,
+configs/vrp_rl_from_sft.py). SmolLM2-135M never writes ``\\boxed{}`` unprompted, so from the base
+model almost every reward is the format penalty and groups have zero variance.
 
 Runs, with the same seeds, data split and held-out questions:
-  1. VRP_RL: one agent (chain of thought), RL with the paper's shaped reward (configs/vrp_rl_default.py);
-  2. ReMA: single-turn meta-thinking + reasoning agents, alternating updates (configs/default.py);
+  1. VRP_RL: one agent (chain of thought), RL with the paper's shaped reward;
+  2. ReMA: single-turn meta-thinking + reasoning agents, alternating updates;
   3. (``--ablation``) ReMA with the consistency reward for the meta-thinking agent.
-Each run evaluates greedily on the held-out split before training (VRP = the untrained model) and
-after. Writes ``results.md`` (Table 1 layout: rows = task families + average, columns = VRP,
-VRP_RL, ReMA, deltas against VRP), ``results.json``, ``reward.png`` and ``heldout_accuracy.png``.
-Step counts and sizes come from the two configs; override them with the flags below.
+The untrained model is evaluated once (VRP = no training), and each RL run greedily on the held-out
+split at its start (= after SFT), every ``--eval_every`` steps and at the end. Writes ``results.md``
+(Table 1 layout: rows = task families + average, columns = VRP, [VRP+SFT], VRP_RL, [ReMA+SFT], ReMA,
+deltas against VRP), ``results.json``, ``reward.png`` and ``heldout_accuracy.png``.
 """
 from __future__ import annotations
 
@@ -29,6 +36,8 @@ flags.DEFINE_integer("steps", None, "RL steps per run (default: the configs').")
 flags.DEFINE_integer("eval_questions", 32, "Held-out questions (stratified over family × level).")
 flags.DEFINE_integer("eval_every", 4, "Held-out evaluation every k steps.")
 flags.DEFINE_bool("ablation", False, "Also run the consistency-reward ablation (one more run).")
+flags.DEFINE_bool("sft", True, "Warm-start both sides with SFT on the built-in worked examples first.")
+flags.DEFINE_multi_string("sft_override", [], "Extra overrides for both SFT stages, e.g. loop.epochs=1.")
 flags.DEFINE_multi_string("override", [], "Extra config overrides for every run, e.g. loop.seed=1.")
 flags.mark_flag_as_required("workdir")
 FLAGS = flags.FLAGS
@@ -49,11 +58,26 @@ def _apply_overrides(config, overrides):
     return config
 
 
+def _sft_configs():
+    """{name: (SFT config, the RL run it warm-starts)}; evaluation is left to the RL runs."""
+    from configs import sft_default, sft_vrp
+    out = {"SFT_VRP": (sft_vrp.get_config(), "VRP_RL"), "SFT_ReMA": (sft_default.get_config(), "ReMA")}
+    for c, _ in out.values():
+        c.eval.questions = 0
+        _apply_overrides(c, FLAGS.sft_override)
+    return out
+
+
 def _run_configs():
-    from configs import default, vrp_rl_default
-    runs = {"VRP_RL": vrp_rl_default.get_config(), "ReMA": default.get_config()}
+    if FLAGS.sft:
+        from configs import rema_from_sft as rema_cfg
+        from configs import vrp_rl_from_sft as vrp_cfg
+    else:
+        from configs import default as rema_cfg
+        from configs import vrp_rl_default as vrp_cfg
+    runs = {"VRP_RL": vrp_cfg.get_config(), "ReMA": rema_cfg.get_config()}
     if FLAGS.ablation:
-        c = default.get_config()
+        c = rema_cfg.get_config()
         c.reward = dict(kind="consistency")
         runs["ReMA_consistency"] = c
     for c in runs.values():
@@ -120,24 +144,46 @@ def main(argv):
     os.makedirs(FLAGS.workdir, exist_ok=True)
     t0 = time.perf_counter()
     runs = _run_configs()
-    summaries, histories, columns = {}, {}, {}
+    summaries, histories, columns, sft_summaries = {}, {}, {}, {}
+    if FLAGS.sft:
+        from rema_jax.sft.train import load_sft_config, run_sft
+        from rema_jax.training.trainer import Trainer, heldout_subset
+
+        # VRP (no training): the untouched model under the VRP prompt, on the RL runs' held-out set.
+        print("\n=== VRP: the untrained model ===", flush=True)
+        base_cfg = load_train_config(runs["VRP_RL"])
+        trainer = Trainer(base_cfg, os.path.join(FLAGS.workdir, "VRP"), progress=False)
+        trainer.evaluate(heldout_subset(trainer.test_tasks, FLAGS.eval_questions), "step_0")
+        columns["VRP"] = _per_family(os.path.join(FLAGS.workdir, "VRP", "eval", "step_0.jsonl"))
+        del trainer
+        for name, (raw, target) in _sft_configs().items():
+            print(f"\n=== {name}: SFT warm-start of {target} ===", flush=True)
+            run = run_sft(load_sft_config(raw), os.path.join(FLAGS.workdir, name))
+            sft_summaries[name] = {k: v for k, v in run.summary.items() if k != "data"}
+            targets = [target] + (["ReMA_consistency"] if target == "ReMA" and FLAGS.ablation else [])
+            for t in targets:
+                runs[t].model.init_adapters_from = run.summary["adapters"]
+            del run
     for name, raw in runs.items():
         config = load_train_config(raw)
         workdir = os.path.join(FLAGS.workdir, name)
-        print(f"\n=== {name}: {config.rollout.mode}, {config.loop.steps} steps ===", flush=True)
+        print(f"\n=== {name}: {config.rollout.mode}, {config.loop.steps} steps"
+              f"{' from ' + config.model.init_adapters_from if config.model.init_adapters_from else ''} ===",
+              flush=True)
         summaries[name] = train(config, workdir)
         histories[name] = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
         final = os.path.join(workdir, "eval", f"step_{config.loop.steps}.jsonl")
         start = os.path.join(workdir, "eval", "step_0.jsonl")
         if name == "VRP_RL":
-            columns["VRP"] = _per_family(start)
+            columns["VRP+SFT" if FLAGS.sft else "VRP"] = _per_family(start)
         elif name == "ReMA":
-            columns["ReMA (step 0)"] = _per_family(start)
+            columns["ReMA+SFT" if FLAGS.sft else "ReMA (step 0)"] = _per_family(start)
         columns[name] = _per_family(final)
         summaries[name]["verification_rate_final"] = _verification_rate(final)
         summaries[name]["verification_rate_start"] = _verification_rate(start)
 
-    order = [c for c in ("VRP", "VRP_RL", "ReMA (step 0)", "ReMA", "ReMA_consistency") if c in columns]
+    order = [c for c in ("VRP", "VRP+SFT", "VRP_RL", "ReMA (step 0)", "ReMA+SFT", "ReMA", "ReMA_consistency")
+             if c in columns]
     families = [f for f in columns["VRP"] if f != "Average"]
     scores = {col: {fam: columns[col][fam] for fam in families} for col in order}
     table = markdown_table(scores, columns=order, benchmarks=families, average=True, row_header="Task family")
@@ -156,7 +202,9 @@ def main(argv):
         "",
         f"Date: {time.strftime('%Y-%m-%d')}. Command: `python launch/experiment.py --workdir={FLAGS.workdir}"
         + (f" --steps={FLAGS.steps}" if FLAGS.steps else "") + (" --ablation" if FLAGS.ablation else "")
-        + f" --eval_questions={FLAGS.eval_questions}`. Wall time {wall:.1f} min.",
+        + ("" if FLAGS.sft else " --nosft") + f" --eval_questions={FLAGS.eval_questions}"
+        + "".join(f" --override={o}" for o in FLAGS.override)
+        + "".join(f" --sft_override={o}" for o in FLAGS.sft_override) + f"`. Wall time {wall:.1f} min.",
         "",
         f"Held-out greedy accuracy (%) on {FLAGS.eval_questions} questions; deltas against VRP (no training).",
         "",
@@ -171,11 +219,19 @@ def main(argv):
                      f"{s.get(f'{role}/reward_last', float('nan')):+.3f} | "
                      f"{s.get('train_accuracy_first', float('nan')):.3f} → {s.get('train_accuracy_last', float('nan')):.3f} | "
                      f"{s['verification_rate_start']:.1f} → {s['verification_rate_final']:.1f} |")
+    if sft_summaries:
+        lines += ["", "| SFT stage | steps per agent | loss first → last | wall (min) |", "|---|---|---|---|"]
+        for name, s in sft_summaries.items():
+            agents = s["steps_per_agent"]
+            losses = ", ".join(f"{a} {s[f'{a}/loss_first']:.2f} → {s[f'{a}/loss_last']:.2f}" for a in agents)
+            lines.append(f"| {name} | {', '.join(f'{a} {n}' for a, n in agents.items())} | {losses} | "
+                         f"{s['wall_s'] / 60:.1f} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(FLAGS.workdir, "results.md"), "w", encoding="utf-8") as f:
         f.write(text)
     with open(os.path.join(FLAGS.workdir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({"columns": columns, "summaries": summaries, "wall_min": wall}, f, indent=2)
+        json.dump({"columns": columns, "summaries": summaries, "sft": sft_summaries, "wall_min": wall}, f,
+                  indent=2, default=str)
     print("\n" + text, flush=True)
 
 

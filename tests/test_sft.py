@@ -64,6 +64,21 @@ def test_builtin_conversations_use_the_rollout_prompts():
     assert ra.messages[1] == ("user", ps["reasoning"].user({"question": train[0].question}, plan))
 
 
+def test_builtin_vrp_conversations_are_the_same_solutions_for_one_agent():
+    train, _ = builtin_split(1, 0, seed=0, levels=(1,))
+    remas = data_lib.builtin_conversations(train)["reasoning"]
+    vrp = data_lib.builtin_conversations(train, mode="vrp")
+    assert list(vrp) == ["single"] and len(vrp["single"]) == len(train)
+    ps = prompts.get_prompts("vrp")
+    for task, conv, ra in zip(train, vrp["single"], remas):
+        assert conv.role == "single"
+        assert conv.messages[:2] == (("system", ps["single"].system),
+                                     ("user", ps["single"].user({"question": task.question})))
+        assert conv.messages[2] == ra.messages[2]  # the very solution the reasoning agent learns
+    with pytest.raises(ValueError, match="mode must be one of"):
+        data_lib.builtin_conversations(train, mode="multi_turn")
+
+
 # ------------------------------------------------------------------ alpaca files
 def _record(**over):
     rec = {"instruction": "final user", "input": None, "output": "final answer [FINISH]", "system": "SYS",
@@ -200,6 +215,12 @@ def test_config_errors_are_specific():
         load_sft_config({"loop": {"roles": ["judge"]}})
     with pytest.raises(ConfigError, match="no SFT data"):
         load_sft_config({"data": {"builtin": False}})
+    with pytest.raises(ConfigError, match="trains the single agent only"):
+        load_sft_config({"data": {"mode": "vrp"}})
+    with pytest.raises(ConfigError, match="needs data.mode='vrp'"):
+        load_sft_config({"loop": {"roles": ["single"]}})
+    with pytest.raises(ConfigError, match=r"config.data.mode: expected one of \['single_turn', 'vrp'\]"):
+        load_sft_config({"data": {"mode": "multi_turn"}})
 
 
 def test_sft_loss_decreases_saves_and_reloads(smollm2_gguf, tmp_path):

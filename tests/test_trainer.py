@@ -197,6 +197,32 @@ def test_rl_starts_from_sft_adapters(tmp_path, smollm2_gguf):
 
 
 @pytest.mark.real_model
+def test_vrp_sft_warm_starts_the_single_agent_rl_run(smollm2_gguf, tmp_path):
+    """VRP SFT trains one ``single`` adapter that a VRP_RL trainer starts from."""
+    from rema_jax.sft.train import load_sft_config, run_sft
+
+    cfg = load_sft_config({
+        "model": {"source": "smollm2-135m", "random_init": TINY, "max_cache_len": 640},
+        "adapter": {"kind": "lora", "rank": 4, "alpha": 8.0},
+        "data": {"builtin": True, "mode": "vrp", "levels": [1], "train_per_cell": 2, "test_per_cell": 1},
+        "optimizer": {"learning_rate": 3e-2, "warmup_steps": 1},
+        "loop": {"epochs": 4, "batch_size": 4, "max_seq_len": 256, "roles": ["single"]},
+        "eval": {"questions": 1, "max_new_tokens": 8}})
+    run = run_sft(cfg, str(tmp_path / "sft"), progress=False)
+    s = run.summary
+    assert list(s["steps_per_agent"]) == ["single"]
+    assert s["single/loss_last"] < s["single/loss_first"] - 0.5, s
+    assert set(s["eval_after"]) >= {"accuracy", "boxed_rate"}
+    rl_cfg = tiny_train_config(rollout={"mode": "vrp", "num_samples": 2},
+                               model={"init_adapters_from": str(tmp_path / "sft" / "adapters")})
+    rl_cfg["schedule"] = {"kind": "alternating"}
+    rl_cfg["loop"]["solutions_per_plan"] = 1
+    warm = trainer_lib.Trainer(load_train_config(rl_cfg), str(tmp_path / "rl"), progress=False)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7),
+                 warm.state.params["single"], run.params["single"])
+
+
+@pytest.mark.real_model
 def test_curriculum_keeps_questions_in_the_success_band_and_survives_resume(tmp_path, smollm2_gguf, monkeypatch):
     from rema_jax.training import experience as experience_lib
 

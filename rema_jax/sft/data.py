@@ -16,12 +16,13 @@ import os
 from typing import Iterable, Sequence
 
 from rema_jax.rollout import prompts as prompts_lib
-from rema_jax.rollout.prompts import META_THINKING, REASONING
+from rema_jax.rollout.prompts import META_THINKING, REASONING, SINGLE
 from rema_jax.sft.worked import worked_example
 from rema_jax.tasks.loaders import BadRecordError
 from rema_jax.tasks.types import Task
 
-SFT_ROLES = (META_THINKING, REASONING)
+SFT_ROLES = (META_THINKING, REASONING, SINGLE)
+BUILTIN_MODES = ("single_turn", "vrp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,12 +130,23 @@ def load_alpaca_file(path: str, role: str, *, system_prompt: str | None = None,
 
 def builtin_conversations(tasks: Sequence[Task], *, mode: str = "single_turn",
                           prompt_variant: str | None = None) -> dict[str, list[Conversation]]:
-  """Worked examples as single-turn MAMRP chats, with the rollout's own prompts.
+  """Worked examples as chats, with the rollout's own prompts for ``mode``.
 
-  MTA: ``[system, user=question, assistant=plan]``; RA: ``[system, user=template(question, plan),
-  assistant=solution ending in \\boxed{}]``. Returns ``{role: conversations}`` in task order.
+  ``single_turn`` (MAMRP): MTA ``[system, user=question, assistant=plan]``; RA ``[system,
+  user=template(question, plan), assistant=solution ending in \\boxed{}]``.
+  ``vrp`` (the single-agent baseline): ``[system, user=question, assistant=solution]``, the same
+  solutions, so a VRP_RL run can be warm-started on the same data as ReMA.
+  Returns ``{role: conversations}`` in task order.
   """
+  if mode not in BUILTIN_MODES:
+    raise ValueError(f"builtin worked examples: mode must be one of {BUILTIN_MODES}, got {mode!r}")
   prompt_set = prompts_lib.get_prompts(mode, prompt_variant)
+  if mode == "vrp":
+    single = prompt_set[SINGLE]
+    return {SINGLE: [Conversation(
+        SINGLE, (("system", single.system), ("user", single.user({"question": t.question})),
+                 ("assistant", worked_example(t).solution)), source=f"{t.uid}#solution")
+        for t in tasks]}
   mta, ra = prompt_set[META_THINKING], prompt_set[REASONING]
   out: dict[str, list[Conversation]] = {META_THINKING: [], REASONING: []}
   for task in tasks:

@@ -1,4 +1,4 @@
-"""Greedy single-turn ReMA evaluation for SFT: accuracy and the share of non-empty ``\\boxed{}``."""
+"""Greedy single-turn ReMA (or VRP) evaluation for SFT: accuracy and the share of non-empty ``\\boxed{}``."""
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
@@ -10,9 +10,11 @@ from rema_jax.tasks.types import Task
 
 def evaluate_agents(sampler, encoder: ChatEncoder, base, adapters_by_role: Mapping[str, Any],
                     tasks: Sequence[Task], *, max_new_tokens: int = 128, max_prompt_len: int = 512,
-                    prompt_variant: str | None = None, grade_timeout: float = 10.0) -> dict[str, Any]:
-  """Plans then solutions, greedy, one per task. Returns accuracy, boxed_rate (fractions) and samples."""
-  config = RolloutConfig(mode="single_turn", prompt_variant=prompt_variant, num_samples=1,
+                    prompt_variant: str | None = None, grade_timeout: float = 10.0,
+                    mode: str = "single_turn") -> dict[str, Any]:
+  """Plans then solutions (``mode="single_turn"``) or solutions alone (``"vrp"``), greedy, one per
+  task. Returns accuracy, boxed_rate (fractions) and samples."""
+  config = RolloutConfig(mode=mode, prompt_variant=prompt_variant, num_samples=1,
                          max_new_tokens=max_new_tokens, max_prompt_len=max_prompt_len,
                          stop_when_truncated=False, greedy=True)
   policy = make_sampler_policy(sampler, base, adapters_by_role, seed=0)
@@ -20,7 +22,7 @@ def evaluate_agents(sampler, encoder: ChatEncoder, base, adapters_by_role: Mappi
   finals = [tr.final_answer or "" for tr in trajs]
   grades = grade_batch(finals, [t.answer for t in tasks], timeout=grade_timeout)
   samples = [{"uid": t.uid, "question": t.question, "gold": t.answer,
-              "plan": tr.turns[0].text if tr.turns else "", "solution": f,
+              "plan": tr.turns[0].text if mode == "single_turn" and tr.turns else "", "solution": f,
               "correct": bool(g.correct), "boxed": strict_boxed_answer(f) is not None}
              for t, tr, f, g in zip(tasks, trajs, finals, grades)]
   n = max(len(samples), 1)

@@ -30,7 +30,7 @@ from rema_jax.config_utils import from_dict, to_dict
 from rema_jax.models.adapters import Adapter, AdapterConfig, init_adapter
 from rema_jax.rollout import ChatEncoder
 from rema_jax.rollout import prompts as prompts_lib
-from rema_jax.rollout.prompts import META_THINKING, REASONING
+from rema_jax.rollout.prompts import META_THINKING, REASONING, SINGLE
 from rema_jax.sft import data as data_lib
 from rema_jax.sft import tokenize as tok_lib
 from rema_jax.tasks.builtin import FAMILIES, builtin_split
@@ -48,10 +48,13 @@ class SFTDataSection:
   the held-out ``test_per_cell`` questions feed the before/after evaluation. Use the RL run's
   ``train_per_cell``/``test_per_cell``/``split_seed`` so SFT never trains on RL's held-out questions,
   and ``examples_per_cell`` to fine-tune on only the first k training questions of each cell.
+  mode: ``"single_turn"`` (MTA plans + RA solutions) or ``"vrp"`` (one agent, the same solutions:
+  the warm-start of the single-agent VRP_RL baseline; train ``loop.roles=("single",)``).
   meta_thinking_file / reasoning_file: alpaca ``.jsonl`` conversation files (official format).
   file_system_prompt: ``"file"`` keeps each record's system prompt, ``"rollout"`` replaces it by
   the multi-turn RL prompt so SFT and RL see the same text. file_limit: records per file."""
   builtin: bool = True
+  mode: Literal["single_turn", "vrp"] = "single_turn"
   families: tuple[str, ...] = FAMILIES
   levels: tuple[int, ...] = (1, 2)
   train_per_cell: int = 8
@@ -67,6 +70,9 @@ class SFTDataSection:
   def __post_init__(self):
     if not self.builtin and not (self.meta_thinking_file or self.reasoning_file):
       raise ValueError("no SFT data: set builtin=True or a conversation file")
+    if self.mode == "vrp" and (self.meta_thinking_file or self.reasoning_file):
+      raise ValueError("mode='vrp' trains the single agent on built-in solutions; the two-role "
+                       "conversation files are for mode='single_turn'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +106,7 @@ class SFTLoopSection:
 
 @dataclasses.dataclass(frozen=True)
 class SFTEvalSection:
-  """Greedy single-turn ReMA on held-out built-in questions before and after SFT."""
+  """Greedy held-out evaluation before and after SFT, in ``data.mode`` (single-turn ReMA or VRP)."""
   questions: int = 16
   before: bool = True
   after: bool = True
@@ -116,6 +122,16 @@ class SFTConfig:
   optimizer: SFTOptimSection = SFTOptimSection()
   loop: SFTLoopSection = SFTLoopSection()
   eval: SFTEvalSection = SFTEvalSection()
+
+  def __post_init__(self):
+    single = SINGLE in self.loop.roles
+    if self.data.mode == "vrp" and tuple(self.loop.roles) != (SINGLE,):
+      raise ValueError(f"loop.roles: data.mode='vrp' trains the single agent only; set "
+                       f"loop.roles=('single',), got {tuple(self.loop.roles)}")
+    if self.data.mode != "vrp" and single:
+      raise ValueError("loop.roles: 'single' needs data.mode='vrp'")
+    if single and self.adapter.kind == SHARED:
+      raise ValueError("adapter.kind='shared' is for the two ReMA roles; the single agent uses lora/full")
 
 
 def load_sft_config(config: Any) -> SFTConfig:
@@ -159,7 +175,7 @@ def _first_per_cell(tasks: Sequence, k: int) -> list:
 
 def build_conversations(cfg: SFTConfig) -> tuple[dict[str, list[data_lib.Conversation]], list]:
   """({role: conversations}, held-out built-in tasks for evaluation)."""
-  convs: dict[str, list[data_lib.Conversation]] = {META_THINKING: [], REASONING: []}
+  convs: dict[str, list[data_lib.Conversation]] = {r: [] for r in data_lib.SFT_ROLES}
   test: list = []
   d = cfg.data
   if d.builtin or cfg.eval.questions:
@@ -168,7 +184,8 @@ def build_conversations(cfg: SFTConfig) -> tuple[dict[str, list[data_lib.Convers
     if d.builtin:
       if d.examples_per_cell is not None:
         train = _first_per_cell(train, d.examples_per_cell)
-      for role, rows in data_lib.builtin_conversations(train, prompt_variant=d.prompt_variant).items():
+      for role, rows in data_lib.builtin_conversations(train, mode=d.mode,
+                                                                 prompt_variant=d.prompt_variant).items():
         convs[role].extend(rows)
   rl_prompts = prompts_lib.get_prompts("multi_turn")
   for role, path in ((META_THINKING, d.meta_thinking_file), (REASONING, d.reasoning_file)):
@@ -295,13 +312,15 @@ def run_sft(config: SFTConfig, workdir: str, *, progress: bool = True) -> SFTRun
   sampler = Sampler(model_config, tokenizer, max_cache_len=cfg.model.max_cache_len) if eval_tasks else None
 
   def evaluate(tag: str) -> dict[str, Any]:
-    b, adapters = agent_adapters(state.params, (META_THINKING, REASONING), kind, scale, base)
+    eval_roles = (SINGLE,) if cfg.data.mode == "vrp" else (META_THINKING, REASONING)
+    b, adapters = agent_adapters(state.params, eval_roles, kind, scale, base)
     if not shared:
-      for r in (META_THINKING, REASONING):
+      for r in eval_roles:
         if r not in state.params:  # an agent not trained here samples with the base model
           adapters[r] = None
     res = evaluate_agents(sampler, encoder, b, adapters, eval_tasks, max_new_tokens=cfg.eval.max_new_tokens,
-                          max_prompt_len=cfg.eval.max_prompt_len, prompt_variant=cfg.data.prompt_variant)
+                          max_prompt_len=cfg.eval.max_prompt_len, prompt_variant=cfg.data.prompt_variant,
+                          mode=cfg.data.mode)
     with open(os.path.join(workdir, f"eval_{tag}.jsonl"), "w", encoding="utf-8") as f:
       for s in res["samples"]:
         f.write(json.dumps(s) + "\n")
