@@ -284,6 +284,22 @@ def test_no_recompilation_across_adapters_and_calls_within_a_bucket():
     assert s.compile_count == count + 1
 
 
+def test_stats_count_tokens_and_kernel_time():
+    s = Sampler(CFG, TOKENIZER, max_cache_len=128)
+    sp = SamplingParams(max_new_tokens=6, temperature=1.0, ignore_eos=True)
+    adapter = _lora(21)
+    gens = s.generate(PARAMS, adapter, PROMPTS, sp, seed=0)
+    st = s.stats
+    assert st.calls == 1 and st.new_tokens == sum(len(g.token_ids) for g in gens) == 6 * len(PROMPTS)
+    assert st.prompt_tokens == sum(len(p) for p in PROMPTS) <= st.prefill_slots
+    assert st.prefill_s > 0 and st.decode_s > 0 and st.fuse_s > 0 and st.compile_s > 0
+    assert st.kernel_s == st.prefill_s + st.decode_s + st.fuse_s
+    old = s.reset_stats()
+    assert old is st and s.stats.calls == 0 and s.stats.kernel_s == 0
+    s.generate(PARAMS, adapter, PROMPTS, sp, seed=1)  # same arrays: fused weights reused, no compile
+    assert s.stats.calls == 1 and s.stats.fuse_s == 0 and s.stats.compile_s == 0
+
+
 def test_bad_inputs_raise_clear_errors(sampler):
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)

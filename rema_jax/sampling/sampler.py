@@ -19,7 +19,7 @@ import numpy as np
 from rema_jax.models.adapters import Adapter, AdapterConfig
 from rema_jax.models.config import ModelConfig
 from rema_jax.sampling import bucketing, kernel, ops, stops
-from rema_jax.sampling.types import Generation, SamplingParams
+from rema_jax.sampling.types import Generation, SamplerStats, SamplingParams
 
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_TOKENS_BUCKET = 16
@@ -60,12 +60,18 @@ class Sampler:
         self._compile_seconds = 0.0
         self._token_table: Optional[tuple[jnp.ndarray, jnp.ndarray]] = None
         self._stop_tables: dict[tuple[str, ...], stops.StopTables] = {}
+        self.stats = SamplerStats()
 
     # ------------------------------------------------------------------ bookkeeping
     @property
     def compile_count(self) -> int:
         """Number of distinct compilations so far (fuse, prefill and decode executables)."""
         return len(self._executables)
+
+    def reset_stats(self) -> SamplerStats:
+        """Returns the timing/token counters so far and starts new ones (compiled programs are kept)."""
+        old, self.stats = self.stats, SamplerStats()
+        return old
 
     @property
     def compile_seconds(self) -> float:
@@ -78,6 +84,7 @@ class Sampler:
             t0 = time.perf_counter()
             exe = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
             self._compile_seconds += time.perf_counter() - t0
+            self.stats.compile_s += time.perf_counter() - t0
             self._executables[key] = exe
         return exe
 
@@ -122,7 +129,9 @@ class Sampler:
                 return fused
         key = ("fuse", _tree_signature((params, adapter)), None if adapter is None else (adapter.kind, adapter.scale))
         exe = self._compiled(key, lambda p, a: kernel.fuse_params(self.config, p, a), (), params, adapter)
-        fused = exe(params, adapter)
+        t0 = time.perf_counter()
+        fused = jax.block_until_ready(exe(params, adapter))
+        self.stats.fuse_s += time.perf_counter() - t0
         self._fused = ([(leaves, fused)] + self._fused)[:self._fused_cache_size]
         return fused
 
@@ -213,15 +222,24 @@ class Sampler:
         prefill_exe = self._compiled(
             ("prefill", b, p, cache_len, fsig), lambda f, t, pd: kernel.prefill(cfg, f, t, pd, cache_len), (),
             fused, tokens_bp, pad_dev)
-        caches, logits = prefill_exe(fused, tokens_bp, pad_dev)
+        t0 = time.perf_counter()
+        caches, logits = jax.block_until_ready(prefill_exe(fused, tokens_bp, pad_dev))
+        self.stats.prefill_s += time.perf_counter() - t0
         stop_sig = None if stop_tables is None else _tree_signature(stop_tables)
         decode_exe = self._compiled(
             ("decode", b, p, cache_len, n_out, mode, len(eos), stop_sig, fsig),
             lambda f, c, lg, i, st: kernel.decode(cfg, mode, f, c, lg, i, st, prompt_len=p, n_out=n_out), (1,),
             fused, caches, logits, inp, stop_tables)
+        t0 = time.perf_counter()
         res, caches = decode_exe(fused, caches, logits, inp, stop_tables)
         del caches
         res = jax.device_get(res)
+        st = self.stats
+        st.decode_s += time.perf_counter() - t0
+        st.calls += 1
+        st.prompt_tokens += sum(len(r) for r in rows)
+        st.prefill_slots += b * p
+        st.new_tokens += int(res.lengths_b[:n].sum())
         gens = []
         eos_set = set(eos)
         for i in range(n):

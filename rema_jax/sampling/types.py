@@ -70,3 +70,25 @@ class Generation:
     def __post_init__(self):
         if self.finish_reason not in FINISH_REASONS:
             raise ValueError(f"Generation.finish_reason must be one of {FINISH_REASONS}, got {self.finish_reason!r}")
+
+
+@dataclasses.dataclass
+class SamplerStats:
+    """Where a `Sampler`'s time went since it was made (or `reset_stats`): seconds inside the
+    compiled prefill and decode executables (dispatch to results ready), compiling, and fusing
+    agent weights, plus token counts. Rollout code compares its own wall time with these to see
+    how much is spent in Python rather than in the kernel."""
+
+    calls: int = 0                 # executable pairs run (generate chunks)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    fuse_s: float = 0.0
+    compile_s: float = 0.0
+    prompt_tokens: int = 0         # real (unpadded) prompt tokens
+    prefill_slots: int = 0         # batch bucket × prompt bucket: what prefill computed
+    new_tokens: int = 0            # generated tokens returned
+
+    @property
+    def kernel_s(self) -> float:
+        """Seconds in compiled code: prefill + decode + weight fusion."""
+        return self.prefill_s + self.decode_s + self.fuse_s

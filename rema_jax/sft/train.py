@@ -334,7 +334,8 @@ def run_sft(config: SFTConfig, workdir: str, *, progress: bool = True) -> SFTRun
   logger = MetricsLogger(workdir, tensorboard=False)
   open(logger.path, "w").close()
   # The step order: each epoch, every agent's shuffled batches, interleaved by a seeded shuffle.
-  bar = tqdm(total=sum(steps_per_agent.values()), desc="ReMA SFT", unit="step", disable=not progress,
+  bar = tqdm(total=sum(steps_per_agent.values()), desc=f"SFT ({', '.join(rows_by_agent)})", unit="step",
+             disable=not progress,
              dynamic_ncols=True)
   history = []
   step = 0
@@ -381,7 +382,7 @@ def run_sft(config: SFTConfig, workdir: str, *, progress: bool = True) -> SFTRun
       panels=(("SFT loss (masked token NLL)", tuple(f"{a}/loss" for a in rows_by_agent)),
               ("learning rate", tuple(f"{a}/lr" for a in rows_by_agent)),
               ("grad norm", tuple(f"{a}/grad_norm" for a in rows_by_agent))),
-      title=f"ReMA SFT · {cfg.model.source}")
+      title=f"SFT ({cfg.data.mode}: {', '.join(rows_by_agent)}) · {cfg.model.source}")
   for agent in rows_by_agent:
     losses = [r[f"{agent}/loss"] for r in history if f"{agent}/loss" in r]
     summary[f"{agent}/loss_first"], summary[f"{agent}/loss_last"] = losses[0], losses[-1]
