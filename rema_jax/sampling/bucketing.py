@@ -12,6 +12,15 @@ def next_pow2(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def length_bucket(n: int, minimum: int = 1) -> int:
+    """The smallest length >= max(n, minimum) of the form 2^k or 3 * 2^(k-1) (16, 24, 32, 48, 64,
+    96, ...): twice as many buckets as powers of two, but at most a third of a bucket is padding
+    instead of half (prefill cost and cache size scale with the bucket)."""
+    p = next_pow2(n, minimum)
+    three_quarters = 3 * p // 4
+    return three_quarters if p >= 4 and three_quarters >= max(int(n), int(minimum)) else p
+
+
 def batch_bucket(n: int, buckets: Sequence[int]) -> int:
     """The smallest bucket >= n (the caller splits batches larger than the largest bucket)."""
     for b in sorted(buckets):

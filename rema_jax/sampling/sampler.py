@@ -193,7 +193,7 @@ class Sampler:
                         seeds: np.ndarray, row_ids: np.ndarray) -> list[Generation]:
         n = len(rows)
         b = bucketing.batch_bucket(n, self.batch_buckets)
-        p = bucketing.next_pow2(max(len(r) for r in rows), MIN_PROMPT_BUCKET)
+        p = bucketing.length_bucket(max(len(r) for r in rows), MIN_PROMPT_BUCKET)
         n_out = bucketing.next_pow2(sampling.max_new_tokens, MIN_NEW_TOKENS_BUCKET)
         cache_len = min(p + n_out, self.max_cache_len)
         if p + sampling.max_new_tokens - 1 > cache_len:
