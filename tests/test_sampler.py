@@ -74,6 +74,54 @@ def test_cache_decode_logits_equal_full_forward(variant):
         np.testing.assert_allclose(np.asarray(logits), ref[:, p + t], atol=2e-5, rtol=1e-5)
 
 
+def test_shared_prefix_prefill_and_decode_equal_full_forward():
+    """Prefix computed once in slots [0, S), left-padded remainders after it: logits at the last
+    prompt position and every decode step equal the uncached forward of each whole row."""
+    cfg, params = CFG, PARAMS
+    fp = kernel.fuse_params(cfg, params, None)
+    rng = np.random.default_rng(1)
+    s_len, q, n_new = 6, 8, 4
+    pad = np.array([2, 0, 5], np.int32)
+    prefix = rng.integers(3, cfg.vocab_size, size=(s_len,)).astype(np.int32)
+    rest = rng.integers(3, cfg.vocab_size, size=(3, q + n_new)).astype(np.int32)
+    rest[:, :q][np.arange(q)[None] < pad[:, None]] = 0
+    caches, logits = kernel.prefill(cfg, fp, jnp.asarray(rest[:, :q]), jnp.asarray(pad), s_len + q + n_new,
+                                    jnp.asarray(prefix[None]))
+    for i in range(3):
+        row = np.concatenate([prefix, rest[i, pad[i]:]])
+        ref = np.asarray(forward(cfg, params, jnp.asarray(row[None]))[0])
+        real = s_len + q - pad[i]
+        np.testing.assert_allclose(np.asarray(logits)[i], ref[real - 1], atol=2e-5, rtol=1e-5)
+    refs = [np.asarray(forward(cfg, params, jnp.asarray(np.concatenate([prefix, rest[i, pad[i]:]])[None]))[0])
+            for i in range(3)]
+    for t in range(n_new):
+        caches, logits = kernel.decode_step(cfg, fp, caches, jnp.asarray(rest[:, q + t]),
+                                            jnp.asarray(s_len + q - pad + t), s_len + q + t, jnp.asarray(pad),
+                                            s_len)
+        for i in range(3):
+            np.testing.assert_allclose(np.asarray(logits)[i], refs[i][s_len + q - pad[i] + t], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_shared_prefix_gives_the_same_generations_and_less_prefill(greedy):
+    rng = np.random.default_rng(2)
+    system = rng.integers(3, CFG.vocab_size, size=40).tolist()
+    prompts = [system + rng.integers(3, CFG.vocab_size, size=n).tolist() for n in (3, 9, 1, 6)]
+    sp = SamplingParams(max_new_tokens=10, greedy=greedy, temperature=0.8, ignore_eos=True)
+    ad = _lora(5)
+    shared = Sampler(CFG, TOKENIZER, max_cache_len=128)
+    plain = Sampler(CFG, TOKENIZER, max_cache_len=128, share_prefix=False)
+    a = shared.generate(PARAMS, ad, prompts, sp, seed=np.array([1, 2, 3, 4]))
+    b = plain.generate(PARAMS, ad, prompts, sp, seed=np.array([1, 2, 3, 4]))
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-4)
+    # prefix 40 -> 32 shared slots once + 4 rows x 24 (longest remainder 17), instead of 4 rows x 64
+    assert shared.stats.prefill_slots == 32 + 4 * 24 and plain.stats.prefill_slots == 4 * 64
+    alone = shared.generate(PARAMS, ad, prompts[2:3], sp, seed=np.array([3]))[0]  # no prefix path alone
+    assert alone.token_ids == a[2].token_ids
+
+
 def test_greedy_generate_equals_uncached_forward_with_and_without_adapter(sampler):
     """Teacher-forced check: every greedy token is the argmax of the full (uncached) forward over
     prompt + generated prefix, and its log-prob is that forward's log-softmax."""

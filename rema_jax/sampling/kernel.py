@@ -10,10 +10,13 @@ Same math as `rema_jax.models.forward` (tested to give the same logits), restruc
 - Prefill computes the LM head only at the last prompt position.
 - Left padding: row b's prompt occupies slots `[pad_b, P)`; pad slots never attend nor are attended
   to, and rotary positions count real tokens only, so a padded row computes what it would alone.
+- Shared prefix: when every row starts with the same tokens (the system prompt and chat template
+  head of a ReMA agent), prefill runs them once and broadcasts their keys/values into slots
+  `[0, S)`; the rows' remainders are left-padded after them (pad slots `[S, S + pad_b)`).
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -98,45 +101,82 @@ def _logits(config: ModelConfig, fp: FusedParams, x_bh: jnp.ndarray) -> jnp.ndar
     return (rms_norm(x_bh, fp.norm, config.rms_norm_eps) @ fp.lm_head_hv).astype(jnp.float32)
 
 
-def prefill(config: ModelConfig, fp: FusedParams, tokens_bp: jnp.ndarray, pad_b: jnp.ndarray, cache_len: int
-            ) -> tuple[tuple[LayerKV, ...], jnp.ndarray]:
-    """Runs the left-padded prompts `[B, P]`; returns the per-layer caches `[B, kv, cache_len, hd]`
-    (slots `[0, P)` filled) and the next-token logits `[B, V]` at the last prompt position."""
-    b, p = tokens_bp.shape
+def _attend_block(config: ModelConfig, fp: FusedParams, x: jnp.ndarray, cos, sin, mask_bts: jnp.ndarray,
+                  past: Optional[tuple[LayerKV, ...]] = None) -> tuple[jnp.ndarray, list[LayerKV]]:
+    """Runs every layer on `x [B, T, H]` (rotary tables `cos`/`sin` for its positions). Queries attend
+    to `past` (per layer `[1 or B, S, kv, hd]` keys/values, e.g. a shared prompt prefix) and then to
+    the block itself, under `mask_bts [B, T, S + T]`. Returns the output and the block's own
+    per-layer keys/values `[B, T, kv, hd]` (rotated keys)."""
+    b, t = x.shape[:2]
     nh, nkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
-    slots = jnp.arange(p, dtype=jnp.int32)
-    positions_bp = jnp.maximum(slots[None, :] - pad_b[:, None], 0)
-    cos, sin = rope_cos_sin(positions_bp, config)
-    real_bs = slots[None, :] >= pad_b[:, None]
-    mask_bts = (slots[:, None] >= slots[None, :])[None] & real_bs[:, None, :]
-    x = fp.embed_vh[tokens_bp]
-    caches = []
-    for layer in fp.layers:
+    out_kv = []
+    for i, layer in enumerate(fp.layers):
         q, k, v = _qkv(config, layer, x)
         q = apply_rope_cos_sin(q, cos, sin)
         k = apply_rope_cos_sin(k, cos, sin)
-        qg = q.reshape(b, p, nkv, nh // nkv, hd)
+        out_kv.append(LayerKV(k=k, v=v))
+        if past is not None:
+            pk, pv = past[i]
+            k = jnp.concatenate([jnp.broadcast_to(pk, (b,) + pk.shape[1:]).astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([jnp.broadcast_to(pv, (b,) + pv.shape[1:]).astype(v.dtype), v], axis=1)
+        qg = q.reshape(b, t, nkv, nh // nkv, hd)
         s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
         s = jnp.where(mask_bts[:, None, None], s, _NEG)
         probs = jax.nn.softmax(s, axis=-1).astype(x.dtype)
-        att = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, p, nh * hd)
+        att = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, nh * hd)
         x = x + att @ layer.w_o
         x = x + _mlp(config, layer, x)
-        pad_len = ((0, 0), (0, 0), (0, cache_len - p), (0, 0))
+    return x, out_kv
+
+
+def prefill(config: ModelConfig, fp: FusedParams, tokens_bp: jnp.ndarray, pad_b: jnp.ndarray, cache_len: int,
+            prefix_1s: Optional[jnp.ndarray] = None) -> tuple[tuple[LayerKV, ...], jnp.ndarray]:
+    """Runs the prompts; returns the per-layer caches `[B, kv, cache_len, hd]` and the next-token
+    logits `[B, V]` at the last prompt position.
+
+    Without `prefix_1s`: `tokens_bp [B, P]` are whole left-padded prompts, in slots `[0, P)`.
+    With `prefix_1s [1, S]` (a prefix every row shares, e.g. the system prompt): it is computed
+    once, at positions `0..S-1` in slots `[0, S)` of every row, and `tokens_bp [B, Q]` are the rows'
+    left-padded remainders in slots `[S, S + Q)` (pad slots `[S, S + pad_b)`), at positions `S, ...`.
+    Prefill then costs `S + B*Q` token-passes instead of `B*(S + Q)`."""
+    b, q_len = tokens_bp.shape
+    s_len = 0 if prefix_1s is None else prefix_1s.shape[1]
+    past = None
+    if prefix_1s is not None:
+        pos_1s = jnp.arange(s_len, dtype=jnp.int32)[None]
+        causal = (pos_1s[0][:, None] >= pos_1s[0][None, :])[None]
+        _, past = _attend_block(config, fp, fp.embed_vh[prefix_1s], *rope_cos_sin(pos_1s, config), causal)
+    slots = jnp.arange(q_len, dtype=jnp.int32)
+    positions_bq = s_len + jnp.maximum(slots[None, :] - pad_b[:, None], 0)
+    real_bq = slots[None, :] >= pad_b[:, None]
+    mask_bts = (slots[:, None] >= slots[None, :])[None] & real_bq[:, None, :]
+    if s_len:
+        mask_bts = jnp.concatenate([jnp.ones((b, q_len, s_len), bool), mask_bts], axis=-1)
+    x, block_kv = _attend_block(config, fp, fp.embed_vh[tokens_bp], *rope_cos_sin(positions_bq, config),
+                                mask_bts, past)
+    caches = []
+    pad_len = ((0, 0), (0, 0), (0, cache_len - s_len - q_len), (0, 0))
+    for i, kv in enumerate(block_kv):
+        k, v = kv.k, kv.v
+        if past is not None:
+            k = jnp.concatenate([jnp.broadcast_to(past[i].k, (b,) + past[i].k.shape[1:]), k], axis=1)
+            v = jnp.concatenate([jnp.broadcast_to(past[i].v, (b,) + past[i].v.shape[1:]), v], axis=1)
         caches.append(LayerKV(k=jnp.pad(k.transpose(0, 2, 1, 3), pad_len), v=jnp.pad(v.transpose(0, 2, 1, 3), pad_len)))
     return tuple(caches), _logits(config, fp, x[:, -1])
 
 
 def decode_step(config: ModelConfig, fp: FusedParams, caches: tuple[LayerKV, ...], tok_b: jnp.ndarray,
-                pos_b: jnp.ndarray, slot, pad_b: jnp.ndarray) -> tuple[tuple[LayerKV, ...], jnp.ndarray]:
+                pos_b: jnp.ndarray, slot, pad_b: jnp.ndarray, prefix_len=0
+                ) -> tuple[tuple[LayerKV, ...], jnp.ndarray]:
     """Feeds one token per row (rotary position `pos_b`, cache slot `slot`); returns the updated
-    caches and the next-token logits `[B, V]`."""
+    caches and the next-token logits `[B, V]`. Row b's pad slots are `[prefix_len, prefix_len + pad_b)`."""
     b = tok_b.shape[0]
     nh, nkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
     c = caches[0].k.shape[2]
     cos, sin = rope_cos_sin(pos_b[:, None], config)
     cache_slots = jnp.arange(c, dtype=jnp.int32)
-    valid_bc = (cache_slots[None, :] >= pad_b[:, None]) & (cache_slots[None, :] <= slot)
+    c_1c = cache_slots[None, :]
+    valid_bc = ((c_1c < prefix_len) | (c_1c >= prefix_len + pad_b[:, None])) & (c_1c <= slot)
     x = fp.embed_vh[tok_b]
     new_caches = []
     for layer, kv in zip(fp.layers, caches):
@@ -159,7 +199,8 @@ def decode_step(config: ModelConfig, fp: FusedParams, caches: tuple[LayerKV, ...
 class DecodeInputs(NamedTuple):
     """Dynamic (traced) inputs of the decode loop."""
 
-    pad_b: jnp.ndarray         # [B] int32 left-pad slots per row
+    pad_b: jnp.ndarray         # [B] int32 pad slots per row (after the shared prefix, if any)
+    prefix_len: jnp.ndarray    # () int32 slots [0, prefix_len) hold a prefix shared by every row
     active_b: jnp.ndarray      # [B] bool, False for filler rows of the batch bucket
     seeds_b: jnp.ndarray       # [B] uint32: row b samples with key fold_in(key(seeds_b[b]), row_ids_b[b])
     row_ids_b: jnp.ndarray     # [B] int32
@@ -181,7 +222,8 @@ def decode(config: ModelConfig, mode: ops.SamplingMode, fp: FusedParams, caches:
            prompt_len: int, n_out: int) -> tuple[DecodeOutputs, tuple[LayerKV, ...]]:
     """Samples up to `max_new_tokens` (<= `n_out`) tokens per row with a `lax.while_loop` that
     exits as soon as every row has finished. `logits_bv` are the prefill's next-token logits and
-    `prompt_len` the (bucketed) prompt length P: generated token t is fed back at slot P + t.
+    `prompt_len` the prompt slots P (shared prefix + bucketed remainder): generated token t is fed
+    back at slot P + t.
     Also returns the final caches, so a donated input cache aliases the output (updated in place)."""
     b = logits_bv.shape[0]
     use_eos = inp.eos_ids.shape[0] > 0
@@ -211,7 +253,8 @@ def decode(config: ModelConfig, mode: ops.SamplingMode, fp: FusedParams, caches:
 
     def body(carry):
         t, kv, tok_b, done_b, out_tok, out_lp, lengths_b, stopped_b, hist = carry
-        kv, logits = decode_step(config, fp, kv, tok_b, real_len_b + t - 1, prompt_len + t - 1, inp.pad_b)
+        kv, logits = decode_step(config, fp, kv, tok_b, real_len_b + t - 1, prompt_len + t - 1, inp.pad_b,
+                                 inp.prefix_len)
         new_b, lp_b, hit_b, hist = pick(logits, t, done_b, hist)
         out_tok = jax.lax.dynamic_update_slice(out_tok, new_b[:, None], (0, t))
         out_lp = jax.lax.dynamic_update_slice(out_lp, lp_b[:, None], (0, t))

@@ -23,6 +23,7 @@ from rema_jax.sampling.types import Generation, SamplerStats, SamplingParams
 
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_TOKENS_BUCKET = 16
+MIN_PREFIX_SAVING = 0.2  # share a prefix only when prefill shrinks by at least this fraction
 
 
 def _tree_signature(tree: Any) -> tuple:
@@ -40,11 +41,14 @@ class Sampler:
       max_cache_len: the longest prompt bucket + generation the KV cache may hold.
       batch_buckets: allowed batch sizes; bigger calls are split into chunks of the largest.
       fused_cache_size: how many agents' fused weights to keep between calls (2 = both ReMA agents).
+      share_prefix: prefill a prefix that every prompt of a call shares (the agent's system prompt
+        and chat-template head) once instead of once per row, when that saves at least
+        `MIN_PREFIX_SAVING` of the prefill (same tokens and log-probs either way; tested).
     """
 
     def __init__(self, config: ModelConfig, tokenizer: Any, *, adapter_config: Optional[AdapterConfig] = None,
                  max_cache_len: int = 2048, batch_buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128),
-                 fused_cache_size: int = 2):
+                 fused_cache_size: int = 2, share_prefix: bool = True):
         if not batch_buckets or any(int(b) <= 0 for b in batch_buckets):
             raise ValueError(f"Sampler batch_buckets must be positive ints, got {batch_buckets!r}")
         if max_cache_len < MIN_PROMPT_BUCKET + 1:
@@ -55,6 +59,7 @@ class Sampler:
         self.max_cache_len = int(max_cache_len)
         self.batch_buckets = tuple(sorted(int(b) for b in batch_buckets))
         self._fused_cache_size = int(fused_cache_size)
+        self.share_prefix = bool(share_prefix)
         self._fused: list[tuple[list, Any]] = []        # [(leaves of (params, adapter), FusedParams)]
         self._executables: dict[tuple, Any] = {}
         self._compile_seconds = 0.0
@@ -189,18 +194,34 @@ class Sampler:
             out.extend(self._generate_chunk(fused, rows[sl], sampling, seeds[sl], row_ids[sl]))
         return out
 
+    def _prompt_layout(self, rows: list[list[int]], b: int) -> tuple[int, int]:
+        """(S, Q): a shared prefix of S slots (0 = none) then left-padded remainders of Q slots.
+        S is on the bucket ladder (so executables stay few) and leaves every row >= 1 own token."""
+        longest = max(len(r) for r in rows)
+        plain = bucketing.length_bucket(longest, MIN_PROMPT_BUCKET)
+        if not self.share_prefix or len(rows) < 2:
+            return 0, plain
+        s = bucketing.length_bucket_floor(min(bucketing.common_prefix_len(rows), min(len(r) for r in rows) - 1))
+        if s < MIN_PROMPT_BUCKET:
+            return 0, plain
+        q = bucketing.length_bucket(longest - s, MIN_PROMPT_BUCKET)
+        if s + q > plain or s + b * q > (1 - MIN_PREFIX_SAVING) * b * plain:
+            return 0, plain
+        return s, q
+
     def _generate_chunk(self, fused: kernel.FusedParams, rows: list[list[int]], sampling: SamplingParams,
                         seeds: np.ndarray, row_ids: np.ndarray) -> list[Generation]:
         n = len(rows)
         b = bucketing.batch_bucket(n, self.batch_buckets)
-        p = bucketing.length_bucket(max(len(r) for r in rows), MIN_PROMPT_BUCKET)
+        s_len, q_len = self._prompt_layout(rows, b)
+        p = s_len + q_len  # prompt slots
         n_out = bucketing.next_pow2(sampling.max_new_tokens, MIN_NEW_TOKENS_BUCKET)
         cache_len = min(p + n_out, self.max_cache_len)
         if p + sampling.max_new_tokens - 1 > cache_len:
             raise ValueError(
                 f"Sampler.generate: prompt bucket {p} (longest prompt {max(len(r) for r in rows)}) + "
                 f"max_new_tokens {sampling.max_new_tokens} exceeds max_cache_len={self.max_cache_len}")
-        tokens_bp, pad_b = bucketing.left_pad(rows, b, p)
+        tokens_bp, pad_b = bucketing.left_pad([r[s_len:] for r in rows], b, q_len)
         active = np.arange(b) < n
         seeds_b = np.zeros((b,), np.uint32)
         seeds_b[:n] = seeds
@@ -211,7 +232,7 @@ class Sampler:
                                 use_top_p=(not sampling.greedy) and sampling.top_p < 1.0)
         stop_tables = self._stop_tables_for(sampling.stop_strings)
         inp = kernel.DecodeInputs(
-            pad_b=jnp.asarray(pad_b), active_b=jnp.asarray(active), seeds_b=jnp.asarray(seeds_b),
+            pad_b=jnp.asarray(pad_b), prefix_len=jnp.int32(s_len), active_b=jnp.asarray(active), seeds_b=jnp.asarray(seeds_b),
             row_ids_b=jnp.asarray(row_ids_b), max_new_tokens=jnp.int32(sampling.max_new_tokens),
             temperature=jnp.float32(sampling.temperature), top_p=jnp.float32(sampling.top_p),
             eos_ids=jnp.asarray(np.asarray(eos, np.int32).reshape(-1)))
@@ -219,11 +240,13 @@ class Sampler:
 
         cfg = self.config
         tokens_bp, pad_dev = jnp.asarray(tokens_bp), inp.pad_b
+        prefix_1s = jnp.asarray(np.asarray(rows[0][:s_len], np.int32)[None]) if s_len else None
         prefill_exe = self._compiled(
-            ("prefill", b, p, cache_len, fsig), lambda f, t, pd: kernel.prefill(cfg, f, t, pd, cache_len), (),
-            fused, tokens_bp, pad_dev)
+            ("prefill", b, s_len, q_len, cache_len, fsig),
+            lambda f, t, pd, pre: kernel.prefill(cfg, f, t, pd, cache_len, pre), (),
+            fused, tokens_bp, pad_dev, prefix_1s)
         t0 = time.perf_counter()
-        caches, logits = jax.block_until_ready(prefill_exe(fused, tokens_bp, pad_dev))
+        caches, logits = jax.block_until_ready(prefill_exe(fused, tokens_bp, pad_dev, prefix_1s))
         self.stats.prefill_s += time.perf_counter() - t0
         stop_sig = None if stop_tables is None else _tree_signature(stop_tables)
         decode_exe = self._compiled(
@@ -238,7 +261,7 @@ class Sampler:
         st.decode_s += time.perf_counter() - t0
         st.calls += 1
         st.prompt_tokens += sum(len(r) for r in rows)
-        st.prefill_slots += b * p
+        st.prefill_slots += s_len + b * q_len
         st.new_tokens += int(res.lengths_b[:n].sum())
         gens = []
         eos_set = set(eos)

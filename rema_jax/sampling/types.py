@@ -85,7 +85,7 @@ class SamplerStats:
     fuse_s: float = 0.0
     compile_s: float = 0.0
     prompt_tokens: int = 0         # real (unpadded) prompt tokens
-    prefill_slots: int = 0         # batch bucket × prompt bucket: what prefill computed
+    prefill_slots: int = 0         # token passes prefill computed: shared prefix + batch bucket × remainder bucket
     new_tokens: int = 0            # generated tokens returned
 
     @property
