@@ -40,6 +40,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--max_new_tokens", type=int, default=128)
     ap.add_argument("--max_prompt_len", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no_share_prefix", action="store_true",
+                    help="prefill every row's whole prompt (off: the agents' shared system prompt once per call)")
     args = ap.parse_args(argv)
     if args.quick:
         args.questions, args.samples, args.max_turns, args.max_new_tokens = 2, 2, 2, 32
@@ -59,7 +61,8 @@ def main(argv=None) -> dict:
                           max_new_tokens=args.max_new_tokens, max_prompt_len=args.max_prompt_len,
                           stop_when_truncated=False, temperature=1.0)
     sampler = Sampler(model.config, model.tokenizer,
-                      max_cache_len=next_pow2(args.max_prompt_len) + next_pow2(args.max_new_tokens))
+                      max_cache_len=next_pow2(args.max_prompt_len) + next_pow2(args.max_new_tokens),
+                      share_prefix=not args.no_share_prefix)
     adapters = {role: None for role in cfg.agent_roles}
     encoder = R.ChatEncoder(model.tokenizer)
     questions = [t.question for t in tasks]
@@ -83,7 +86,7 @@ def main(argv=None) -> dict:
     for tr in trajs:
         finish[tr.finish_reason] = finish.get(tr.finish_reason, 0) + 1
     out = {
-        "device": str(jax.devices()[0]), "questions": args.questions, "samples": args.samples,
+        "device": str(jax.devices()[0]), "share_prefix": not args.no_share_prefix, "questions": args.questions, "samples": args.samples,
         "trajectories": len(trajs), "max_turns": args.max_turns, "max_new_tokens": args.max_new_tokens,
         "rounds_mean": sum(tr.num_turns for tr in trajs) / len(trajs), "finish_reasons": finish,
         "warmup_s": round(warm_s, 2), "warmup_compile_s": round(warm.compile_s, 2),

@@ -4,7 +4,9 @@ SmolLM2-135M-Instruct (the embedded GGUF, dequantised to fp32 on both sides), a 
 128 new tokens (EOS ignored so both sides generate the same count), temperature 1.0, no top-k/top-p.
 Each side runs in its own subprocess, one after the other (clean peak-RSS figures, no competition
 for the cores); timings are the median of `--repeats` runs after a warm-up call, and our compile
-time is reported separately. Process CPU seconds are reported too (`ratio_cpu_time`): on a machine
+time is reported separately. Every row gets the same prompt, so the sampler's shared-prefix prefill
+is off unless `--share-prefix` (it would compute the identical rows' prompt once: not what this
+kernel comparison measures). Process CPU seconds are reported too (`ratio_cpu_time`): on a machine
 shared with other jobs they measure work done better than wall time. The last line printed is one
 JSON object with everything.
 
@@ -52,7 +54,8 @@ def run_ours(args) -> dict:
     model = load("smollm2-135m")
     load_s = time.perf_counter() - t0
     prompt = _prompt_ids(model.tokenizer, args.prompt_len)
-    sampler = Sampler(model.config, model.tokenizer, max_cache_len=args.prompt_len + args.new_tokens + 64)
+    sampler = Sampler(model.config, model.tokenizer, max_cache_len=args.prompt_len + args.new_tokens + 64,
+                      share_prefix=args.share_prefix)
     sp = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, ignore_eos=True)
     out = {"load_s": round(load_s, 2), "device": str(jax.devices()[0]), "batches": {}}
     for b in args.batches:
@@ -135,6 +138,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--torch-threads", type=int, default=2)
     ap.add_argument("--skip-hf", action="store_true", help="only measure our sampler")
+    ap.add_argument("--share-prefix", action="store_true",
+                    help="let our sampler prefill the (identical) prompts once (off: a per-row kernel comparison)")
     ap.add_argument("--side", choices=("ours", "hf"), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.batches = [int(b) for b in (args.batches or ("1,8" if args.quick else "1,8,32")).split(",")]
@@ -148,11 +153,12 @@ def main() -> None:
         return
     argv = ["--batches", ",".join(map(str, args.batches)), "--prompt-len", str(args.prompt_len),
             "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
-            "--torch-threads", str(args.torch_threads)]
+            "--torch-threads", str(args.torch_threads)] + (["--share-prefix"] if args.share_prefix else [])
     ours = _child("ours", argv)
     hf = None if args.skip_hf else _child("hf", argv)
     result = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised, fp32)", "prompt_len": args.prompt_len,
               "new_tokens": args.new_tokens, "temperature": 1.0, "repeats": args.repeats,
+              "share_prefix": args.share_prefix,
               "ours": ours, "transformers": hf, "ratio": {}, "ratio_cpu_time": {}}
     for b in map(str, args.batches):
         ours_tps = ours["batches"][b]["tokens_per_s"]
