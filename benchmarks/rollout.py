@@ -1,21 +1,21 @@
 """Multi-turn ReMA rollout: how much of its wall time is spent inside the compiled sampler.
 
 The default: 8 built-in questions × 4 samples = 32 trajectories, multi-turn MAMRP with the
-official code's prompts, up to 4 rounds (MTA then RA) of up to 128 new tokens each, temperature
+official code's prompts, up to 3 rounds (MTA then RA) of up to 96 new tokens each, temperature
 1.0, SmolLM2-135M-Instruct fp32, both agents on the shared base weights. One warm-up rollout
 compiles every bucket it meets; the measured rollout repeats it with the same seed (same shapes,
 so no compilation) and splits its wall time into:
 
 * kernel: inside the compiled prefill / decode executables (dispatch to results on the host) and
   the per-agent weight fusion (`Sampler.stats`);
-* python: everything else (chat templating, splicing, the turn state machine, stop handling,
-  building per-role training sequences is *not* included: it happens after the rollout).
+* python: everything else (chat templating, splicing sampled ids, the turn state machine, stop
+  handling). Building the per-role training sequences comes after the rollout and is not counted.
 
 It also measures whether reusing the KV cache of the unchanged conversation prefix between turns
 would pay: the share of prompt tokens that are the same agent's previous prompt + its own sampled
 ids (`rollout.prefix_reuse_stats`), and the prefill seconds that share stands for.
 
-    python benchmarks/rollout.py            # 8 × 4, 4 rounds, 128 tokens per turn
+    python benchmarks/rollout.py            # 8 × 4, 3 rounds, 96 tokens per turn
     python benchmarks/rollout.py --quick    # 2 × 2, 2 rounds, 32 tokens per turn
 
 The last line printed is one JSON object with everything.
@@ -36,8 +36,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="2 questions × 2 samples, 2 rounds of 32 tokens")
     ap.add_argument("--questions", type=int, default=8)
     ap.add_argument("--samples", type=int, default=4)
-    ap.add_argument("--max_turns", type=int, default=4)
-    ap.add_argument("--max_new_tokens", type=int, default=128)
+    ap.add_argument("--max_turns", type=int, default=3)
+    ap.add_argument("--max_new_tokens", type=int, default=96)
     ap.add_argument("--max_prompt_len", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no_share_prefix", action="store_true",
