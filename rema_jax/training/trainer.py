@@ -399,6 +399,7 @@ class Trainer:
         if jax.process_count() > 1:  # each host rolls out (and grades) its own questions
             tasks = tasks[sharding.host_rows(len(tasks))]
 
+        self.sampler.reset_stats()
         t0 = time.perf_counter()
         exp = experience_lib.collect(
             self.make_policy(_seed(cfg.loop.seed, "rollout", step)), self.encoder, tasks,
@@ -460,6 +461,9 @@ class Trainer:
             "phase/trained": "+".join(phase.trained), "phase/index": phase.index,
             "time/rollout_s": t_rollout, "time/prepare_s": t_prepare, "time/update_s": t_update,
             "time/step_s": time.perf_counter() - t_start,
+            # rollout_s includes grading; these are the parts inside the compiled sampler / compiling
+            "time/rollout_kernel_s": self.sampler.stats.kernel_s,
+            "time/rollout_compile_s": self.sampler.stats.compile_s,
             "throughput/rollout_tokens_per_s": generated / max(t_rollout, 1e-9),
             "throughput/update_tokens_per_s": tokens / max(t_update, 1e-9),
             "sampler/compile_count": self.sampler.compile_count,
