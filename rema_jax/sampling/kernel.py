@@ -101,6 +101,13 @@ def _logits(config: ModelConfig, fp: FusedParams, x_bh: jnp.ndarray) -> jnp.ndar
     return (rms_norm(x_bh, fp.norm, config.rms_norm_eps) @ fp.lm_head_hv).astype(jnp.float32)
 
 
+def _prepend(past: LayerKV, kv: LayerKV) -> LayerKV:
+    """`past` (`[1 or B, S, kv, hd]`) broadcast to kv's batch, then `kv` (`[B, T, kv, hd]`) after it."""
+    b = kv.k.shape[0]
+    join = lambda p, x: jnp.concatenate([jnp.broadcast_to(p, (b,) + p.shape[1:]).astype(x.dtype), x], axis=1)  # noqa: E731
+    return LayerKV(k=join(past.k, kv.k), v=join(past.v, kv.v))
+
+
 def _attend_block(config: ModelConfig, fp: FusedParams, x: jnp.ndarray, cos, sin, mask_bts: jnp.ndarray,
                   past: Optional[tuple[LayerKV, ...]] = None) -> tuple[jnp.ndarray, list[LayerKV]]:
     """Runs every layer on `x [B, T, H]` (rotary tables `cos`/`sin` for its positions). Queries attend
@@ -116,9 +123,7 @@ def _attend_block(config: ModelConfig, fp: FusedParams, x: jnp.ndarray, cos, sin
         k = apply_rope_cos_sin(k, cos, sin)
         out_kv.append(LayerKV(k=k, v=v))
         if past is not None:
-            pk, pv = past[i]
-            k = jnp.concatenate([jnp.broadcast_to(pk, (b,) + pk.shape[1:]).astype(k.dtype), k], axis=1)
-            v = jnp.concatenate([jnp.broadcast_to(pv, (b,) + pv.shape[1:]).astype(v.dtype), v], axis=1)
+            k, v = _prepend(past[i], out_kv[-1])
         qg = q.reshape(b, t, nkv, nh // nkv, hd)
         s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
         s = jnp.where(mask_bts[:, None, None], s, _NEG)
@@ -157,10 +162,7 @@ def prefill(config: ModelConfig, fp: FusedParams, tokens_bp: jnp.ndarray, pad_b:
     caches = []
     pad_len = ((0, 0), (0, 0), (0, cache_len - s_len - q_len), (0, 0))
     for i, kv in enumerate(block_kv):
-        k, v = kv.k, kv.v
-        if past is not None:
-            k = jnp.concatenate([jnp.broadcast_to(past[i].k, (b,) + past[i].k.shape[1:]), k], axis=1)
-            v = jnp.concatenate([jnp.broadcast_to(past[i].v, (b,) + past[i].v.shape[1:]), v], axis=1)
+        k, v = kv if past is None else _prepend(past[i], kv)
         caches.append(LayerKV(k=jnp.pad(k.transpose(0, 2, 1, 3), pad_len), v=jnp.pad(v.transpose(0, 2, 1, 3), pad_len)))
     return tuple(caches), _logits(config, fp, x[:, -1])
 
