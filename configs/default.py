@@ -1,6 +1,6 @@
 """The embedded default: SmolLM2-135M-Instruct, LoRA agents, single-turn ReMA on built-in tasks.
 
-Sized for a 2-core CPU (about 12 minutes): 8 steps of 4 questions × 2 plans × 2 solutions,
+Sized for a 2-core CPU (about 7 minutes): 8 steps of 4 questions × 2 plans × 2 solutions,
 alternating between the reasoning agent (RA) and the meta-thinking agent (MTA) every 2 steps
 (Algorithm 1), with the paper's shaped rewards and GRPO advantages.
 
