@@ -88,8 +88,9 @@ class Sampler:
         if exe is None:
             t0 = time.perf_counter()
             exe = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
-            self._compile_seconds += time.perf_counter() - t0
-            self.stats.compile_s += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self._compile_seconds += dt  # lifetime total; stats.compile_s restarts at reset_stats()
+            self.stats.compile_s += dt
             self._executables[key] = exe
         return exe
 
