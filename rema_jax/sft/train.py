@@ -184,8 +184,8 @@ def build_conversations(cfg: SFTConfig) -> tuple[dict[str, list[data_lib.Convers
     if d.builtin:
       if d.examples_per_cell is not None:
         train = _first_per_cell(train, d.examples_per_cell)
-      for role, rows in data_lib.builtin_conversations(train, mode=d.mode,
-                                                                 prompt_variant=d.prompt_variant).items():
+      built = data_lib.builtin_conversations(train, mode=d.mode, prompt_variant=d.prompt_variant)
+      for role, rows in built.items():
         convs[role].extend(rows)
   rl_prompts = prompts_lib.get_prompts("multi_turn")
   for role, path in ((META_THINKING, d.meta_thinking_file), (REASONING, d.reasoning_file)):
@@ -335,8 +335,7 @@ def run_sft(config: SFTConfig, workdir: str, *, progress: bool = True) -> SFTRun
   open(logger.path, "w").close()
   # The step order: each epoch, every agent's shuffled batches, interleaved by a seeded shuffle.
   bar = tqdm(total=sum(steps_per_agent.values()), desc=f"SFT ({', '.join(rows_by_agent)})", unit="step",
-             disable=not progress,
-             dynamic_ncols=True)
+             disable=not progress, dynamic_ncols=True)
   history = []
   step = 0
   try:
