@@ -1,6 +1,7 @@
 """Rewards: math-verify grading with timeouts and the ReMA reward shapings (no JAX imports)."""
 from rema_jax.rewards.math_grading import (
     GradeResult,
+    GradingError,
     GradingConfig,
     MathGrader,
     extract_boxed,

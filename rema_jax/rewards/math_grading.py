@@ -12,21 +12,28 @@ to the last number/expression, so correctness is deliberately independent of the
 empty ``\\boxed{}`` and the number elsewhere, which math-verify still grades).
 
 Each verification runs in a killable worker process (a pebble `ProcessPool`, reused across
-calls) with a per-sample timeout (10 s by default, like the official code). A timeout, a crashed
-worker or an exception scores 0 and is reported in the `GradeResult`, so a pathological string
+calls) with a per-sample timeout (10 s by default, like the official code). A timeout or an
+exception scores 0 and is reported in the `GradeResult`, so a pathological string
 (``"9" * 100000``, deeply nested braces, ``10^{10^{10^{10}}}``) can never hang or crash training.
+An answer whose worker died is graded once more (on a fresh pool when pebble marked the pool
+broken); if most of a batch still fails in the pool, `GradingError` names the cause instead of
+handing training a batch of zero rewards.
 `in_process=True` skips the pool (fast path for tests); it relies on math-verify's own
 ``signal.alarm`` timeouts only, so it must run in the main thread.
 """
 from __future__ import annotations
 
 import atexit
+import collections
 import concurrent.futures
 import dataclasses
 import multiprocessing
 import re
 import threading
+from concurrent.futures.process import BrokenProcessPool
 from typing import Optional, Sequence
+
+from rema_jax.errors import UserError
 
 _BOX_RE = re.compile(r"\\(boxed|fbox)\s*\{")
 
@@ -94,6 +101,10 @@ def strict_boxed_answer(text: str) -> Optional[str]:
 # ----------------------------------------------------------------------------------------------
 # Grading
 # ----------------------------------------------------------------------------------------------
+class GradingError(UserError, RuntimeError):
+    """The grading pool cannot grade: most of a batch failed in it even after a restart."""
+
+
 @dataclasses.dataclass(frozen=True)
 class GradeResult:
     """Outcome of grading one prediction.
@@ -186,15 +197,24 @@ def _worker_init():
 
 
 class MathGrader:
-    """A reusable pool of grading workers. Use as a context manager or call `close()`."""
+    """A reusable pool of grading workers. Use as a context manager or call `close()`.
 
-    def __init__(self, config: GradingConfig = GradingConfig()):
+    ``grade_fn(prediction, gold) -> GradeResult`` runs in the worker for each pair (default: the
+    official math-verify check); it must be picklable by reference (a module-level function).
+    """
+
+    def __init__(self, config: GradingConfig = GradingConfig(), *, grade_fn=None):
         self.config = config
+        self._grade_fn = grade_fn or _grade_one_safe
         self._pool = None
         self._lock = threading.Lock()
 
     def _get_pool(self):
         with self._lock:
+            if self._pool is not None and not self._pool.active:  # broken: e.g. a worker died idle
+                pool, self._pool = self._pool, None
+                pool.stop()
+                pool.join()
             if self._pool is None:
                 import pebble
 
@@ -205,8 +225,44 @@ class MathGrader:
                 )
             return self._pool
 
+    def _attempt(self, pairs: Sequence[tuple[str, str]]) -> list:
+        """One pass over the pool: per pair a GradeResult, or the exception the pool failed it with."""
+        pool = self._get_pool()
+        futures = []
+        for p, g in pairs:
+            try:
+                futures.append(pool.schedule(self._grade_fn, args=(p, g), timeout=self.config.timeout_s))
+            except RuntimeError as e:  # pebble: "Unexpected error within the Pool" (broke meanwhile)
+                futures.append(e)
+        pending = {f for f in futures if not isinstance(f, BaseException)}
+        while pending:
+            _, pending = concurrent.futures.wait(pending, timeout=1.0)
+            if pending and not pool.active:
+                # pebble fails the tasks it had taken when the pool broke; queued ones never run.
+                _, pending = concurrent.futures.wait(pending, timeout=1.0)
+                break
+        out = []
+        for fut in futures:
+            if isinstance(fut, BaseException):
+                out.append(fut)
+            elif not fut.done():
+                out.append(BrokenProcessPool("the pool broke before this answer was graded"))
+            else:
+                try:
+                    out.append(fut.result())
+                except concurrent.futures.TimeoutError:
+                    out.append(GradeResult(correct=False, timed_out=True,
+                                           error=f"timeout after {self.config.timeout_s} s"))
+                except Exception as e:  # noqa: BLE001 - pebble.ProcessExpired, BrokenProcessPool, ...
+                    out.append(e)
+        return out
+
     def grade_batch(self, predictions: Sequence[str], golds: Sequence[str]) -> list[GradeResult]:
-        """Grade predictions[i] against golds[i]; never raises for bad model output."""
+        """Grade predictions[i] against golds[i]; never raises for bad model output.
+
+        Raises GradingError when, after one retry, more than half of the batch failed in the pool
+        (dead workers, a broken pool), not in grading: those are not the answers' fault.
+        """
         if len(predictions) != len(golds):
             raise ValueError(
                 f"grade_batch: {len(predictions)} predictions but {len(golds)} gold answers")
@@ -215,20 +271,26 @@ class MathGrader:
                 if not isinstance(s, str):
                     raise TypeError(f"grade_batch: {name}[{i}] must be str, got {type(s).__name__}")
         if self.config.in_process:
-            return [_grade_one_safe(p, g) for p, g in zip(predictions, golds)]
-        pool = self._get_pool()
-        futures = [pool.schedule(_grade_one_safe, args=(p, g), timeout=self.config.timeout_s)
-                   for p, g in zip(predictions, golds)]
-        results = []
-        for fut in futures:
-            try:
-                results.append(fut.result())
-            except concurrent.futures.TimeoutError:
-                results.append(GradeResult(correct=False, timed_out=True,
-                                           error=f"timeout after {self.config.timeout_s} s"))
-            except Exception as e:  # noqa: BLE001 - pebble.ProcessExpired (worker crashed) etc.
-                results.append(GradeResult(correct=False, error=f"{type(e).__name__}: {e}"[:500]))
-        return results
+            return [self._grade_fn(p, g) for p, g in zip(predictions, golds)]
+        pairs = list(zip(predictions, golds))
+        results = self._attempt(pairs)
+        failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+        if failed:  # a worker died or the pool broke: once more (a broken pool is recreated)
+            for i, r in zip(failed, self._attempt([pairs[i] for i in failed])):
+                results[i] = r
+            failed = [i for i in failed if isinstance(results[i], BaseException)]
+        if 2 * len(failed) > len(results):
+            cause = collections.Counter(_describe(results[i]) for i in failed).most_common(1)[0][0]
+            hint = ("" if self.config.mp_context == "fork" else
+                    f"; with mp_context={self.config.mp_context!r} every worker re-imports the main "
+                    "module, so a script that grades must guard its entry point with "
+                    "`if __name__ == \"__main__\":`")
+            raise GradingError(
+                f"math grading failed for {len(failed)} of {len(results)} answers even after "
+                f"restarting the grading pool ({cause}): the grading workers die or cannot start. "
+                f"Check whether the OS kills them (out of memory){hint}")
+        return [GradeResult(correct=False, error=_describe(r)) if isinstance(r, BaseException) else r
+                for r in results]
 
     def close(self):
         with self._lock:
@@ -242,6 +304,11 @@ class MathGrader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _describe(error: BaseException) -> str:
+    code = getattr(error, "exitcode", None)
+    return (f"{type(error).__name__}: {error}" + (f" (exit code {code})" if code is not None else ""))[:500]
 
 
 _SHARED: dict[GradingConfig, MathGrader] = {}
