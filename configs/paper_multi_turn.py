@@ -7,7 +7,8 @@ Reward: 1 iff the trajectory ends through ``[FINISH]`` with a correct answer (bo
 advantages per (role, question), turn-level geometric ratio (the code's choice; set
 ``loss.ratio_mode='turn_arithmetic'`` for the paper's Eq. 13), trajectory-mean aggregation, no
 KL, AdamW lr 1e-6, wd 0.01, 4 mini-batches per step (the paper's text), 500 steps on
-MATH levels 3–5 (8,523 problems), greedy validation every 10 steps.
+MATH levels 3–5 (8,523 problems; the 2 with an empty gold answer are skipped with a warning),
+greedy validation every 10 steps.
 
 The paper starts from Qwen2.5-7B after SFT on the ReMA multi-turn conversations; point
 ``--config.model.source`` at that checkpoint. Needs accelerators: see docs/tpu_pod.md.
@@ -35,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.curriculum = dict(enabled=False)
     c.data = dict(source="benchmark", benchmark="rema_parquet",
                   train_path="../shared/data/rema_public/train_lv3to5_8k.parquet",
-                  test_path="../shared/data/rema_public/test500.parquet")
+                  test_path="../shared/data/rema_public/test500.parquet", skip_bad_records=True)
     c.loop = dict(steps=500, questions_per_step=128, solutions_per_plan=1, seed=0, max_seq_len=4096 + 512 + 1,
                   eval_every=10, eval_questions=500, eval_before=True)
     c.mesh = dict(data=-1, fsdp=8, tensor=1)

@@ -4,9 +4,9 @@ Hyper-parameters from the paper: two full copies of the model (``adapter.kind='f
 updates (Algorithm 1) with the [0.2, 0.8] success-rate curriculum, REINFORCE++ with a k1 KL of 1e-2
 folded into the reward, PPO clip 0.2 on token ratios, Adam lr 5e-7, rollout batch 1000 prompts × 4
 samples with mini-batches of 500 (8 optimizer steps per rollout), max generation 2048, T = 1.0,
-(here 1024 prompts, so a micro-batch of 32 rows divides any data × fsdp size up to 32),
-MATH train (7.5k). The paper's "#Training Episode = 4" per phase is approximated by
-``schedule.*_steps`` (one step = one rollout batch of 1000 prompts).
+(here 1024 prompts and mini-batches of 512 rows, so a micro-batch of 32 rows divides any
+data × fsdp size up to 32), MATH train (7.5k: all seven subject files). The paper's "#Training
+Episode = 4" per phase is approximated by ``schedule.*_steps`` (one step = one rollout batch).
 
 Pick the model with ``--config.model.source``: a local HF directory (or a hub id where the network
 allows) of Qwen2.5-7B-Instruct (the default below), Llama-3.1-8B-Instruct or Llama-3-8B-Instruct.
@@ -15,7 +15,12 @@ Needs accelerators: see docs/tpu_pod.md.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-MATH_TRAIN = "../shared/data/math_train/algebra.jsonl"
+# Hendrycks MATH train: 7,500 problems in seven subject files (listed, not globbed, so a missing
+# file is an error rather than a smaller data set). Two number-theory records have an empty gold
+# answer (``$\\boxed{}$`` upstream) and are skipped with a warning: 7,498 problems are trained on.
+MATH_TRAIN = tuple(f"../shared/data/math_train/{subject}.jsonl" for subject in (
+    "algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
+    "prealgebra", "precalculus"))
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -35,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.schedule = dict(kind="alternating", reasoning_steps=8, meta_thinking_steps=8)
     c.curriculum = dict(enabled=True, low=0.2, high=0.8, num_samples=10, pool_size=2000)
     c.data = dict(source="benchmark", benchmark="math_train", train_path=MATH_TRAIN,
-                  test_path="../shared/data/math500/test.jsonl")
+                  test_path="../shared/data/math500/test.jsonl", skip_bad_records=True)
     c.loop = dict(steps=48, questions_per_step=1024, solutions_per_plan=1, seed=0, max_seq_len=4097,
                   eval_every=8, eval_questions=500, eval_before=True)
     c.mesh = dict(data=-1, fsdp=8, tensor=1)

@@ -145,6 +145,35 @@ def test_json_list_and_limit(tmp_path):
   assert [t.answer for t in load_benchmark("math", f, limit=2).tasks] == ["0", "1"]
 
 
+def test_several_files_by_list_or_glob(tmp_path):
+  a = _jsonl(tmp_path / "b_alg.jsonl", [{"problem": "a0", "answer": "0"}, {"problem": "a1", "answer": "1"}])
+  g = _jsonl(tmp_path / "a_geo.jsonl", [{"problem": "g0", "answer": "2", "unique_id": "g/0"}])
+  (tmp_path / "notes.txt").write_text("not data")
+  b = load_benchmark("math", [a, str(g)])                      # list order is kept
+  assert [t.question for t in b.tasks] == ["a0", "a1", "g0"]
+  assert b.stats.files == [str(a), str(g)] and b.stats.records == b.stats.loaded == 3
+  # files without ids keep distinct fallback uids: the record index runs on across files
+  c = _jsonl(tmp_path / "c.jsonl", [{"problem": "c0", "answer": "3"}])
+  assert [t.uid for t in load_benchmark("math", [a, c]).tasks] == ["math/0", "math/1", "math/2"]
+  b = load_benchmark("math", str(tmp_path / "*_*.jsonl"), limit=2)  # a glob: sorted matches
+  assert b.stats.files == [str(g), str(a)] and [t.question for t in b.tasks] == ["g0", "a0"]
+  b = load_benchmark("math", (str(tmp_path / "a_*.jsonl"), a))  # globs inside a list
+  assert [t.question for t in b.tasks] == ["g0", "a0", "a1"]
+  with pytest.raises(ValueError, match="more than once"):      # the same file twice is loud
+    load_benchmark("math", [a, str(tmp_path / "b_*.jsonl")])
+
+
+def test_glob_matching_nothing_or_empty_list_is_an_error(tmp_path):
+  pattern = str(tmp_path / "math_train" / "*.jsonl")
+  with pytest.raises(FileNotFoundError, match="matched no files") as e:
+    load_benchmark("math", pattern)
+  assert pattern in str(e.value)
+  with pytest.raises(FileNotFoundError, match="matched no files"):
+    load_benchmark("math", [_jsonl(tmp_path / "x.jsonl", [{"problem": "p", "answer": "1"}]), pattern])
+  with pytest.raises(ValueError, match="no files given"):
+    load_benchmark("math", [])
+
+
 # Record counts from /work/shared/data/README.md; `bad` are records whose gold answer is empty in
 # the upstream file (found by this loader; they are skipped and counted, never dropped silently).
 SHARED = [
@@ -152,6 +181,12 @@ SHARED = [
     ("gsm8k", "gsm8k/test.jsonl", 1319, 0),
     ("gsm8k", "gsm8k/train.jsonl", 7473, 0),
     ("math_train", "math_train/algebra.jsonl", 1744, 0),
+    ("math_train", "math_train/counting_and_probability.jsonl", 771, 0),
+    ("math_train", "math_train/geometry.jsonl", 870, 0),
+    ("math_train", "math_train/intermediate_algebra.jsonl", 1295, 0),
+    ("math_train", "math_train/number_theory.jsonl", 869, 2),
+    ("math_train", "math_train/prealgebra.jsonl", 1205, 0),
+    ("math_train", "math_train/precalculus.jsonl", 746, 0),
     ("aime24", "aime24/test.jsonl", 30, 0),
     ("amc23", "amc23/test.jsonl", 40, 0),
     ("minerva_math", "minerva_math/test.jsonl", 272, 0),
@@ -182,6 +217,52 @@ def test_shared_files_record_counts(shared_data, name, rel, records, bad):
   if bad:
     with pytest.raises(BadRecordError):
       load_benchmark(name, path)
+
+
+MATH_TRAIN_SUBJECTS = {"algebra": 1744, "counting_and_probability": 771, "geometry": 870,
+                       "intermediate_algebra": 1295, "number_theory": 869, "prealgebra": 1205,
+                       "precalculus": 746}
+
+
+def test_shared_math_train_all_seven_subjects(shared_data):
+  """MATH train = 7,500 problems in 7 subject files; the single-turn paper config trains on all.
+
+  Skips without ../shared/data (the fixture), but a missing subject file there is a failure."""
+  missing = [s for s in MATH_TRAIN_SUBJECTS if not (shared_data / "math_train" / f"{s}.jsonl").is_file()]
+  assert not missing, f"{shared_data / 'math_train'} lacks {missing}"
+  pattern = str(shared_data / "math_train" / "*.jsonl")
+  with pytest.raises(BadRecordError, match=r"number_theory.jsonl:850: field 'solution'"):
+    load_benchmark("math_train", pattern)   # upstream "$\\boxed{}$ primes": an empty gold answer
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    b = load_benchmark("math_train", pattern, skip_bad_records=True)
+  assert len(b.stats.files) == 7 and b.stats.records == 7500
+  assert b.stats.skipped == 2 and b.stats.loaded == 7498, b.stats.skip_reasons
+  by_subject = {}
+  for t in b.tasks:
+    by_subject[t.uid.split("/")[2]] = by_subject.get(t.uid.split("/")[2], 0) + 1
+  assert by_subject == {**MATH_TRAIN_SUBJECTS, "number_theory": 869 - 2}
+
+
+@pytest.mark.parametrize("config,train,test", [("paper_single_turn", (7500, 7498), (500, 500)),
+                                               ("paper_multi_turn", (8523, 8521), (500, 500))])
+def test_paper_configs_data_loads(shared_data, config, train, test):
+  """Each paper config's train/test paths (relative to the repository root, the launchers' cwd)
+  load as configured: single-turn = all of MATH train, multi-turn = MATH L3-5 8.5k."""
+  import importlib.util
+  import pathlib
+  root = pathlib.Path(__file__).resolve().parents[1]
+  spec = importlib.util.spec_from_file_location(config, root / "configs" / f"{config}.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  data = mod.get_config().data
+  for path, (records, loaded) in ((data.train_path, train), (data.test_path, test)):
+    paths = [path] if isinstance(path, str) else list(path)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      b = load_benchmark(data.benchmark, [root / p for p in paths],
+                         skip_bad_records=data.get("skip_bad_records", False))
+    assert (b.stats.records, b.stats.loaded) == (records, loaded), path
 
 
 def test_shared_overall_parquet_subsets(shared_data):

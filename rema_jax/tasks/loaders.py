@@ -1,7 +1,8 @@
 """Benchmark file loaders: one registry, one `Task` record type, loud errors on bad records.
 
 `load_benchmark(name, path)` reads JSONL, JSON (a list of records) or verl parquet files and turns
-each record into a `Task` with the parser registered for `name`. A bad record (bad JSON,
+each record into a `Task` with the parser registered for `name`. `path` is a file, a glob or a list
+of them (e.g. the seven MATH train subject files); a glob matching no file is an error. A bad record (bad JSON,
 non-UTF-8 bytes, a missing field, an empty answer) raises `BadRecordError` naming ``file:line``
 and the field; with ``skip_bad_records=True`` it is skipped, counted in the returned
 `LoadStats` and reported with a warning. Nothing is dropped silently.
@@ -10,13 +11,14 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import glob
 import json
 import logging
 import os
 import pathlib
 import re
 import warnings
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
 from rema_jax.tasks.types import JUDGE_LABELS, Task
 
@@ -39,12 +41,13 @@ class _FieldError(Exception):
 
 @dataclasses.dataclass
 class LoadStats:
-  path: str
+  path: str                 # the path (or pattern / list) as given
   records: int = 0          # non-blank records read
   loaded: int = 0
   skipped: int = 0
   blank_lines: int = 0
   skip_reasons: list[str] = dataclasses.field(default_factory=list)
+  files: list[str] = dataclasses.field(default_factory=list)   # the files read, in order
 
 
 @dataclasses.dataclass
@@ -332,38 +335,85 @@ def _iter_parquet(path: pathlib.Path) -> Iterator[tuple[str, int, Any]]:
     yield f"{path}:row {i}", i, rec
 
 
-def load_benchmark(name: str, path: str | os.PathLike, *, skip_bad_records: bool = False,
+PathSpec = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+
+
+def has_glob(path: str | os.PathLike) -> bool:
+  """Whether `path` is a glob pattern (contains ``*``, ``?`` or ``[``)."""
+  return any(c in os.fspath(path) for c in "*?[")
+
+
+def resolve_paths(paths: PathSpec) -> list[pathlib.Path]:
+  """A file, a glob or a list of them → the files in order (each glob's matches sorted, ``**``
+  recursive). Plain paths are returned unchecked. Raises ValueError for an empty list or a file
+  listed twice, and FileNotFoundError, naming the pattern, for a glob that matches no file."""
+  items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+  if not items:
+    raise ValueError("no files given (an empty list of paths)")
+  files = []
+  for item in items:
+    if not isinstance(item, (str, os.PathLike)):
+      raise TypeError(f"expected a path or glob, got {item!r} ({type(item).__name__})")
+    if has_glob(item):
+      matches = [m for m in sorted(glob.glob(os.fspath(item), recursive=True)) if os.path.isfile(m)]
+      if not matches:
+        where = "" if os.path.isabs(item) else f" (relative to {os.getcwd()})"
+        raise FileNotFoundError(f"the glob {os.fspath(item)!r} matched no files{where}")
+      files.extend(map(pathlib.Path, matches))
+    else:
+      files.append(pathlib.Path(item))
+  seen = set()
+  for f in files:
+    if os.path.abspath(f) in seen:
+      raise ValueError(f"{f} is listed more than once")
+    seen.add(os.path.abspath(f))
+  return files
+
+
+def load_benchmark(name: str, path: PathSpec, *, skip_bad_records: bool = False,
                    limit: int | None = None) -> Benchmark:
-  """Loads benchmark `name` (a key of `BENCHMARKS`) from a .jsonl, .json or .parquet file.
+  """Loads benchmark `name` (a key of `BENCHMARKS`) from .jsonl, .json or .parquet files.
 
   Args:
     name: the record layout; also the tasks' ``source`` and uid prefix.
-    path: the file.
+    path: a file, a glob (``dir/*.jsonl``) or a list of them, read in order (see `resolve_paths`).
+      The record index (the uid fallback for records without an id) runs on across files, and
+      uids must be unique over all of them.
     skip_bad_records: skip (count, warn about) bad records instead of raising.
     limit: keep only the first `limit` good tasks (for quick evals).
   Raises:
-    FileNotFoundError, ValueError (unknown name / extension), BadRecordError.
+    FileNotFoundError (a missing file, a glob matching none), ValueError (unknown name /
+    extension, no files), BadRecordError.
   """
   if name not in BENCHMARKS:
     raise ValueError(f"unknown benchmark {name!r}; registered: {sorted(BENCHMARKS)}")
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"benchmark {name!r}: no file at {path}")
+  try:
+    files = resolve_paths(path)
+  except (FileNotFoundError, ValueError) as e:
+    raise type(e)(f"benchmark {name!r}: {e}") from None
+  for f in files:
+    if not f.is_file():
+      raise FileNotFoundError(f"benchmark {name!r}: no file at {f}")
+    suffix = f.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".parquet"):
+      raise ValueError(f"{f}: unsupported extension {suffix!r} (expected .jsonl, .json or .parquet)")
   parser = BENCHMARKS[name]
-  stats = LoadStats(path=str(path))
-  suffix = "".join(path.suffixes[-1:]).lower()
-  if suffix == ".jsonl":
-    records = _iter_jsonl(path, stats)
-  elif suffix == ".json":
-    records = _iter_json_list(path)
-  elif suffix == ".parquet":
-    records = _iter_parquet(path)
-  else:
-    raise ValueError(f"{path}: unsupported extension {suffix!r} (expected .jsonl, .json or .parquet)")
+  shown_path = os.fspath(path) if isinstance(path, (str, os.PathLike)) else str([os.fspath(p) for p in path])
+  stats = LoadStats(path=shown_path, files=[str(f) for f in files])
+
+  def records() -> Iterator[tuple[str, int, Any]]:
+    index = 0   # runs on across files, so fallback uids stay distinct
+    for f in files:
+      suffix = f.suffix.lower()
+      it = (_iter_jsonl(f, stats) if suffix == ".jsonl" else
+            _iter_json_list(f) if suffix == ".json" else _iter_parquet(f))
+      for where, _, rec in it:
+        yield where, index, rec
+        index += 1
 
   tasks: list[Task] = []
   seen_uids: dict[str, str] = {}
-  for where, index, rec in records:
+  for where, index, rec in records():
     if limit is not None and len(tasks) >= limit:
       break
     stats.records += 1
@@ -386,7 +436,7 @@ def load_benchmark(name: str, path: str | os.PathLike, *, skip_bad_records: bool
   stats.loaded = len(tasks)
   if stats.skipped:
     shown = "; ".join(stats.skip_reasons[:3])
-    msg = (f"{path}: skipped {stats.skipped} of {stats.records} bad records ({shown}"
+    msg = (f"{stats.path}: skipped {stats.skipped} of {stats.records} bad records ({shown}"
            f"{'; ...' if stats.skipped > 3 else ''})")
     log.warning(msg)
     warnings.warn(msg, stacklevel=2)

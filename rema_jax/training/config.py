@@ -20,6 +20,7 @@ from rema_jax.rl.update import UpdateConfig
 from rema_jax.rollout import RolloutConfig
 from rema_jax.sharding.mesh import MeshConfig
 from rema_jax.tasks.builtin import FAMILIES, NUM_LEVELS
+from rema_jax.tasks.loaders import resolve_paths
 from rema_jax.training.schedules import ScheduleConfig
 
 DTYPES = ("float32", "bfloat16")
@@ -53,8 +54,10 @@ class ModelSection:
 @dataclasses.dataclass(frozen=True)
 class DataSection:
     """source ``builtin``: the procedural tasks (families × levels, seeded split, no files).
-    source ``benchmark``: ``benchmark`` names a loader (``rema_jax.tasks``) reading ``train_path``;
-    ``test_path`` (optional) is the held-out split."""
+    source ``benchmark``: ``benchmark`` names a loader (``rema_jax.tasks``) reading ``train_path``
+    (a file, a glob or a list of them, e.g. the seven MATH train subject files); ``test_path``
+    (optional) is the held-out split. A glob is expanded here, so one that matches no file fails
+    validation (naming the pattern) before any model is loaded; plain paths are read at load time."""
     source: Literal["builtin", "benchmark"] = "builtin"
     families: tuple[str, ...] = FAMILIES
     levels: tuple[int, ...] = (1, 2)
@@ -62,7 +65,7 @@ class DataSection:
     test_per_cell: int = 16
     split_seed: int = 0
     benchmark: str | None = None
-    train_path: str | None = None
+    train_path: str | tuple[str, ...] | None = None
     test_path: str | None = None
     skip_bad_records: bool = False
 
@@ -78,6 +81,14 @@ class DataSection:
                 raise ValueError("train_per_cell must be >= 1 and test_per_cell >= 0")
         elif not (self.benchmark and self.train_path):
             raise ValueError("source='benchmark' needs benchmark and train_path")
+        else:
+            paths = (self.train_path,) if isinstance(self.train_path, str) else self.train_path
+            if not all(paths):
+                raise ValueError(f"train_path: empty path in {self.train_path!r}")
+            try:
+                resolve_paths(paths)  # expands the globs; plain paths are not checked here
+            except (FileNotFoundError, ValueError) as e:
+                raise ValueError(f"train_path: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
