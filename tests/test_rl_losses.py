@@ -30,12 +30,16 @@ def _batch(seed=0, b=5, l=14, k=3):
     return logp, old, advs * mask, mask, tid
 
 
-def _reference(logp, old, adv, mask, tid, ratio_mode, agg_mode, eps=0.2, c=3.0, lclip=3.0):
+SUM_NORM = "seq_mean_token_sum_norm"
+NORM = 7.0   # the Dr.GRPO constant used in these tests
+
+
+def _reference(logp, old, adv, mask, tid, ratio_mode, agg_mode, eps=0.2, c=3.0, lclip=3.0, norm=NORM):
     def pg(a, r):
         v = max(-a * r, -a * np.clip(r, 1 - eps, 1 + eps))
         return min(v, -a * c) if a < 0 else v
 
-    units = {}   # (seq, turn) -> list of per-token values (token mode) or [turn value]
+    units = {}   # (seq, turn) -> per-token values (turn modes: the turn value on each of its tokens)
     for i in range(mask.shape[0]):
         for k in sorted(set(tid[i][mask[i] > 0].tolist())):
             sel = (tid[i] == k) & (mask[i] > 0)
@@ -45,7 +49,10 @@ def _reference(logp, old, adv, mask, tid, ratio_mode, agg_mode, eps=0.2, c=3.0, 
             else:
                 r = (np.exp(min(lr.mean(), lclip)) if ratio_mode == "turn_geometric"
                      else np.mean(np.exp(np.minimum(lr, lclip))))
-                units[(i, k)] = [pg(adv[i][sel].mean(), r)]
+                units[(i, k)] = [pg(adv[i][sel].mean(), r)] * int(sel.sum())
+    if agg_mode == SUM_NORM:   # Dr.GRPO: per-sequence token sum / constant, mean over sequences
+        seqs = sorted({i for i, _ in units})
+        return np.mean([sum(v for (j, _), vs in units.items() if j == i for v in vs) / norm for i in seqs])
     if agg_mode == "token_mean":
         vals = [v for vs in units.values() for v in vs]
         return np.mean(vals)
@@ -61,10 +68,16 @@ COMBOS = [(r, a) for r, a in itertools.product(L.RATIO_MODES, L.AGG_MODES)
           if not (r != "token" and a == "token_mean")]
 
 
-@pytest.mark.parametrize("ratio_mode,agg_mode", COMBOS)
+def _cfg(ratio_mode, agg_mode, **kw):
+    norm = {"token_sum_norm": NORM} if agg_mode == SUM_NORM else {}
+    return L.LossConfig(ratio_mode=ratio_mode, agg_mode=agg_mode, **norm, **kw)
+
+
+@pytest.mark.parametrize("ratio_mode,agg_mode", COMBOS + [(r, SUM_NORM) for r in L.RATIO_MODES
+                                                          if (r, SUM_NORM) not in COMBOS])
 def test_loss_matches_reference(ratio_mode, agg_mode):
     logp, old, adv, mask, tid = _batch()
-    cfg = L.LossConfig(ratio_mode=ratio_mode, agg_mode=agg_mode, max_turns=4)
+    cfg = _cfg(ratio_mode, agg_mode, max_turns=4)
     loss, met = L.ppo_loss(jnp.asarray(logp), old, adv, mask, tid, cfg)
     np.testing.assert_allclose(float(loss), _reference(logp, old, adv, mask, tid, ratio_mode, agg_mode),
                                rtol=1e-5, atol=1e-6)
@@ -78,6 +91,49 @@ def test_on_policy_gradient_is_policy_gradient():
     cfg = L.LossConfig(ratio_mode="token", agg_mode="token_mean", max_turns=4)
     g = jax.grad(lambda lp: L.ppo_loss(lp, logp, adv, mask, tid, cfg)[0])(jnp.asarray(logp))
     np.testing.assert_allclose(np.asarray(g), -adv * mask / mask.sum(), rtol=1e-5, atol=1e-7)
+
+
+def test_dr_grpo_sum_norm_gradient_does_not_depend_on_length():
+    """seq_mean_token_sum_norm at ratio 1: d loss / d logp_t = -A_t / (C * #sequences) for every
+    token, however long its sequence (token_mean / trajectory_mean scale by 1/length)."""
+    _, _, adv, mask, tid = _batch(3)
+    logp = np.random.default_rng(3).normal(size=mask.shape).astype(np.float32)
+    n_seq = int((mask.sum(1) > 0).sum())
+    for ratio_mode in L.RATIO_MODES:
+        cfg = _cfg(ratio_mode, SUM_NORM, max_turns=4, dual_clip_c=None)
+        g = jax.grad(lambda lp: L.ppo_loss(lp, logp, adv, mask, tid, cfg)[0])(jnp.asarray(logp))
+        if ratio_mode == "token":   # turn ratios share each turn's gradient across its tokens
+            np.testing.assert_allclose(np.asarray(g), -adv * mask / (NORM * n_seq), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(float(jnp.sum(g * mask)), float(-(adv * mask).sum() / (NORM * n_seq)),
+                                   rtol=1e-5)
+
+
+def test_sum_norm_needs_its_constant():
+    logp, old, adv, mask, tid = _batch()
+    with pytest.raises(ValueError, match="token_sum_norm"):
+        L.ppo_loss(logp, old, adv, mask, tid, L.LossConfig(agg_mode=SUM_NORM, max_turns=4))
+    with pytest.raises(ValueError, match="token_sum_norm must be > 0"):
+        L.LossConfig(agg_mode=SUM_NORM, token_sum_norm=0.0)
+    with pytest.raises(ValueError, match="only used by agg_mode='seq_mean_token_sum_norm'"):
+        L.LossConfig(agg_mode="trajectory_mean", token_sum_norm=8.0)
+
+
+@pytest.mark.parametrize("ratio_mode,agg_mode", COMBOS)
+def test_rows_without_loss_tokens_change_nothing(ratio_mode, agg_mode):
+    """An all-zero loss-mask row (e.g. a padding row) leaves the loss, its gradient and the
+    normalisers unchanged: sequence counts only include rows with a loss token."""
+    logp, old, adv, mask, tid = _batch(11, b=4)
+    logp, old, adv, mask, tid = (x[:3] for x in (logp, old, adv, mask, tid))   # 3 rows with tokens
+    assert (mask.sum(1) > 0).all()
+    ins = lambda x, v: np.insert(x, 1, v, axis=0)  # noqa: E731   a row with no loss token at 1
+    padded = (ins(logp, -1.0), ins(old, -2.0), ins(adv, 0.0), ins(mask, 0.0), ins(tid, -1))
+    cfg = _cfg(ratio_mode, agg_mode, max_turns=4)
+    loss_fn = lambda lp, o, a, m, t: L.ppo_loss(lp, o, a, m, t, cfg)[0]  # noqa: E731
+    base, g_base = jax.value_and_grad(loss_fn)(jnp.asarray(logp), old, adv, mask, tid)
+    loss, g = jax.value_and_grad(loss_fn)(jnp.asarray(padded[0]), *padded[1:])
+    assert np.isfinite(float(loss)) and np.all(np.isfinite(np.asarray(g)))
+    np.testing.assert_allclose(float(loss), float(base), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(g), ins(np.asarray(g_base), 0.0), rtol=1e-6, atol=1e-8)
 
 
 def test_dual_clip_caps_negative_advantages():
@@ -107,7 +163,7 @@ def test_turn_log_ratio_preclip():
 def test_normalizers_make_micro_batches_additive():
     logp, old, adv, mask, tid = _batch(5, b=6)
     for r, a in COMBOS:
-        cfg = L.LossConfig(ratio_mode=r, agg_mode=a, max_turns=4)
+        cfg = _cfg(r, a, max_turns=4)
         full, _ = L.ppo_loss(logp, old, adv, mask, tid, cfg)
         norms = L.loss_normalizers(jnp.asarray(mask), jnp.asarray(tid), 4)
         parts = [L.ppo_loss(logp[s], old[s], adv[s], mask[s], tid[s], cfg, normalizers=norms)[0]

@@ -19,9 +19,21 @@ Aggregation (per-token auxiliaries KL/H are first averaged per turn in the turn 
     turn_mean:       sum over turns of (turn value) / #turns    (token ratio: per-turn token means)
     trajectory_mean: sum over sequences of (mean over the sequence's turns, or tokens in the
                      token mode) / #sequences                   (paper Eq. 12, official default)
+    seq_mean_token_sum_norm (Dr.GRPO, verl's "seq-mean-token-sum-norm"):
+                     loss = 1/#sequences * sum_i (sum_{t in i} x_t) / C,   C = token_sum_norm
+                     a constant (default: the most loss tokens a row can hold), so no length
+                     normalisation; in the turn modes x_t is the value of t's turn, i.e. a turn
+                     counts once per token. (verl divides the micro-batch's token sum by C only;
+                     after its micro/mini-batch scaling that is ours times the micro-batch size.)
 
 The denominators (#tokens/#turns/#sequences) can be passed in as `normalizers` computed over a
 whole mini-batch, so summing micro-batch losses reproduces the mini-batch loss exactly.
+
+Rows with no loss tokens (padding rows, a role with nothing to train on) count in no numerator or
+denominator: #sequences is the number of rows with a loss token, so such a row leaves the loss and
+its gradient unchanged (tested). The official code divides by the micro-batch size instead (rows
+without loss tokens included), and its token and trajectory modes produce NaN there (0/0); we keep
+ours deliberately.
 """
 from __future__ import annotations
 
@@ -32,7 +44,9 @@ import jax
 import jax.numpy as jnp
 
 RATIO_MODES = ("token", "turn_geometric", "turn_arithmetic")
-AGG_MODES = ("token_mean", "turn_mean", "trajectory_mean")
+AGG_MODES = ("token_mean", "turn_mean", "trajectory_mean", "seq_mean_token_sum_norm")
+SUM_NORM = "seq_mean_token_sum_norm"
+DEFAULT_AGG_MODE = "trajectory_mean"
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
@@ -40,7 +54,10 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 class LossConfig:
     """PPO loss settings (defaults: the official multi-turn code, spec §3.2).
 
-    ratio_mode: one of RATIO_MODES. agg_mode: one of AGG_MODES ("token_mean" needs "token").
+    ratio_mode: one of RATIO_MODES. agg_mode: one of AGG_MODES ("token_mean" needs "token"), or
+    None for the default: "trajectory_mean" (the training config resolves None by the advantage
+    estimator: "seq_mean_token_sum_norm" for "dr_grpo"). token_sum_norm: the constant C of
+    "seq_mean_token_sum_norm" (required there, rejected with any other mode).
     clip_eps: PPO clip epsilon. dual_clip_c: dual-clip bound for A < 0 (> 1), None disables.
     log_ratio_clip: upper pre-clip of log-ratios in the turn modes (3.0, official).
     token_log_ratio_clip: symmetric clamp of token log-ratios in the token mode (overflow guard).
@@ -51,7 +68,7 @@ class LossConfig:
     """
 
     ratio_mode: str = "turn_geometric"
-    agg_mode: str = "trajectory_mean"
+    agg_mode: Optional[str] = None
     clip_eps: float = 0.2
     dual_clip_c: Optional[float] = 3.0
     log_ratio_clip: float = 3.0
@@ -63,12 +80,19 @@ class LossConfig:
     temperature: float = 1.0
     max_turns: int = 32
     logprob_chunk_size: Optional[int] = None
+    token_sum_norm: Optional[float] = None
 
     def __post_init__(self):
         if self.ratio_mode not in RATIO_MODES:
             raise ValueError(f"LossConfig.ratio_mode={self.ratio_mode!r} is unknown; valid: {RATIO_MODES}")
-        if self.agg_mode not in AGG_MODES:
-            raise ValueError(f"LossConfig.agg_mode={self.agg_mode!r} is unknown; valid: {AGG_MODES}")
+        if self.agg_mode is not None and self.agg_mode not in AGG_MODES:
+            raise ValueError(f"LossConfig.agg_mode={self.agg_mode!r} is unknown; valid: {AGG_MODES} or None")
+        if self.token_sum_norm is not None:
+            if not self.token_sum_norm > 0:
+                raise ValueError(f"LossConfig.token_sum_norm must be > 0 or None, got {self.token_sum_norm}")
+            if self.agg_mode not in (None, SUM_NORM):
+                raise ValueError(f"LossConfig.token_sum_norm is only used by agg_mode={SUM_NORM!r}, "
+                                 f"got agg_mode={self.agg_mode!r}")
         if self.ratio_mode != "token" and self.agg_mode == "token_mean":
             raise ValueError(
                 f"LossConfig: ratio_mode={self.ratio_mode!r} with agg_mode='token_mean' is rejected "
@@ -95,6 +119,11 @@ class LossConfig:
     @property
     def turn_level(self) -> bool:
         return self.ratio_mode != "token"
+
+    @property
+    def agg(self) -> str:
+        """The aggregation used: `agg_mode`, or DEFAULT_AGG_MODE when it is None."""
+        return DEFAULT_AGG_MODE if self.agg_mode is None else self.agg_mode
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,6 +279,12 @@ def ppo_loss(logp_bl, old_logp_bl, adv_bl, loss_mask_bl, turn_ids_bl, cfg: LossC
     f32 = jnp.float32
     b, _ = logp_bl.shape
     k = cfg.max_turns
+    agg_mode = cfg.agg
+    if agg_mode == SUM_NORM and cfg.token_sum_norm is None:
+        raise ValueError(f"LossConfig.agg_mode={SUM_NORM!r} needs token_sum_norm (the constant C)")
+    if agg_mode != SUM_NORM and cfg.token_sum_norm is not None:
+        raise ValueError(f"LossConfig.token_sum_norm is only used by agg_mode={SUM_NORM!r}, "
+                         f"got agg_mode={cfg.agg_mode!r} (-> {agg_mode!r})")
     mask = ((loss_mask_bl > 0) & (turn_ids_bl >= 0) & (turn_ids_bl < k)).astype(f32)
     seg, nseg = _turn_segments(mask, turn_ids_bl, k)
     local = normalizers is None
@@ -267,16 +302,20 @@ def ppo_loss(logp_bl, old_logp_bl, adv_bl, loss_mask_bl, turn_ids_bl, cfg: LossC
 
     def agg_tokens(x_bl):
         """Aggregate a per-token quantity (in the turn modes: per-turn means first)."""
-        if cfg.agg_mode == "token_mean":
+        if agg_mode == SUM_NORM:  # = agg_turns of the per-turn means
+            return jnp.sum(x_bl * mask) / (cfg.token_sum_norm * seq_den)
+        if agg_mode == "token_mean":
             return jnp.sum(x_bl * mask) / tok_den
-        if cfg.agg_mode == "turn_mean" or cfg.turn_level:
+        if agg_mode == "turn_mean" or cfg.turn_level:
             turn_mean = tsum(x_bl) / jnp.maximum(cnt_bk, 1.0)
             return agg_turns(turn_mean)
         # token ratio + trajectory_mean: per-sequence token mean, then mean over sequences
         return jnp.sum(jnp.sum(x_bl * mask, 1) / jnp.maximum(seq_tok, 1.0)) / seq_den
 
     def agg_turns(v_bk):
-        if cfg.agg_mode == "turn_mean":
+        if agg_mode == SUM_NORM:  # each turn's value once per token of the turn
+            return jnp.sum(v_bk * cnt_bk) / (cfg.token_sum_norm * seq_den)
+        if agg_mode == "turn_mean":
             return jnp.sum(v_bk * turn_valid) / turn_den
         # trajectory_mean: mean over the sequence's turns, then over sequences
         per_seq = jnp.sum(v_bk * turn_valid, 1) / jnp.maximum(seq_turns, 1.0)
