@@ -60,6 +60,46 @@ def test_from_dict_accepts_ml_collections():
     assert from_dict(_Outer, c).inner.mode == "b"
 
 
+def _train_config(**sections):
+    """A small valid TrainConfig dict (nothing is loaded: validation only)."""
+    cfg = {"model": {"max_cache_len": 544},
+           "rollout": {"mode": "single_turn", "num_samples": 4, "max_new_tokens": 8, "max_prompt_len": 287},
+           "advantage": {"estimator": "grpo"}, "loss": {"max_turns": 1},
+           "loop": {"questions_per_step": 2, "solutions_per_plan": 2, "max_seq_len": 296}}
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values}
+    return cfg
+
+
+def test_data_train_path_accepts_a_list_or_a_glob(tmp_path):
+    from rema_jax.training.config import load_train_config
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / name).write_text("")
+    bench = {"source": "benchmark", "benchmark": "math"}
+    cfg = load_train_config(_train_config(data={**bench, "train_path": ["x/a.jsonl", "x/b.jsonl"]}))
+    assert cfg.data.train_path == ("x/a.jsonl", "x/b.jsonl")      # plain paths: read at load time
+    glob = str(tmp_path / "*.jsonl")
+    assert load_train_config(_train_config(data={**bench, "train_path": glob})).data.train_path == glob
+    missing = str(tmp_path / "math_train" / "*.jsonl")
+    for path in (missing, [str(tmp_path / "a.jsonl"), missing]):
+        with pytest.raises(ConfigError) as e:
+            load_train_config(_train_config(data={**bench, "train_path": path}))
+        assert "config.data: train_path: the glob" in str(e.value) and missing in str(e.value)
+        assert "matched no files" in str(e.value)
+    with pytest.raises(ConfigError, match="more than once"):
+        load_train_config(_train_config(data={**bench, "train_path": [glob, str(tmp_path / "a.jsonl")]}))
+    with pytest.raises(ConfigError, match="config.data.train_path: expected"):
+        load_train_config(_train_config(data={**bench, "train_path": 3}))
+
+
+def test_consistency_reward_needs_several_solutions_per_plan():
+    from rema_jax.training.config import load_train_config
+    load_train_config(_train_config(reward={"kind": "consistency"}))           # 2 solutions per plan
+    with pytest.raises(ConfigError) as e:
+        load_train_config(_train_config(reward={"kind": "consistency"}, loop={"solutions_per_plan": 1}))
+    assert "loop.solutions_per_plan >= 2" in str(e.value) and "agree with itself" in str(e.value)
+
+
 def test_checkpoint_roundtrip_keep_last_and_none_leaves(tmp_path):
     mngr = CheckpointManager(str(tmp_path / "ckpt"), keep_last=2)
     state = {"trainable": {"reasoning": {"w": jnp.arange(4.0)}, "meta_thinking": None},

@@ -189,6 +189,11 @@ class TrainConfig:
                              f"got {self.rollout.mode!r}")
         if self.reward.kind == "consistency" and self.rollout.mode != "single_turn":
             raise ValueError("reward.kind='consistency' is a single-turn MAMRP reward")
+        if self.reward.kind == "consistency" and self.loop.solutions_per_plan < 2:
+            raise ValueError(
+                "reward.kind='consistency' needs loop.solutions_per_plan >= 2: the reward is the share of "
+                "a plan's solutions that agree, and one solution can only agree with itself, so the "
+                "meta-thinking agent would get 1 whenever the reasoning agent boxes anything")
         if (self.reward.kind == "judge") != (self.rollout.task == "judge"):
             raise ValueError("reward.kind='judge' and rollout.task='judge' go together")
         if self.loop.solutions_per_plan > 1 and self.rollout.mode != "single_turn":
