@@ -100,6 +100,27 @@ def test_consistency_reward_needs_several_solutions_per_plan():
     assert "loop.solutions_per_plan >= 2" in str(e.value) and "agree with itself" in str(e.value)
 
 
+def test_dr_grpo_defaults_to_the_constant_normalised_token_sum():
+    from rema_jax.training.config import load_train_config
+    cfg = load_train_config(_train_config(advantage={"estimator": "dr_grpo"}))
+    assert cfg.loss.agg_mode == "seq_mean_token_sum_norm"
+    assert cfg.loss.token_sum_norm == 8.0                     # rollout.max_new_tokens, one turn
+    multi = load_train_config(_train_config(
+        advantage={"estimator": "dr_grpo"}, adapter={"kind": "shared"}, schedule={"kind": "simultaneous"},
+        rollout={"mode": "multi_turn", "max_turns": 3}, reward={"kind": "multi_turn"},
+        loss={"max_turns": 3}, loop={"solutions_per_plan": 1}))
+    assert multi.loss.token_sum_norm == 24.0                  # max_turns × max_new_tokens
+    explicit = load_train_config(_train_config(advantage={"estimator": "dr_grpo"},
+                                               loss={"agg_mode": "trajectory_mean"}))
+    assert explicit.loss.agg_mode == "trajectory_mean" and explicit.loss.token_sum_norm is None
+    own = load_train_config(_train_config(advantage={"estimator": "dr_grpo"}, loss={"token_sum_norm": 100.0}))
+    assert own.loss.agg_mode == "seq_mean_token_sum_norm" and own.loss.token_sum_norm == 100.0
+    for est in ("grpo", "reinforce_pp"):                      # unchanged for the other estimators
+        assert load_train_config(_train_config(advantage={"estimator": est})).loss.agg_mode == "trajectory_mean"
+    with pytest.raises(ConfigError, match="token_sum_norm"):
+        load_train_config(_train_config(loss={"token_sum_norm": 100.0}))   # grpo: trajectory_mean
+
+
 def test_checkpoint_roundtrip_keep_last_and_none_leaves(tmp_path):
     mngr = CheckpointManager(str(tmp_path / "ckpt"), keep_last=2)
     state = {"trainable": {"reasoning": {"w": jnp.arange(4.0)}, "meta_thinking": None},

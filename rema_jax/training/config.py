@@ -14,7 +14,7 @@ from rema_jax.models.adapters import AdapterConfig
 from rema_jax.rewards.math_grading import GradingConfig
 from rema_jax.rewards.shaping import RewardConfig
 from rema_jax.rl.advantages import AdvantageConfig
-from rema_jax.rl.losses import LossConfig
+from rema_jax.rl.losses import DEFAULT_AGG_MODE, SUM_NORM, LossConfig
 from rema_jax.rl.optimizer import OptimizerConfig
 from rema_jax.rl.update import UpdateConfig
 from rema_jax.rollout import RolloutConfig
@@ -204,6 +204,18 @@ class TrainConfig:
         if self.loss.temperature != (1.0 if self.rollout.greedy else self.rollout.temperature):
             raise ValueError(f"loss.temperature={self.loss.temperature} must equal the rollout "
                              f"temperature {self.rollout.temperature} (log-probs of the sampled policy)")
+        # loss.agg_mode None (not set) pairs with the estimator: Dr.GRPO's std-free advantage goes
+        # with its length-free loss, the token sum over a constant C (default: the most loss tokens
+        # a row can hold, turns × max_new_tokens); any other estimator gets trajectory_mean.
+        loss = self.loss
+        if loss.agg_mode is None:
+            loss = dataclasses.replace(loss, agg_mode=SUM_NORM if self.advantage.estimator == "dr_grpo"
+                                       else DEFAULT_AGG_MODE)
+        if loss.agg_mode == SUM_NORM and loss.token_sum_norm is None:
+            turns = self.rollout.max_turns if self.rollout.mode == "multi_turn" else 1
+            c = min(turns * self.rollout.max_new_tokens, self.loop.max_seq_len - 1)
+            loss = dataclasses.replace(loss, token_sum_norm=float(c))
+        object.__setattr__(self, "loss", loss)
         need_seq = self.rollout.max_prompt_len + self.rollout.max_new_tokens + 1
         if self.loop.max_seq_len < need_seq:
             raise ValueError(f"loop.max_seq_len={self.loop.max_seq_len} < rollout.max_prompt_len + "
