@@ -11,10 +11,12 @@ import types
 import typing
 from typing import Any, Mapping, TypeVar
 
+from rema_jax.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, UserError):
     """A config key, type or value is wrong. The message names the dotted field path."""
 
 

@@ -12,15 +12,17 @@ from typing import Any, Mapping, NamedTuple, Optional
 
 import jax.numpy as jnp
 
+from rema_jax.errors import UserError
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(ValueError, UserError):
     """An unsupported or inconsistent model configuration (names the source and the field)."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ValueError, UserError):
     """A missing, corrupt, truncated or mismatching weight file (names the file and the tensor)."""
 
 

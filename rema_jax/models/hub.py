@@ -6,6 +6,7 @@ import pathlib
 import re
 from typing import Any, Optional
 
+from rema_jax.errors import UserError
 from rema_jax.models.config import CheckpointError, ModelConfig
 from rema_jax.models.gguf_loader import load_gguf
 from rema_jax.models.hf_loader import load_hf_dir
@@ -18,7 +19,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"]
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(ValueError, UserError):
     """`load()` could not resolve the requested source (names it and says what to do)."""
 
 

@@ -19,11 +19,12 @@ import math
 import re
 from fractions import Fraction
 
+from rema_jax.errors import UserError
 from rema_jax.tasks.builtin import format_number
 from rema_jax.tasks.types import Task
 
 
-class WorkedExampleError(ValueError):
+class WorkedExampleError(ValueError, UserError):
   """A built-in question could not be re-solved into a worked example (names the task uid)."""
 
 

@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from rema_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
@@ -28,7 +30,7 @@ ENV_PROCESS_ID = "JAX_PROCESS_ID"
 _TPU_POD_HINTS = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 
 
-class DistributedConfigError(RuntimeError):
+class DistributedConfigError(RuntimeError, UserError):
     """The multi-process environment is incomplete or inconsistent (names the variables)."""
 
 

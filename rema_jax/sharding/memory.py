@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
+from rema_jax.errors import UserError
 from rema_jax.models.adapters import ALL_TARGETS
 from rema_jax.models.config import ModelConfig
 from rema_jax.models.transformer import ATTENTION_PROJS, param_shapes
@@ -26,7 +27,7 @@ from rema_jax.sharding.rules import DEFAULT_RULES, CACHE_AXES, Rules, ShardingPl
 GiB = 1024 ** 3
 
 
-class MemoryPlanError(RuntimeError):
+class MemoryPlanError(RuntimeError, UserError):
     """The configuration cannot fit the device memory; the message carries the per-device breakdown."""
 
 

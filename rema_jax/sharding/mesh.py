@@ -15,10 +15,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from rema_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
-class MeshConfigError(ValueError):
+class MeshConfigError(ValueError, UserError):
     """The mesh sizes do not fit the available devices (the message says how and what to change)."""
 
 

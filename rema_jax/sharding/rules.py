@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from rema_jax.errors import UserError
 from rema_jax.models.config import ModelConfig
 from rema_jax.sharding.mesh import MESH_AXES, mesh_sizes
 
@@ -67,7 +68,7 @@ _HEAD_AXES = ("q_heads", "kv_heads", "cache_kv_heads", "act_heads")
 _warned: set[tuple] = set()
 
 
-class ShardingRulesError(ValueError):
+class ShardingRulesError(ValueError, UserError):
     """A rules table or a tree does not fit the sharding machinery (names what and where)."""
 
 

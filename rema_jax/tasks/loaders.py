@@ -20,12 +20,13 @@ import re
 import warnings
 from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
+from rema_jax.errors import UserError
 from rema_jax.tasks.types import JUDGE_LABELS, Task
 
 log = logging.getLogger(__name__)
 
 
-class BadRecordError(ValueError):
+class BadRecordError(ValueError, UserError):
   """A record that cannot become a `Task`; `where` is ``file:line`` (or ``file:row N``)."""
 
   def __init__(self, where: str, field: str | None, message: str):

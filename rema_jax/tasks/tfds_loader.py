@@ -10,10 +10,11 @@ from __future__ import annotations
 import pathlib
 from typing import Any, Callable, Mapping
 
+from rema_jax.errors import UserError
 from rema_jax.tasks.types import Task
 
 
-class TFDSUnavailableError(RuntimeError):
+class TFDSUnavailableError(RuntimeError, UserError):
   """The requested TFDS dataset cannot be read here (not prepared, wrong format, unknown)."""
 
 

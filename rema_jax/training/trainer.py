@@ -37,6 +37,7 @@ import numpy as np
 
 from rema_jax import models, rl, sharding
 from rema_jax.config_utils import to_dict
+from rema_jax.errors import UserError
 from rema_jax.models.adapters import Adapter, init_adapter
 from rema_jax.rewards.math_grading import get_grader
 from rema_jax.rl.update import MODEL_KEYS, OPTIONAL_KEYS, RL_KEYS
@@ -59,7 +60,7 @@ BASE = "base"          # the frozen base parameters, passed to jitted functions 
 REFERENCE = "reference"  # a frozen copy of the initial weights (shared mode with a KL term only)
 
 
-class NonFiniteUpdateError(FloatingPointError):
+class NonFiniteUpdateError(FloatingPointError, UserError):
     """The loss or a gradient was NaN/inf; the update was not applied."""
 
 
