@@ -10,9 +10,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from rema_jax.cli import run_main  # noqa: E402
 from rema_jax.eval import runner  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/eval_default.py", "Evaluation config.")
@@ -27,4 +28,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_main(main)

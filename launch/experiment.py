@@ -29,7 +29,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags
+from absl import flags
+
+from rema_jax.cli import apply_overrides, run_main
 
 flags.DEFINE_string("workdir", None, "Output directory.")
 flags.DEFINE_integer("steps", None, "RL steps per run (default: the configs').")
@@ -37,8 +39,10 @@ flags.DEFINE_integer("eval_questions", 32, "Held-out questions (stratified over 
 flags.DEFINE_integer("eval_every", 4, "Held-out evaluation every k steps.")
 flags.DEFINE_bool("ablation", False, "Also run the consistency-reward ablation (one more run).")
 flags.DEFINE_bool("sft", True, "Warm-start both sides with SFT on the built-in worked examples first.")
-flags.DEFINE_multi_string("sft_override", [], "Extra overrides for both SFT stages, e.g. loop.epochs=1.")
-flags.DEFINE_multi_string("override", [], "Extra config overrides for every run, e.g. loop.seed=1.")
+flags.DEFINE_multi_string("sft_override", [], "Extra overrides for both SFT stages, e.g. loop.epochs=1 "
+                          "(parsed by the field's type, like --config.x.y=value of launch/sft.py).")
+flags.DEFINE_multi_string("override", [], "Extra config overrides for every run, e.g. loop.seed=1 or "
+                          "adapter.kind=full (parsed like --config.x.y=value of launch/train.py).")
 flags.mark_flag_as_required("workdir")
 FLAGS = flags.FLAGS
 
@@ -47,24 +51,13 @@ VERIFY_PHRASES = re.compile(
     r"check (the|our|this) (answer|solution|result)|go through the solution)", re.IGNORECASE)
 
 
-def _apply_overrides(config, overrides):
-    for item in overrides:
-        key, _, value = item.partition("=")
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = json.loads(value) if value[:1] in "[{0123456789-tfn\"" else value
-    return config
-
-
 def _sft_configs():
     """{name: (SFT config, the RL run it warm-starts)}; evaluation is left to the RL runs."""
     from configs import sft_default, sft_vrp
     out = {"SFT_VRP": (sft_vrp.get_config(), "VRP_RL"), "SFT_ReMA": (sft_default.get_config(), "ReMA")}
     for c, _ in out.values():
         c.eval.questions = 0
-        _apply_overrides(c, FLAGS.sft_override)
+        apply_overrides(c, FLAGS.sft_override, "sft_override")
     return out
 
 
@@ -73,7 +66,7 @@ def _run_configs():
         from configs import rema_from_sft as rema_cfg
         from configs import vrp_rl_from_sft as vrp_cfg
     else:
-        from configs import default as rema_cfg
+        from configs import rl_from_base as rema_cfg
         from configs import vrp_rl_default as vrp_cfg
     runs = {"VRP_RL": vrp_cfg.get_config(), "ReMA": rema_cfg.get_config()}
     if FLAGS.ablation:
@@ -86,7 +79,7 @@ def _run_configs():
         c.loop.eval_before = True
         if FLAGS.steps:
             c.loop.steps = FLAGS.steps
-        _apply_overrides(c, FLAGS.override)
+        apply_overrides(c, FLAGS.override)
     return runs
 
 
@@ -136,17 +129,27 @@ def main(argv):
     del argv
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)
+    from rema_jax.config_utils import ConfigError
     from rema_jax.eval.table import markdown_table
+    from rema_jax.sft.train import load_sft_config
     from rema_jax.training.config import load_train_config
     from rema_jax.training.metrics import read_jsonl
     from rema_jax.training.trainer import train
 
-    os.makedirs(FLAGS.workdir, exist_ok=True)
     t0 = time.perf_counter()
     runs = _run_configs()
+    sft_configs = _sft_configs() if FLAGS.sft else {}
+    checks = [(n, load_train_config, raw) for n, raw in runs.items()]
+    checks += [(n, load_sft_config, raw) for n, (raw, _) in sft_configs.items()]
+    for name, load, raw in checks:  # every stage's config is checked before any model is loaded
+        try:
+            load(raw)
+        except ConfigError as e:
+            raise ConfigError(f"run {name}: {e}") from None
+    os.makedirs(FLAGS.workdir, exist_ok=True)
     summaries, histories, columns, sft_summaries = {}, {}, {}, {}
     if FLAGS.sft:
-        from rema_jax.sft.train import load_sft_config, run_sft
+        from rema_jax.sft.train import run_sft
         from rema_jax.training.trainer import Trainer, heldout_subset
 
         # VRP (no training): the untouched model under the VRP prompt, on the RL runs' held-out set.
@@ -156,7 +159,7 @@ def main(argv):
         trainer.evaluate(heldout_subset(trainer.test_tasks, FLAGS.eval_questions), "step_0")
         columns["VRP"] = _per_family(os.path.join(FLAGS.workdir, "VRP", "eval", "step_0.jsonl"))
         del trainer
-        for name, (raw, target) in _sft_configs().items():
+        for name, (raw, target) in sft_configs.items():
             print(f"\n=== {name}: SFT warm-start of {target} ===", flush=True)
             run = run_sft(load_sft_config(raw), os.path.join(FLAGS.workdir, name))
             sft_summaries[name] = {k: v for k, v in run.summary.items() if k != "data"}
@@ -236,4 +239,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_main(main)

@@ -24,6 +24,8 @@ from rich.markup import escape  # noqa: E402
 from rich.panel import Panel  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from rema_jax.cli import run_main  # noqa: E402
+
 SEED_QUESTION = ("Solve (3t^2+5t+a)(4t^2+bt-2) = 12t^4+26t^3-8t^2-16t+6; find a+b")
 SEED_ANSWER = "-1"
 
@@ -125,4 +127,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  run_main(main, use_absl=False)

@@ -14,8 +14,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from rema_jax.cli import run_main
 
 config_flags.DEFINE_config_file("config", None, "SFT config file (configs/sft_*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Output directory: adapters/, checkpoints/, metrics.jsonl, loss.png.")
@@ -34,7 +36,7 @@ def main(argv):
     try:
         config = load_sft_config(FLAGS.config)
     except ConfigError as e:
-        raise app.UsageError(f"invalid config {FLAGS['config'].value!r}: {e}") from None
+        raise ConfigError(f"invalid config {FLAGS['config'].config_filename!r}: {e}") from None
     run = run_sft(config, FLAGS.workdir)
     s = run.summary
     keys = ("steps", "wall_s", "eval_before", "eval_after", "adapters", "plot")
@@ -43,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_main(main)

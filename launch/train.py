@@ -19,8 +19,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from rema_jax.cli import run_main
 
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Output directory: checkpoints, metrics.jsonl, tb/, plots.")
@@ -43,9 +45,9 @@ def main(argv):
     try:
         config = load_train_config(FLAGS.config)
     except ConfigError as e:
-        raise app.UsageError(f"invalid config {FLAGS['config'].value!r}: {e}") from None
+        raise ConfigError(f"invalid config {FLAGS['config'].config_filename!r}: {e}") from None
     train(config, FLAGS.workdir, resume=FLAGS.resume)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_main(main)
