@@ -1,10 +1,20 @@
-"""Shared pytest fixtures: CPU-only JAX, the embedded SmolLM2 GGUF, shared data paths."""
+"""Shared pytest fixtures: CPU-only JAX by default, full-precision fp32 matmuls, the embedded
+SmolLM2 GGUF, shared data paths."""
 import os
 import pathlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax
 import pytest
+
+# The tests compare fp32 results at ~1e-5 (left padding vs unpadded rows, the sampler vs forward,
+# losses vs numpy). On GPUs XLA runs fp32 matmuls as TF32 by default and on TPUs as bf16 passes,
+# which moved logits by ~2e-3 on an H200 (JAX_PLATFORMS=cuda). "highest" asks for true fp32 there;
+# on CPU it is what XLA already does, so it changes nothing. bf16 matmuls stay bf16. The variable
+# carries it into the tests' subprocesses.
+os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
+jax.config.update("jax_default_matmul_precision", "highest")
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

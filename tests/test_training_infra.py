@@ -121,6 +121,15 @@ def test_dr_grpo_defaults_to_the_constant_normalised_token_sum():
         load_train_config(_train_config(loss={"token_sum_norm": 100.0}))   # grpo: trajectory_mean
 
 
+def test_suite_runs_fp32_matmuls_at_full_precision():
+    """tests/conftest.py pins fp32 matmuls to full precision (TF32 on GPU / bf16 passes on TPU
+    would break the 1e-5 comparisons); on CPU this is already what XLA does."""
+    assert jax.config.jax_default_matmul_precision == "highest"
+    x = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(jnp.asarray(x) @ jnp.asarray(x)), x.astype(np.float64) @ x,
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_checkpoint_roundtrip_keep_last_and_none_leaves(tmp_path):
     mngr = CheckpointManager(str(tmp_path / "ckpt"), keep_last=2)
     state = {"trainable": {"reasoning": {"w": jnp.arange(4.0)}, "meta_thinking": None},
