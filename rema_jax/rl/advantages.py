@@ -17,7 +17,7 @@ Common keyword inputs (estimators ignore what they do not need):
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -53,12 +53,16 @@ def advantage_estimators() -> tuple[str, ...]:
 class AdvantageConfig:
     """estimator: a registered name ("grpo", "dr_grpo", "reinforce_pp").
     eps: GRPO std epsilon (1e-6 as verl). kl_coef: REINFORCE++ in-reward k1 KL coefficient beta
-    (paper single-turn 1e-2). whiten_eps: REINFORCE++ whitening epsilon (1e-8 as verl)."""
+    (paper single-turn 1e-2). whiten_eps: REINFORCE++ whitening epsilon (1e-8 as verl).
+    whiten_scope: which rows one REINFORCE++ whitening spans when several roles train in one step.
+    "batch" (default): all of them together, as the official shared-weights trainer whitens its
+    merged two-role batch (``merge_roles_data``); "role": each role's rows on their own."""
 
     estimator: str = "grpo"
     eps: float = 1e-6
     kl_coef: float = 0.0
     whiten_eps: float = 1e-8
+    whiten_scope: Literal["batch", "role"] = "batch"
 
     def __post_init__(self):
         get_advantage_estimator(self.estimator)  # raises with the registered names
@@ -67,6 +71,8 @@ class AdvantageConfig:
                              f"{self.whiten_eps}")
         if self.kl_coef < 0:
             raise ValueError(f"AdvantageConfig.kl_coef must be >= 0, got {self.kl_coef}")
+        if self.whiten_scope not in ("batch", "role"):
+            raise ValueError(f"AdvantageConfig.whiten_scope must be 'batch' or 'role', got {self.whiten_scope!r}")
 
 
 def _group_index(group_ids_n, role_ids_n) -> tuple[jax.Array, int]:

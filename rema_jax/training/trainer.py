@@ -420,11 +420,6 @@ class Trainer:
             b["old_logprobs"] = self._logprobs(self.logprob_fn, all_params, role, b)
             if need_ref:
                 b["ref_logprobs"] = self._logprobs(self.ref_logprob_fn, all_params, role, b)
-            adv = rl.compute_advantages(
-                cfg.advantage, rewards_n=b["rewards"], group_ids_n=b["group_ids"],
-                loss_mask_nl=b["loss_mask"], turn_ids_nl=b["turn_ids"],
-                old_logprobs_nl=b["old_logprobs"], ref_logprobs_nl=b.get("ref_logprobs"))
-            b["advantages"] = np.asarray(adv)
             # Behaviour vs recomputed old log-probs: how far the sampler's numerics drift.
             sampled = (b["loss_mask"] > 0) & (b["eos_label_mask"] == 0)
             if sampled.any():
@@ -432,6 +427,8 @@ class Trainer:
                     np.abs(b["behaviour_logprobs"] - b["old_logprobs"])[sampled].mean())
             metrics[f"{role}/loss_tokens"] = float(b["loss_mask"].sum())
             batches[role] = b
+        for role, adv in step_advantages(cfg, batches).items():
+            batches[role]["advantages"] = adv
         t_prepare = time.perf_counter() - t0
         if jax.process_count() > 1:  # rollout/reward/prepare metrics above are host-local
             local = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -522,6 +519,38 @@ class Trainer:
                                          seed=_seed(self.config.loop.seed, "pool", self._pool_phase))
         self.iterator.position = int(meta["data_position"])
         return True
+
+
+def step_advantages(config: TrainConfig, batches: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Token advantages ``{role: [N, L]}`` of every role trained in one step.
+
+    Multi-turn rollouts pass per-turn rewards (each row's outcome on its last turn,
+    ``experience.outcome_turn_rewards``), so REINFORCE++ puts the turn-level return on the last
+    token of every turn with returns reset between turns, as the official code; without them the
+    outcome would sit on the last loss token only and every earlier turn would get return 0.
+    With ``advantage.whiten_scope="batch"`` the roles' rows are one estimator call (REINFORCE++
+    whitens them together like the official merged two-role batch; GRPO groups stay per
+    (role, question) through ``role_ids_n``); ``"role"`` makes one call per role.
+    """
+    cfg = config.advantage
+    inputs = {}
+    for role, b in batches.items():
+        x = {"rewards_n": b["rewards"], "group_ids_n": b["group_ids"], "loss_mask_nl": b["loss_mask"],
+             "turn_ids_nl": b["turn_ids"], "old_logprobs_nl": b.get("old_logprobs"),
+             "ref_logprobs_nl": b.get("ref_logprobs")}
+        if config.rollout.mode == "multi_turn":
+            x["turn_rewards_nk"] = experience_lib.outcome_turn_rewards(
+                b["rewards"], b["turn_ids"], b["loss_mask"], config.loss.max_turns)
+        inputs[role] = x
+    if cfg.whiten_scope == "role" or len(inputs) < 2:
+        return {role: np.asarray(rl.compute_advantages(cfg, **x)) for role, x in inputs.items()}
+    roles = list(inputs)
+    merged = {k: None if inputs[roles[0]][k] is None else np.concatenate([inputs[r][k] for r in roles])
+              for k in inputs[roles[0]]}
+    sizes = [len(inputs[r]["rewards_n"]) for r in roles]
+    merged["role_ids_n"] = np.repeat(np.arange(len(roles)), sizes)
+    adv = np.asarray(rl.compute_advantages(cfg, **merged))
+    return dict(zip(roles, np.split(adv, np.cumsum(sizes)[:-1])))
 
 
 def heldout_subset(tasks: Sequence[Task], n: int) -> list[Task]:
