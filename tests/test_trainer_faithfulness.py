@@ -147,3 +147,42 @@ def test_whiten_scope_is_validated():
     from rema_jax.config_utils import ConfigError
     with pytest.raises(ConfigError, match="config.advantage.whiten_scope: expected one of"):
         load_train_config(multi_turn_config(advantage={"whiten_scope": "group"}))
+
+
+# ------------------------------------------------------------------ item 14: curriculum band edges
+@pytest.fixture(scope="module")
+def curriculum_trainer(tmp_path_factory, smollm2_gguf):
+    cfg = load_train_config(tiny_train_config(
+        curriculum={"enabled": True, "num_samples": 5, "pool_size": 6},
+        data={"families": ["arithmetic", "word_problem", "linear_equation"], "train_per_cell": 2}))
+    return trainer_lib.Trainer(cfg, str(tmp_path_factory.mktemp("curriculum")), progress=False)
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("low, high, kept", [
+    (0.2, 0.8, {1, 2, 3, 4}),                 # both edges kept: 1/5 and 4/5 are in [0.2, 0.8]
+    (0.200000001, 0.799999999, {2, 3}),       # just inside: 1/5 and 4/5 are out (float32 says equal)
+    (0.0, 0.2, {0, 1}), (0.8, 1.0, {4, 5}),
+])
+def test_curriculum_band_edges_are_exact(curriculum_trainer, monkeypatch, low, high, kept):
+    """Question i is solved in i of 5 samples (i = 0..5); it is kept iff low*5 <= i <= high*5,
+    computed exactly on the decimal band edges, whatever NumPy's float promotion rules."""
+    import dataclasses
+
+    from rema_jax.training import experience as experience_lib
+
+    trainer = curriculum_trainer
+    cur = dataclasses.replace(trainer.config.curriculum, low=low, high=high)
+    monkeypatch.setattr(trainer, "config", dataclasses.replace(trainer.config, curriculum=cur))
+    order = []
+
+    def fake_collect(policy, encoder, tasks, rollout, reward, grade_fn, **kw):
+        order.extend(t.uid for t in tasks)
+        correct = [s < i for i in range(len(tasks)) for s in range(rollout.num_samples)]
+        return experience_lib.Experience(trajectories=[], correct=correct, rows={}, rewards={},
+                                          group_ids={}, grade_stats={})
+
+    monkeypatch.setattr(experience_lib, "collect", fake_collect)
+    pool = trainer.curriculum_pool(trainer.phase(0), 0)
+    assert len(order) == 6
+    assert {order.index(t.uid) for t in pool} == kept

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import time
+from fractions import Fraction
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -361,8 +362,9 @@ class Trainer:
             self.make_policy(_seed(self.config.loop.seed, "curriculum_rollout", phase.index)),
             self.encoder, candidates, rollout, self.config.reward, self._grade,
             sampling_overrides=overrides)
-        rates = np.asarray(exp.correct, np.float32).reshape(len(candidates), cur.num_samples).mean(1)
-        kept = [t for t, r in zip(candidates, rates) if cur.low <= r <= cur.high]
+        successes = np.asarray(exp.correct, bool).reshape(len(candidates), cur.num_samples).sum(1)
+        kept = [t for t, k in zip(candidates, successes)
+                if in_success_band(int(k), cur.num_samples, cur.low, cur.high)]
         log.info("curriculum (phase %d, %s): kept %d of %d questions with success in [%.2f, %.2f]",
                  phase.index, "+".join(phase.trained), len(kept), len(candidates), cur.low, cur.high)
         if not kept:
@@ -519,6 +521,14 @@ class Trainer:
                                          seed=_seed(self.config.loop.seed, "pool", self._pool_phase))
         self.iterator.position = int(meta["data_position"])
         return True
+
+
+def in_success_band(successes: int, n: int, low: float, high: float) -> bool:
+    """Whether ``successes`` of ``n`` samples lie in Algorithm 1's band: ``low*n <= k <= high*n``,
+    exactly. The edges are read as the decimals they are written as (``Fraction(str(0.2)) = 1/5``),
+    so 1 of 5 is in [0.2, 0.8] whatever the float width or NumPy's promotion rules."""
+    k = Fraction(successes)
+    return Fraction(str(low)) * n <= k <= Fraction(str(high)) * n
 
 
 def step_advantages(config: TrainConfig, batches: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
