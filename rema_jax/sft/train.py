@@ -34,6 +34,7 @@ from rema_jax.rollout.prompts import META_THINKING, REASONING, SINGLE
 from rema_jax.sft import data as data_lib
 from rema_jax.sft import tokenize as tok_lib
 from rema_jax.tasks.builtin import FAMILIES, builtin_split
+from rema_jax.training.base_model import build_base_model
 from rema_jax.training.config import ModelSection
 
 log = logging.getLogger(__name__)
@@ -140,25 +141,11 @@ def load_sft_config(config: Any) -> SFTConfig:
 
 
 # ------------------------------------------------------------------------------------ model
-def load_model(section: ModelSection, seed: int = 0):
+def load_model(section: ModelSection):
   """(model_config, params, tokenizer): the pretrained model, or a random one of
-  ``section.random_init``'s shape with the tokenizer of ``section.source`` (tests, notebook)."""
-  if section.random_init is None:
-    loaded = models.load(section.source, dtype=section.dtype, param_dtype=section.param_dtype)
-    return loaded.config, loaded.params, loaded.tokenizer
-  from rema_jax.models.testing import random_params, tiny_config
-  from rema_jax.models.tokenizer import load_tokenizer
-
-  path = os.fspath(models.smollm2_gguf_path() if section.source == "smollm2-135m" else section.source)
-  tokenizer = (load_tokenizer(os.path.dirname(path), gguf_file=os.path.basename(path))
-               if path.endswith(".gguf") else load_tokenizer(path))
-  eos = tokenizer.eos_token_id
-  shape = dict(section.random_init)
-  std = float(shape.pop("init_std", 0.5))
-  config = tiny_config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id or 0,
-                       eos_token_ids=(eos,), pad_token_id=tokenizer.pad_token_id or eos,
-                       dtype=section.dtype, param_dtype=section.param_dtype or section.dtype, **shape)
-  return config, random_params(config, jax.random.key(seed), std=std), tokenizer
+  ``section.random_init``'s shape with the tokenizer of ``section.source`` (tests, notebook).
+  The RL trainer's builder (``training.base_model``), so RL adapters start on this very base."""
+  return build_base_model(section)
 
 
 # ------------------------------------------------------------------------------------ data
@@ -271,7 +258,7 @@ def run_sft(config: SFTConfig, workdir: str, *, progress: bool = True) -> SFTRun
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     json.dump(to_dict(cfg), f, indent=2, default=str)
 
-  model_config, base, tokenizer = load_model(cfg.model, seed=loop.seed)
+  model_config, base, tokenizer = load_model(cfg.model)
   encoder = ChatEncoder(tokenizer)
   pad_id = int(model_config.pad_token_id if model_config.pad_token_id is not None else 0)
 

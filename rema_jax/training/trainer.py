@@ -24,7 +24,6 @@ are checkpointed, so a killed run resumes exactly.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -47,6 +46,7 @@ from rema_jax.rollout import (META_THINKING, REASONING, SINGLE, ChatEncoder,
 from rema_jax.sampling import Sampler
 from rema_jax.tasks.types import Task
 from rema_jax.training import experience as experience_lib
+from rema_jax.training.base_model import build_base_model, stable_seed
 from rema_jax.training.checkpoint import CheckpointManager
 from rema_jax.training.config import TrainConfig
 from rema_jax.training.data_iterator import TaskIterator
@@ -68,10 +68,7 @@ class NonFiniteUpdateError(FloatingPointError, UserError):
 RewardOverride = Callable[[experience_lib.Experience], experience_lib.Experience]
 
 
-def _seed(*parts: Any) -> int:
-    """A stable 31-bit seed from any parts (e.g. (run seed, step, purpose))."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+_seed = stable_seed  # a stable 31-bit seed from any parts, e.g. (run seed, step, purpose)
 
 
 def load_tasks(config: TrainConfig) -> tuple[list[Task], list[Task]]:
@@ -111,15 +108,8 @@ class Trainer:
 
         # Model, tokenizer, sampler.
         t0 = time.perf_counter()
-        if cfg.model.random_init is None:
-            if self.mesh is None:
-                loaded = models.load(cfg.model.source, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
-            else:  # each tensor goes straight into its sharded array
-                loaded, _ = sharding.load_sharded(cfg.model.source, self.mesh, dtype=cfg.model.dtype,
-                                                  param_dtype=cfg.model.param_dtype)
-            self.model_config, base, self.tokenizer = loaded.config, loaded.params, loaded.tokenizer
-        else:
-            self.model_config, base, self.tokenizer = self._random_model(cfg)
+        # The same builder as SFT's, so warm-start adapters land on the base they were trained on.
+        self.model_config, base, self.tokenizer = build_base_model(cfg.model, self.mesh)
         if self.mesh is not None:
             self.plan = sharding.ShardingPlan(self.mesh, self.model_config)
             base = self.plan.put(base)  # a no-op for load_sharded's arrays
@@ -180,26 +170,6 @@ class Trainer:
                                              keep_last=cfg.checkpoint.keep_last)
 
     # ------------------------------------------------------------------ model plumbing
-    @staticmethod
-    def _random_model(cfg: TrainConfig):
-        from rema_jax.models.testing import random_params, tiny_config
-        from rema_jax.models.tokenizer import load_tokenizer
-
-        src = cfg.model.source
-        path = os.fspath(models.smollm2_gguf_path() if src == "smollm2-135m" else src)
-        tokenizer = (load_tokenizer(os.path.dirname(path), gguf_file=os.path.basename(path))
-                     if path.endswith(".gguf") else load_tokenizer(path))
-        eos = tokenizer.eos_token_id
-        overrides = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id or 0,
-                         eos_token_ids=(eos,), pad_token_id=tokenizer.pad_token_id or eos,
-                         dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype or cfg.model.dtype)
-        shape = dict(cfg.model.random_init)
-        init_std = float(shape.pop("init_std", 0.5))  # larger → peakier next-token distributions
-        overrides.update(shape)
-        model_config = tiny_config(**overrides)
-        params = random_params(model_config, jax.random.key(_seed(cfg.loop.seed, "random_init")), std=init_std)
-        return model_config, params, tokenizer
-
     def _check_memory(self) -> sharding.MemoryPlan:
         """Plans per-device memory for this run's shapes, prints the table (main process) and refuses
         a run that cannot fit (``MemoryPlanError`` with the breakdown) before anything is compiled."""

@@ -1,0 +1,62 @@
+"""The base model of a run, built one way for SFT and RL.
+
+An SFT → RL chain trains adapters in one process and loads them in another, so both stages must
+put them on the same base. ``build_base_model`` is the only place a ``ModelSection`` becomes
+``(model_config, params, tokenizer)``: ``rema_jax.sft.train`` and ``rema_jax.training.trainer``
+both call it. A random base (``random_init``) is a pure function of the section (shape,
+``init_std``, ``seed``), never of the stage's loop seed, like a pretrained checkpoint would be.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+import jax
+
+from rema_jax import models
+from rema_jax.training.config import ModelSection
+
+
+def stable_seed(*parts: Any) -> int:
+    """A stable 31-bit seed from any parts (e.g. (run seed, step, purpose))."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def build_base_model(section: ModelSection, mesh=None) -> tuple[Any, Any, Any]:
+    """``(model_config, params, tokenizer)`` of ``section``.
+
+    Pretrained (``random_init=None``): ``models.load``, or ``sharding.load_sharded`` onto ``mesh``
+    (each tensor straight into its sharded array). Random: a ``models.testing.tiny_config`` with
+    ``random_init``'s overrides and the vocabulary/special ids of ``section.source``'s tokenizer;
+    two extra keys are not config fields: ``init_std`` (default 0.5; larger gives peakier
+    next-token distributions) and ``seed`` (default 0). The weights are
+    ``random_params(config, key(stable_seed(seed, "random_init")), std=init_std)``.
+    """
+    if section.random_init is None:
+        if mesh is None:
+            loaded = models.load(section.source, dtype=section.dtype, param_dtype=section.param_dtype)
+        else:
+            from rema_jax import sharding
+            loaded, _ = sharding.load_sharded(section.source, mesh, dtype=section.dtype,
+                                              param_dtype=section.param_dtype)
+        return loaded.config, loaded.params, loaded.tokenizer
+    from rema_jax.models.testing import random_params, tiny_config
+    from rema_jax.models.tokenizer import load_tokenizer
+
+    src = section.source
+    path = os.fspath(models.smollm2_gguf_path() if src == "smollm2-135m" else src)
+    tokenizer = (load_tokenizer(os.path.dirname(path), gguf_file=os.path.basename(path))
+                 if path.endswith(".gguf") else load_tokenizer(path))
+    eos = tokenizer.eos_token_id
+    shape = dict(section.random_init)
+    init_std = float(shape.pop("init_std", 0.5))
+    seed = int(shape.pop("seed", 0))
+    overrides = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id or 0,
+                     eos_token_ids=(eos,), pad_token_id=tokenizer.pad_token_id or eos,
+                     dtype=section.dtype, param_dtype=section.param_dtype or section.dtype)
+    overrides.update(shape)
+    config = tiny_config(**overrides)
+    params = random_params(config, jax.random.key(stable_seed(seed, "random_init")), std=init_std)
+    return config, params, tokenizer
