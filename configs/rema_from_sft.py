@@ -1,6 +1,6 @@
 """Single-turn ReMA RL started from SFT adapters (launch/sft.py --config=configs/sft_default.py).
 
-What the CPU experiment (launch/experiment.py) trains. It differs from configs/default.py in three
+What the CPU experiment (launch/experiment.py) trains. It differs from configs/rl_from_base.py in three
 measured ways:
   * model.init_adapters_from: the SFT adapters (required: ``<dir>/meta_thinking``, ``<dir>/reasoning``);
   * learning rate 2e-5: from the SFT model, 2e-4 lowered held-out accuracy (50.0 → 37.5 → 29.2 %
@@ -13,11 +13,11 @@ measured ways:
 """
 import ml_collections
 
-from configs import default  # noqa: F401  (resolved by launch/*.py's sys.path)
+from configs import rl_from_base  # noqa: F401  (resolved by launch/*.py's sys.path)
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = default.get_config()
+    c = rl_from_base.get_config()
     c.model.max_cache_len = 384
     c.rollout.max_new_tokens = 96
     c.rollout.max_prompt_len = 255

@@ -1,10 +1,13 @@
-"""The embedded default: SmolLM2-135M-Instruct, LoRA agents, single-turn ReMA on built-in tasks.
+"""ReMA RL from the base model (no SFT warm start): SmolLM2-135M-Instruct, LoRA agents,
+single-turn ReMA on the built-in tasks. Not the default: SmolLM2-135M never writes ``\\boxed{}``
+unprompted, so from the base model nearly every reward is the format penalty and most groups have
+zero reward variance (the README's main command, ``configs/default.py``, warm-starts with SFT first).
 
 Sized for a 2-core CPU (about 7 minutes): 8 steps of 4 questions × 2 plans × 2 solutions,
 alternating between the reasoning agent (RA) and the meta-thinking agent (MTA) every 2 steps
 (Algorithm 1), with the paper's shaped rewards and GRPO advantages.
 
-    python launch/train.py --config=configs/default.py --workdir=runs/default
+    python launch/train.py --config=configs/rl_from_base.py --workdir=runs/rl_from_base
 """
 import ml_collections
 from ml_collections.config_dict import placeholder

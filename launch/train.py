@@ -1,7 +1,13 @@
 """Train the ReMA agents with multi-agent RL.
 
     python launch/train.py --config=configs/default.py --workdir=runs/default
-    python launch/train.py --config=configs/default.py --config.loop.steps=4 --workdir=/tmp/r
+    python launch/train.py --config=configs/default.py --config.rl.loop.steps=4 --workdir=/tmp/r
+    python launch/train.py --config=configs/rl_from_base.py --config.loop.steps=4 --workdir=/tmp/r
+
+A config with ``sft`` and ``rl`` sections (``configs/default.py``) runs the paper's bootstrap as
+one job (``rema_jax.training.bootstrap``): held-out eval of the base model, SFT warm start, RL from
+it, held-out eval after each; finished stages are skipped when the command is re-run. Any other
+config is one RL run.
 
 The config is an ml_collections file; every ``--config.x.y=value`` override is validated (wrong
 key, type or value → a clear error) before any model is loaded. Re-running with the same
@@ -39,14 +45,22 @@ def main(argv):
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     from rema_jax.config_utils import ConfigError
+    from rema_jax.training import bootstrap
     from rema_jax.training.config import load_train_config
     from rema_jax.training.trainer import train
 
+    staged = bootstrap.is_bootstrap_config(FLAGS.config)  # sft + rl sections: base → SFT → RL
     try:
-        config = load_train_config(FLAGS.config)
+        config = (bootstrap.load_bootstrap_config if staged else load_train_config)(FLAGS.config)
     except ConfigError as e:
         raise ConfigError(f"invalid config {FLAGS['config'].config_filename!r}: {e}") from None
-    train(config, FLAGS.workdir, resume=FLAGS.resume)
+    if staged:
+        if not FLAGS.resume:
+            raise ConfigError("--noresume: a bootstrap job always continues its finished stages; "
+                              "pass a new --workdir to start over")
+        bootstrap.run_bootstrap(config, FLAGS.workdir)
+    else:
+        train(config, FLAGS.workdir, resume=FLAGS.resume)
 
 
 if __name__ == "__main__":

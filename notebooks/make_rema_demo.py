@@ -12,10 +12,11 @@ CELLS = [
 follows it and writes the solution; both are trained with multi-agent RL on verifiable rewards.
 
 This notebook installs `rema_jax`, loads SmolLM2-135M-Instruct, lets the two agents solve a
-polynomial problem, runs a few RL steps with a live reward plot, and shows how to swap in a
+polynomial problem, then runs the paper's bootstrap (held-out accuracy of the base model, an SFT
+warm start, ReMA RL with a live reward plot, held-out accuracy after each), and shows how to swap in a
 Hugging Face checkpoint on a GPU/TPU runtime.
 
-`REMA_NOTEBOOK_TINY=1` switches to a tiny random model and 2 RL steps (used by the tests)."""),
+`REMA_NOTEBOOK_TINY=1` switches to a tiny random model, 1 SFT epoch and 2 RL steps (used by the tests)."""),
     ("code", """import os, sys
 TINY = os.environ.get("REMA_NOTEBOOK_TINY") == "1"
 REPO = os.path.abspath("..") if os.path.exists("../setup.py") else os.path.abspath(".")
@@ -58,43 +59,70 @@ for turn in traj.turns:
     print(f"--- {turn.role} ({len(turn.token_ids)} tokens, {turn.stop_reason})\\n{turn.text}\\n")
 (grade,) = grade_batch([traj.final_answer], [SEED_EXAMPLE.answer])
 print("gold:", SEED_EXAMPLE.answer, "| correct:", grade.correct)"""),
-    ("md", """## A few RL steps with a live plot
-The default config (`configs/default.py`): LoRA agents, alternating schedule (RA then MTA),
-paper rewards, GRPO. Each `Trainer.step()` rolls out, grades, computes advantages and updates the
-trained agent. (For a supervised warm start first, see `launch/sft.py --config=configs/sft_default.py`.)"""),
+    ("md", """## The bootstrap: base → SFT warm start → RL, on the same held-out questions
+The default config (`configs/default.py`, the README's main command) in three stages, cell by cell.
+SmolLM2-135M never writes `\\boxed{}` unprompted, so RL from the base model sees almost only format
+penalties; the paper bootstraps with supervised fine-tuning first. Here both agents are fine-tuned
+on built-in worked examples (MTA: question → plan; RA: question + plan → solution), then trained
+with ReMA RL (alternating RA / MTA phases, GRPO). `python launch/train.py --config=configs/default.py`
+runs the same three stages as one resumable job."""),
     ("code", """import importlib.util, tempfile
 import matplotlib.pyplot as plt
 from IPython.display import clear_output
-from rema_jax.training.config import load_train_config
-from rema_jax.training.trainer import Trainer
+from rema_jax.training import bootstrap
+from rema_jax.training.trainer import Trainer, heldout_subset
 
 spec = importlib.util.spec_from_file_location("default_config", os.path.join(REPO, "configs", "default.py"))
 module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
-cfg = module.get_config().to_dict()
-cfg["loop"].update(steps=3, eval_before=False, eval_questions=0)
+raw = module.get_config()
 if TINY:
-    cfg["model"].update(random_init=TINY_SHAPE, max_cache_len=544)
-    cfg["adapter"].update(rank=4, alpha=8.0)
-    cfg["rollout"].update(max_new_tokens=8)
-    cfg["loop"].update(steps=2, questions_per_step=2, max_seq_len=296)
-    cfg["data"].update(levels=(1,), train_per_cell=4, test_per_cell=1)
-config = load_train_config(cfg)
-trainer = Trainer(config, tempfile.mkdtemp(prefix="rema_demo_"), progress=False)
+    for stage in (raw.sft, raw.rl):
+        stage.model.random_init = TINY_SHAPE
+        stage.adapter.rank, stage.adapter.alpha = 4, 8.0
+        stage.data.levels, stage.data.train_per_cell, stage.data.test_per_cell = (1,), 3, 2
+    raw.sft.data.examples_per_cell, raw.sft.loop.epochs, raw.sft.loop.max_seq_len = 1, 1, 256
+    raw.rl.rollout.max_new_tokens = 8
+    raw.rl.loop.steps, raw.rl.loop.questions_per_step = 2, 2
+    raw.rl.schedule.reasoning_steps = raw.rl.schedule.meta_thinking_steps = 1
+    raw.heldout_questions = 8
+config = bootstrap.load_bootstrap_config(raw)
+workdir = tempfile.mkdtemp(prefix="rema_demo_")
+heldout = {}
 
-history = {"meta_thinking": [], "reasoning": [], "accuracy": []}
-for _ in range(config.loop.steps):
+# 1. The base model on the held-out questions (fresh LoRA adapters are exactly the base model).
+base_trainer = Trainer(config.rl, os.path.join(workdir, "base"), progress=False)
+questions = heldout_subset(base_trainer.test_tasks, config.heldout_questions)
+heldout["base"] = base_trainer.evaluate(questions, "base")["score"] / 100
+del base_trainer
+print(f"held-out accuracy of the base model: {heldout['base']:.1%} on {len(questions)} questions")"""),
+    ("code", """# 2. SFT warm start of both agents on the built-in worked examples.
+from rema_jax.sft.train import run_sft
+import dataclasses
+sft_config = dataclasses.replace(config.sft, eval=dataclasses.replace(config.sft.eval, questions=0))
+sft = run_sft(sft_config, os.path.join(workdir, "sft"), progress=False)
+for agent in sft.summary["steps_per_agent"]:
+    print(f"{agent}: SFT loss {sft.summary[agent + '/loss_first']:.2f} → {sft.summary[agent + '/loss_last']:.2f}")
+del sft"""),
+    ("code", """# 3. ReMA RL from the SFT adapters, with a live reward plot.
+rl_config = bootstrap.rl_config_from_sft(config, os.path.join(workdir, "sft", "adapters"))
+trainer = Trainer(rl_config, os.path.join(workdir, "rl"), progress=False)
+heldout["sft"] = trainer.evaluate(questions, "sft")["score"] / 100
+
+history = {"meta_thinking": [], "reasoning": []}
+for _ in range(rl_config.loop.steps):
     m = trainer.step()
-    for role in ("meta_thinking", "reasoning"):
+    for role in history:
         history[role].append(m.get(f"{role}/reward_mean", float("nan")))
-    history["accuracy"].append(m["train/accuracy"])
     clear_output(wait=True)
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3))
-    for role in ("meta_thinking", "reasoning"):
-        ax[0].plot(history[role], marker="o", label=role)
-    ax[0].set_title("mean reward"); ax[0].set_xlabel("step"); ax[0].legend()
-    ax[1].plot(history["accuracy"], marker="o"); ax[1].set_title("train accuracy"); ax[1].set_xlabel("step")
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for role, ys in history.items():
+        ax.plot(range(1, len(ys) + 1), ys, marker="o", label=role)
+    ax.set_title("RL training reward (mean per step)"); ax.set_xlabel("RL step"); ax.legend(); ax.grid(alpha=0.3)
     plt.show()
-    print(f"step {trainer.step_index}: trained {m['phase/trained']}, {m['time/step_s']:.1f} s")"""),
+    print(f"step {trainer.step_index}: trained {m['phase/trained']}, train accuracy {m['train/accuracy']:.2f}, "
+          f"{m['time/step_s']:.1f} s")
+heldout["rl"] = trainer.evaluate(questions, "rl")["score"] / 100
+print("held-out accuracy  base {base:.1%}  ·  after SFT {sft:.1%}  ·  after RL {rl:.1%}".format(**heldout))"""),
     ("md", """## Swap in a Hugging Face checkpoint (GPU / TPU runtime)
 `models.load` takes a local HF directory (`config.json` + safetensors; Llama and Qwen2 families).
 Download it first (the library never downloads during training), then point the config at it:
@@ -111,6 +139,9 @@ if HF_CHECKPOINT:
     from rema_jax import models
     loaded = models.load(HF_CHECKPOINT, dtype="bfloat16")
     print(loaded.config)
+    from rema_jax.config_utils import to_dict
+    from rema_jax.training.config import load_train_config
+    cfg = to_dict(config.rl)
     cfg["model"].update(source=HF_CHECKPOINT, dtype="bfloat16", random_init=None, max_cache_len=2048)
     cfg["rollout"].update(max_new_tokens=512, max_prompt_len=1024)
     cfg["loop"].update(max_seq_len=1600)

@@ -28,5 +28,8 @@ def test_notebook_runs_tiny(smollm2_gguf, monkeypatch):
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "--- meta_thinking" in text and "--- reasoning" in text
     assert "step 2: trained" in text
+    # the bootstrap's story: three held-out numbers on the same questions, SFT losses printed
+    assert "held-out accuracy  base" in text and "after SFT" in text and "after RL" in text
+    assert "SFT loss" in text
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
                for c in nb.cells if c.cell_type == "code" for o in c.outputs)

@@ -1,0 +1,34 @@
+"""The embedded default: the paper's bootstrap on SmolLM2-135M-Instruct, as one job.
+
+  1. greedy held-out accuracy of the base model (48 questions: 6 per family × level);
+  2. SFT warm start of both agents (LoRA) on built-in worked examples: the meta-thinking agent on
+     question → plan, the reasoning agent on (question, plan) → solution;
+  3. single-turn ReMA RL from those adapters (alternating RA / MTA phases, the paper's rewards,
+     GRPO), with the held-out evaluation after SFT (RL step 0) and after RL.
+
+Sized for a 2-core CPU (the README quotes the measured time). Writes ``summary.json`` with
+``heldout_accuracy = {base, sft, rl}`` and ``bootstrap.png`` under the workdir.
+
+    python launch/train.py --config=configs/default.py --workdir=runs/default
+    python launch/train.py --config=configs/default.py --config.rl.loop.steps=4 --workdir=/tmp/r
+
+RL from the base model without the warm start is ``configs/rl_from_base.py``.
+"""
+import ml_collections
+
+from configs import rema_from_sft, sft_default  # noqa: F401  (resolved by launch/*.py's sys.path)
+
+
+def get_config() -> ml_collections.ConfigDict:
+    rl = rema_from_sft.get_config()
+    rl.data.test_per_cell = 6  # 4 families × 2 levels × 6 = 48 held-out questions
+    rl.loop.eval_questions = 48
+    rl.loop.eval_every = 0
+    sft = sft_default.get_config()
+    sft.data.test_per_cell = rl.data.test_per_cell
+    sft.eval.questions = 0  # the bootstrap evaluates base / SFT / RL itself, on the same questions
+    c = ml_collections.ConfigDict()
+    c.sft = sft
+    c.rl = rl
+    c.heldout_questions = 48
+    return c
