@@ -186,3 +186,71 @@ def test_curriculum_band_edges_are_exact(curriculum_trainer, monkeypatch, low, h
     pool = trainer.curriculum_pool(trainer.phase(0), 0)
     assert len(order) == 6
     assert {order.index(t.uid) for t in pool} == kept
+
+
+# ------------------------------------------------------------------ item 3: KL reference after SFT
+def _save_sft_start(directory, kind: str, roles) -> None:
+    """Writes what ``launch/sft.py`` leaves in ``adapters/``: every agent moved away from its fresh
+    init (LoRA's zero ``lora_b`` included), so the SFT start differs from the bare base."""
+    import jax
+
+    from rema_jax.models import Adapter, AdapterConfig, init_adapter, save_adapter
+    from rema_jax.training.base_model import build_base_model
+    from rema_jax.training.config import ModelSection
+
+    config, base, _ = build_base_model(ModelSection(source="smollm2-135m", random_init=TINY))
+    adapter_cfg = AdapterConfig(kind="full" if kind == "shared" else kind, rank=4, alpha=8.0)
+    for i, agent in enumerate(("shared",) if kind == "shared" else roles):
+        fresh = init_adapter(config, base, adapter_cfg, jax.random.key(i))
+        moved = jax.tree.map(lambda x: x + 0.05 * (i + 1), fresh.weights)
+        save_adapter(str(directory / agent), Adapter(weights=moved, kind=fresh.kind, scale=fresh.scale))
+
+
+def _probe_batch(vocab: int) -> dict:
+    rng = np.random.default_rng(0)
+    n, length = 2, 24
+    loss = np.zeros((n, length), np.float32)
+    loss[:, 12:20] = 1
+    return {"tokens": rng.integers(0, vocab, (n, length)).astype(np.int32),
+            "attention_mask": np.ones((n, length), np.int32), "loss_mask": loss,
+            "turn_ids": np.where(loss > 0, 0, -1).astype(np.int32)}
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("kind", ["lora", "full", "shared"])
+def test_kl_reference_is_the_policy_the_run_starts_from(tmp_path, smollm2_gguf, kind):
+    """With ``model.init_adapters_from`` and a KL term the reference is the SFT policy (base + the
+    loaded adapter, or the loaded shared model), so reference and old log-probs agree at step 0;
+    the bare base does not. Without a warm start, LoRA keeps the base as reference (no copy)."""
+    roles = ("meta_thinking", "reasoning")
+    _save_sft_start(tmp_path / "sft", kind, roles)
+    sections = dict(adapter={"kind": kind}, loss={"kl_coef": 1e-2},
+                    model={"init_adapters_from": str(tmp_path / "sft")})
+    if kind == "shared":
+        sections["schedule"] = {"kind": "simultaneous"}
+    trainer = trainer_lib.Trainer(load_train_config(tiny_train_config(**sections)), str(tmp_path / "rl"),
+                                  progress=False)
+    batch = _probe_batch(trainer.model_config.vocab_size)
+    params = {**trainer.state.params, **trainer.constants}
+    bare = trainer_lib.rl.compute_logprobs_fn(
+        None, 1.0, logprobs_fn=trainer._sparse_logprobs(
+            lambda p, role: (p[trainer_lib.SHARED] if kind == "shared" else p[trainer_lib.BASE], None)))
+    bare_params = dict(params)
+    if kind == "shared":  # the pre-SFT model
+        from rema_jax.training.base_model import build_base_model
+        bare_params[trainer_lib.SHARED] = build_base_model(trainer.config.model)[1]
+    for role in roles:
+        old = trainer._logprobs(trainer.logprob_fn, params, role, batch)
+        ref = trainer._logprobs(trainer.ref_logprob_fn, params, role, batch)
+        base = np.asarray(bare(bare_params, role, batch))
+        np.testing.assert_allclose(ref, old, rtol=0, atol=1e-6)
+        assert np.abs(ref - base).max() > 1e-3, role
+
+    if kind == "lora":
+        cold = trainer_lib.Trainer(load_train_config(tiny_train_config(loss={"kl_coef": 1e-2})),
+                                   str(tmp_path / "cold"), progress=False)
+        assert set(cold.constants) == {trainer_lib.BASE}  # no reference copy
+        params = {**cold.state.params, **cold.constants}
+        for role in roles:
+            ref = cold._logprobs(cold.ref_logprob_fn, params, role, batch)
+            np.testing.assert_allclose(ref, np.asarray(bare(params, role, batch)), rtol=0, atol=0)

@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 SHARED = "shared"
 BASE = "base"          # the frozen base parameters, passed to jitted functions as an argument
-REFERENCE = "reference"  # a frozen copy of the initial weights (shared mode with a KL term only)
+REFERENCE = "reference"  # a frozen copy of the starting policy's weights (KL term only)
 
 
 class NonFiniteUpdateError(FloatingPointError, UserError):
@@ -122,13 +122,15 @@ class Trainer:
         self.shared = cfg.adapter.kind == SHARED
         self.memory_plan = self._check_memory()
         key = jax.random.key(_seed(cfg.loop.seed, "adapters"))
+        self.need_ref = cfg.loss.kl_coef > 0 or (cfg.advantage.estimator == "reinforce_pp"
+                                                 and cfg.advantage.kl_coef > 0)
         if self.shared:
             trainable = {SHARED: base}
             if cfg.model.init_adapters_from:
                 trainable = self._load_sft_adapters(cfg, trainable)
             self.constants = {}
-            if cfg.loss.kl_coef > 0 or cfg.advantage.kl_coef > 0:  # the reference is the SFT model
-                self.constants[REFERENCE] = jax.tree.map(jnp.copy, base)
+            if self.need_ref:  # the model the run starts from: the SFT model after a warm start
+                self.constants[REFERENCE] = jax.tree.map(jnp.copy, trainable[SHARED])
         else:
             trainable = {}
             for i, role in enumerate(self.roles):
@@ -137,6 +139,8 @@ class Trainer:
             if cfg.model.init_adapters_from:
                 trainable = self._load_sft_adapters(cfg, trainable)
             self.constants = {BASE: base}
+            if self.need_ref and cfg.model.init_adapters_from:  # reference = base + the SFT adapters
+                self.constants[REFERENCE] = {r: jax.tree.map(jnp.copy, w) for r, w in trainable.items()}
             self._adapter_kind = cfg.adapter.kind
             self._adapter_scale = cfg.adapter.scale if cfg.adapter.kind == "lora" else 1.0
 
@@ -276,9 +280,15 @@ class Trainer:
         return params[BASE], self._adapter(params[role])
 
     def _reference_params_for(self, params: Mapping[str, Any], role: str):
-        """The reference policy: the base without adapters (no copy), or the frozen initial weights
-        in shared mode."""
-        return (params[REFERENCE] if self.shared else params[BASE]), None
+        """The reference policy = the policy the run starts from: the frozen copy of the initial
+        shared model (the SFT model after a warm start); with adapters, the base plus a frozen copy
+        of the role's SFT adapter after a warm start, else the bare base (no copy: a fresh LoRA
+        adapter is the base exactly)."""
+        if self.shared:
+            return params[REFERENCE], None
+        if REFERENCE in params:
+            return params[BASE], self._adapter(params[REFERENCE][role])
+        return params[BASE], None
 
     def _sparse_logprobs(self, params_for):
         """``logprobs_fn(params, role, batch)`` for the RL update: logits at loss positions only."""
@@ -385,7 +395,7 @@ class Trainer:
         t0 = time.perf_counter()
         trained_roles = self.roles if self.shared else phase.trained
         all_params = {**self.state.params, **self.constants}
-        need_ref = cfg.loss.kl_coef > 0 or (cfg.advantage.estimator == "reinforce_pp" and cfg.advantage.kl_coef > 0)
+        need_ref = self.need_ref
         batches = {}
         for role in trained_roles:
             b = self._role_batch(exp, role)
