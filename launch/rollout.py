@@ -24,7 +24,7 @@ from rich.markup import escape  # noqa: E402
 from rich.panel import Panel  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from rema_jax.cli import run_main  # noqa: E402
+from rema_jax.cli import COMPILATION_CACHE_HELP, run_main  # noqa: E402
 
 SEED_QUESTION = ("Solve (3t^2+5t+a)(4t^2+bt-2) = 12t^4+26t^3-8t^2-16t+6; find a+b")
 SEED_ANSWER = "-1"
@@ -50,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--greedy", action="store_true")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--dtype", default="float32")
+  p.add_argument("--compilation_cache", default=None, help=COMPILATION_CACHE_HELP)
   return p.parse_args(argv)
 
 
@@ -70,6 +71,8 @@ class _TimedPolicy:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  from rema_jax.compile_cache import enable_compilation_cache
+  enable_compilation_cache(args.compilation_cache)  # before any device use
   console = Console()
   from rema_jax import rollout as R
   from rema_jax.models.hub import load

@@ -17,6 +17,10 @@ Multi-device and multi-host: ``--config.mesh.data/fsdp/tensor`` lay the run out 
 (default: every device on ``data``). On a pod slice (or multi-node GPU with ``JAX_COORDINATOR_ADDRESS``,
 ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``) run the same command on every host
 (``launch/tpu_pod.sh``); ``jax.distributed`` is initialised here before any device is touched.
+
+Compiled programs are kept in a persistent cache (``--compilation_cache=DIR``, default
+``~/.cache/rema_jax/xla``; ``--compilation_cache=off`` disables it), set up by ``run_main`` before
+``main`` without touching a device, so a second identical run skips most of its compilation.
 """
 from __future__ import annotations
 

@@ -7,6 +7,12 @@
 A `rema_jax.errors.UserError` (bad config, record, checkpoint, model source, ...) or a missing input
 file is printed as one ``error: <message>`` line on stderr with exit code 2; any other exception
 propagates with its traceback.
+
+Every absl entry point also gets ``--compilation_cache=DIR|off``: the persistent XLA compilation cache
+(`rema_jax.compile_cache`), switched on in `run_main` after flag parsing and before ``main`` runs, so
+before any device use (and before ``jax.distributed`` is initialised; enabling it touches no device).
+Default: ``$REMA_JAX_COMPILATION_CACHE``, else ``~/.cache/rema_jax/xla``. A plain (argparse) entry
+point adds `COMPILATION_CACHE_HELP`'s flag itself and calls `enable_compilation_cache` first thing.
 """
 from __future__ import annotations
 
@@ -71,12 +77,42 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.exit(EXIT_USER_ERROR)
 
 
+COMPILATION_CACHE_HELP = (
+    "Persistent XLA compilation cache directory, or 'off'. Default: $REMA_JAX_COMPILATION_CACHE, "
+    "else $XDG_CACHE_HOME/rema_jax/xla (~/.cache/rema_jax/xla). A second identical run reuses the "
+    "compiled programs (and, on GPU, the autotuning results).")
+
+
+def _define_common_flags() -> None:
+    from absl import flags
+
+    if "compilation_cache" not in flags.FLAGS:
+        flags.DEFINE_string("compilation_cache", None, COMPILATION_CACHE_HELP)
+
+
+def _with_compilation_cache(main: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        from absl import flags
+
+        from rema_jax.compile_cache import enable_compilation_cache
+
+        enable_compilation_cache(flags.FLAGS.compilation_cache)  # never raises, touches no device
+        return main(*args, **kwargs)
+
+    return wrapped
+
+
 def run_main(main: Callable[..., Any], *, use_absl: bool = True) -> None:
-    """Runs an entry point's ``main`` (via absl's ``app.run`` or called bare) and exits."""
+    """Runs an entry point's ``main`` (via absl's ``app.run`` or called bare) and exits.
+
+    With absl, ``--compilation_cache`` is defined here and applied before ``main`` runs.
+    """
     if use_absl:
         from absl import app
 
-        app.run(_guard(main), flags_parser=_parse_flags)
+        _define_common_flags()
+        app.run(_guard(_with_compilation_cache(main)), flags_parser=_parse_flags)
     else:
         sys.exit(_guard(main)())
 
