@@ -4,6 +4,9 @@ import os
 import pathlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Entry points run by tests (subprocesses) keep no persistent compilation cache, so the suite never
+# writes to ~/.cache; tests/test_compile_cache.py passes its own temporary directories.
+os.environ["REMA_JAX_COMPILATION_CACHE"] = "off"
 
 import jax
 import pytest
