@@ -254,3 +254,44 @@ def test_kl_reference_is_the_policy_the_run_starts_from(tmp_path, smollm2_gguf, 
         for role in roles:
             ref = cold._logprobs(cold.ref_logprob_fn, params, role, batch)
             np.testing.assert_allclose(ref, np.asarray(bare(params, role, batch)), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ item 13: judge runs with evaluation
+@pytest.mark.real_model
+def test_judge_run_trains_and_evaluates_end_to_end(tmp_path, smollm2_gguf):
+    """A single-turn LLM-as-a-Judge run on a pair file, held-out evaluation before, during and
+    after training: the evaluation uses the judge prompts and logs judge metrics only."""
+    import json
+
+    from rema_jax.training.metrics import read_jsonl
+
+    def pairs(path, n, offset):
+        with open(path, "w", encoding="utf-8") as f:
+            for i in range(n):
+                a, b = f"{i + offset + 2}", f"{i + offset + 3}"
+                good_first = i % 2 == 0
+                f.write(json.dumps({"id": f"p{i + offset}", "question": f"What is {i + offset} + 2?",
+                                    "response_A": a if good_first else b, "response_B": b if good_first else a,
+                                    "label": "A>B" if good_first else "B>A"}) + "\n")
+
+    pairs(tmp_path / "train.jsonl", 4, 0)
+    pairs(tmp_path / "test.jsonl", 2, 10)
+    cfg = load_train_config(tiny_train_config(
+        rollout={"task": "judge", "num_samples": 2, "max_new_tokens": 4},
+        reward={"kind": "judge"},
+        data={"source": "benchmark", "benchmark": "judgebench", "train_path": str(tmp_path / "train.jsonl"),
+              "test_path": str(tmp_path / "test.jsonl")},
+        loop={"steps": 2, "questions_per_step": 2, "eval_before": True, "eval_every": 1,
+              "eval_questions": 2}))
+    summary = trainer_lib.train(cfg, str(tmp_path / "run"), progress=False)
+    assert summary["steps"] == 2
+    assert 0.0 <= summary["eval_before"] <= 1.0 and 0.0 <= summary["eval_after"] <= 1.0
+    records = read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
+    evals = {r["step"]: r for r in records if "eval/accuracy" in r}
+    assert sorted(evals) == [0, 1, 2]
+    assert not any("eval/boxed_rate" in r for r in evals.values())  # a math metric
+    assert all(0.0 <= r["eval/no_verdict_rate"] <= 1.0 for r in evals.values())
+    for tag in ("step_0", "step_1", "step_2"):
+        samples = [json.loads(line) for line in open(tmp_path / "run" / "eval" / f"{tag}.jsonl")]
+        assert {s["kind"] for s in samples} == {"judge"} and len(samples) == 2
+        assert all(s["gold"] in ("A", "B") for s in samples)

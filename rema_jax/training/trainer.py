@@ -458,8 +458,11 @@ class Trainer:
         from rema_jax.eval.solvers import rollout_solver
 
         rollout = dataclasses.replace(self.config.rollout, num_samples=1, greedy=True)
+        # The solver takes math settings first and judge settings apart (a judge run's are the latter).
+        math_rollout, judge_rollout = ((dataclasses.replace(rollout, task="math"), rollout)
+                                       if rollout.task == "judge" else (rollout, None))
         solver = rollout_solver(self.make_policy(_seed(self.config.loop.seed, "eval", tag)),
-                                self.encoder, rollout)
+                                self.encoder, math_rollout, judge_rollout)
         settings = EvalSettings(batch_size=max(len(tasks), 1), grade_timeout=self.config.grading.timeout_s,
                                 progress=False)
         path = os.path.join(self.workdir, "eval", f"{tag}.jsonl") if sharding.is_main_process() else None
@@ -563,8 +566,10 @@ def heldout_subset(tasks: Sequence[Task], n: int) -> list[Task]:
 def _eval_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
     """Harness summary (percentages) → logged fractions."""
     out = {"eval/accuracy": summary["score"] / 100.0}
-    if "boxed_rate" in summary:
+    if "boxed_rate" in summary:  # math
         out["eval/boxed_rate"] = summary["boxed_rate"] / 100.0
+    if "no_verdict_rate" in summary:  # judge
+        out["eval/no_verdict_rate"] = summary["no_verdict_rate"] / 100.0
     return out
 
 
@@ -600,7 +605,7 @@ def train(config: TrainConfig, workdir: str, *, resume: bool = True,
     if eval_tasks and cfg.eval_before and not resumed:
         ev = trainer.evaluate(eval_tasks, "step_0")
         summary["eval_before"] = ev["score"] / 100.0
-        logger.write(0, {"eval/accuracy": summary["eval_before"], "eval/boxed_rate": ev["boxed_rate"] / 100.0})
+        logger.write(0, _eval_metrics(ev))
 
     end = cfg.steps if max_steps is None else min(cfg.steps, trainer.step_index + max_steps)
     bar = tqdm(total=cfg.steps, initial=trainer.step_index, desc="ReMA RL", unit="step",
