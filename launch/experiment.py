@@ -17,6 +17,22 @@ The untrained model is evaluated once (VRP = no training), and each RL run greed
 split at its start (= after SFT), every ``--eval_every`` steps and at the end. Writes ``results.md``
 (Table 1 layout: rows = task families + average, columns = VRP, [VRP+SFT], VRP_RL, [ReMA+SFT], ReMA,
 deltas against VRP), ``results.json``, ``reward.png`` and ``heldout_accuracy.png``.
+
+Presets: ``--preset=powered`` runs the powered experiment of configs/experiment_powered.py instead
+(rema_jax/training/powered.py): SFT_VRP and SFT_ReMA once, then {VRP_RL, ReMA, ReMA_consistency} × 3
+RL seeds on 96 held-out questions, then the report with 95% bootstrap CIs over seeds and questions,
+the paired difference ReMA − VRP_RL, the Table-1 layout per family and the mechanism table (the RA's
+held-out success given the MTA's plans at the start vs the end of each MTA phase):
+
+    python launch/experiment.py --preset=powered --workdir=runs/powered --plan    # stages, time estimate
+    python launch/experiment.py --preset=powered --workdir=runs/powered           # ~145 min on 2 cores
+
+Every stage is recorded in ``<workdir>/stages.json`` when it finishes; re-running the command skips
+finished stages and continues an RL run from its checkpoints. ``--seeds``, ``--steps``,
+``--eval_questions``, ``--phase_steps``, ``--time_budget_min``, ``--base_eval``, ``--override`` (every RL
+run) and ``--sft_override`` (both SFT stages) change the preset; results go to ``--results_dir``
+(default docs/results): ``powered_experiment.md``, ``powered_experiment.json``,
+``powered_accuracy.png``, ``powered_mechanism.png``.
 """
 from __future__ import annotations
 
@@ -43,6 +59,14 @@ flags.DEFINE_multi_string("sft_override", [], "Extra overrides for both SFT stag
                           "(parsed by the field's type, like --config.x.y=value of launch/sft.py).")
 flags.DEFINE_multi_string("override", [], "Extra config overrides for every run, e.g. loop.seed=1 or "
                           "adapter.kind=full (parsed like --config.x.y=value of launch/train.py).")
+flags.DEFINE_enum("preset", None, ["powered"], "Run a preset experiment instead (configs/experiment_<preset>.py).")
+flags.DEFINE_integer("seeds", None, "--preset=powered: RL seeds per method (0..n-1).")
+flags.DEFINE_integer("phase_steps", None, "--preset=powered: steps per RA phase and per MTA phase of ReMA.")
+flags.DEFINE_float("time_budget_min", None, "--preset=powered: do not start a seed group that would end past "
+                   "this many minutes of stage time (0: no budget).")
+flags.DEFINE_bool("base_eval", None, "--preset=powered: also evaluate the untrained model (the VRP column).")
+flags.DEFINE_string("results_dir", None, "--preset=powered: where the report goes (default: docs/results).")
+flags.DEFINE_bool("plan", False, "--preset=powered: print the stages and the time estimate, run nothing.")
 flags.mark_flag_as_required("workdir")
 FLAGS = flags.FLAGS
 
@@ -125,8 +149,49 @@ def _plot(histories: dict[str, list[dict]], key_for, ylabel: str, path: str, tit
     plt.close(fig)
 
 
+def _powered_main():
+    """``--preset=powered``: configs/experiment_powered.py with the flags applied, via
+    rema_jax.training.powered (resumable stages, then the report)."""
+    from configs import experiment_powered
+    from rema_jax.config_utils import ConfigError
+    from rema_jax.training import powered
+
+    for name in ("eval_every", "ablation", "sft"):
+        if FLAGS[name].present:
+            raise ConfigError(f"--{name} does not apply to --preset=powered (the preset always warm-starts with "
+                              "SFT, runs the consistency ablation and evaluates at the phase boundaries)")
+    raw = experiment_powered.get_config()
+    if FLAGS.seeds is not None:
+        raw.seeds = FLAGS.seeds
+    if FLAGS["eval_questions"].present:
+        raw.heldout_questions = FLAGS.eval_questions
+    if FLAGS.time_budget_min is not None:
+        raw.time_budget_min = FLAGS.time_budget_min
+    if FLAGS.base_eval is not None:
+        raw.base_eval = FLAGS.base_eval
+    for rl in raw.rl.values():
+        if FLAGS.steps:
+            rl.loop.steps = FLAGS.steps
+        if FLAGS.phase_steps and rl.rollout.mode not in ("vrp", "mrp"):
+            rl.schedule.reasoning_steps = rl.schedule.meta_thinking_steps = FLAGS.phase_steps
+        apply_overrides(rl, FLAGS.override)
+    for sft in raw.sft.values():
+        apply_overrides(sft, FLAGS.sft_override, "sft_override")
+    cfg = powered.load_powered_config(raw)  # every stage's config checked before any model is loaded
+    if FLAGS.plan:
+        from rema_jax.training.bootstrap import _read_json
+        print(powered.format_plan(cfg, _read_json(os.path.join(FLAGS.workdir, powered.STAGES_FILE))))
+        return
+    results_dir = FLAGS.results_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                    "docs", "results")
+    out = powered.run_powered(cfg, FLAGS.workdir, results_dir)
+    print(f"\nresults: {out['files']['md']}", flush=True)
+
+
 def main(argv):
     del argv
+    if FLAGS.preset == "powered":
+        return _powered_main()
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)
     from rema_jax.config_utils import ConfigError

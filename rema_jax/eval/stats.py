@@ -77,8 +77,10 @@ def bootstrap_replicates(x: Any, *, n_boot: int = DEFAULT_N_BOOT, seed: int = 0)
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     n_s, n_q = m.shape
     rng = np.random.default_rng(seed)
-    w_s = rng.multinomial(n_s, np.full(n_s, 1.0 / n_s), size=n_boot).astype(np.float64)  # [B, S]
+    # questions first: for a given seed, inputs with the same number of questions get the same
+    # question resamples (identical seeds stacked give exactly the one-seed interval)
     w_q = rng.multinomial(n_q, np.full(n_q, 1.0 / n_q), size=n_boot).astype(np.float64)  # [B, Q]
+    w_s = rng.multinomial(n_s, np.full(n_s, 1.0 / n_s), size=n_boot).astype(np.float64)  # [B, S]
     return np.einsum("bs,sq,bq->b", w_s, m, w_q) / (n_s * n_q)
 
 
