@@ -33,9 +33,26 @@ def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:
     return scale.astype(x.dtype) * y.astype(x.dtype)
 
 
+def matmul_2d(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+    """`x [..., in] @ w [in, out]` as one 2-D matmul over the flattened leading axes.
+
+    Why: the weight gradient `x^T dy` then contracts one axis. With `[B, T, in]` activations it
+    contracts (B, T), and XLA:CPU lowers that with a strided transposing copy of `dy` (and `x`)
+    per matmul, which costs about as much as the full-rank matmul; a LoRA update, whose weight
+    gradients are rank-r, was dominated by those copies (see tests/test_lora_cost.py).
+    """
+    lead = x.shape[:-1]
+    return (x.reshape(-1, x.shape[-1]) @ w).reshape(lead + (w.shape[-1],))
+
+
 def lora_delta(x: jnp.ndarray, lora_a: jnp.ndarray, lora_b: jnp.ndarray, scale: float) -> jnp.ndarray:
-    """LoRA update `scale * (x @ A) @ B` for `x [..., in]`, `A [in, r]`, `B [r, out]`, in x's dtype."""
-    return (scale * ((x @ lora_a.astype(x.dtype)) @ lora_b.astype(x.dtype))).astype(x.dtype)
+    """LoRA update `scale * (x @ A) @ B` for `x [..., in]`, `A [in, r]`, `B [r, out]`, in x's dtype.
+
+    Rank-r order (never the `[in, out]` product), 2-D matmuls (`matmul_2d`), and `scale` folded into
+    the `[r, out]` factor, so no elementwise pass over the `[tokens, out]` output is added.
+    """
+    b = (lora_b.astype(jnp.float32) * scale).astype(x.dtype)
+    return matmul_2d(matmul_2d(x, lora_a.astype(x.dtype)), b)
 
 
 def dot_product_attention(q_bthd: jnp.ndarray, k_bskd: jnp.ndarray, v_bskd: jnp.ndarray,
@@ -102,7 +119,7 @@ class Proj(nn.Module):
         cfg = self.config
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
                             cfg.params_dtype)
-        y = x @ kernel.astype(x.dtype)
+        y = matmul_2d(x, kernel.astype(x.dtype))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), cfg.params_dtype).astype(x.dtype)
         if self.has_variable("lora", "lora_a"):
@@ -195,7 +212,7 @@ class Transformer(nn.Module):
         if logits_at_bk is not None:  # project only the positions the caller needs
             x = jnp.take_along_axis(x, logits_at_bk[..., None].astype(jnp.int32), axis=1)
         if cfg.tie_word_embeddings:
-            logits = embed.attend(x)
+            logits = matmul_2d(x, embed.embedding.astype(x.dtype).T)  # = embed.attend(x), 2-D
         else:
             logits = Proj(cfg, cfg.vocab_size, name="lm_head")(x)
         return logits.astype(jnp.float32), (None if cache is None else tuple(new_cache))
