@@ -13,6 +13,10 @@ as our attention computes it):
         (forward 2N, backward through the frozen weights for the activation gradients 2N, no
         weight gradients for them; the LoRA factors cost forward + both backward products.)
 The peak is measured in the same run: a large jitted matmul in the step's compute dtype.
+The modes' steps are compiled first and then timed interleaved (lora, full, lora, full, ...; median of
+`--steps`), so a machine shared with other jobs loads both alike; each step's process CPU seconds are
+reported too. The compiled executables' FLOPs (XLA `cost_analysis`, independent of load) and the
+per-token LoRA speedup over full fine-tuning (`lora_speedup_per_token`) are printed with the CPU model.
 
 On a GPU (when one is lent) the defaults become bf16 and Qwen2.5-0.5B / 1.5B shapes, and decode
 tokens/s of the `Sampler` is reported against the HBM-bandwidth roofline (measured copy bandwidth;
@@ -111,9 +115,9 @@ def _batch(cfg, batch: int, seq: int, seed: int = 0):
             "old_logprobs": (-2.0 * loss).astype(np.float32)}
 
 
-def bench_update(cfg, mode: str, args, plan) -> dict:
+def build_update(cfg, mode: str, args, plan) -> dict:
+    """Compile one mode's update step; returns its callable, inputs and the executable's FLOPs."""
     import jax
-    import numpy as np
 
     from rema_jax.models import forward
     from rema_jax.models.adapters import AdapterConfig, init_adapter
@@ -144,20 +148,58 @@ def bench_update(cfg, mode: str, args, plan) -> dict:
     step = shard_update_fn(make_update_fn(logits_fn, loss_cfg, opt), plan, state, batches, trained, consts,
                            donate_state=True)
     t0 = time.perf_counter()
-    state, metrics = step(state, batches, consts)
-    jax.block_until_ready(state)
+    compiled = step.jitted.lower(state, batches, consts).compile()
     compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        state, metrics = step(state, batches, consts)
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - t0)
-    sec = statistics.median(times)
-    flops = model_flops(cfg, mode, args.batch, args.seq, args.lora_rank)
-    return {"mode": mode, "step_s": sec, "first_call_s": compile_s, "tokens_per_s": args.batch * args.seq / sec,
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    return {"mode": mode, "step": compiled, "state": state, "batches": batches, "consts": consts,
+            "compile_s": compile_s, "hlo_flops": float(cost.get("flops", 0.0)), "times": [], "cpu": []}
+
+
+def time_step(run: dict) -> None:
+    """One timed step (wall and process CPU seconds); the donated state is replaced by the new one."""
+    import jax
+
+    c0, t0 = time.process_time(), time.perf_counter()
+    run["state"], run["metrics"] = run["step"](run["state"], run["batches"], run["consts"])
+    jax.block_until_ready(run["state"])
+    run["times"].append(time.perf_counter() - t0)
+    run["cpu"].append(time.process_time() - c0)
+
+
+def update_result(cfg, run: dict, args) -> dict:
+    import numpy as np
+
+    tokens = args.batch * args.seq
+    sec = statistics.median(run["times"])
+    flops = model_flops(cfg, run["mode"], args.batch, args.seq, args.lora_rank)
+    return {"mode": run["mode"], "step_s": sec, "step_s_all": run["times"], "cpu_s": statistics.median(run["cpu"]),
+            "compile_s": run["compile_s"], "tokens_per_s": tokens / sec,
             "model_tflops_per_step": flops / 1e12, "achieved_tflops": flops / sec / 1e12,
-            "loss_finite": bool(np.isfinite(float(metrics["loss"])))}
+            "hlo_tflops_per_step": run["hlo_flops"] / 1e12, "hlo_mflops_per_token": run["hlo_flops"] / tokens / 1e6,
+            "loss_finite": bool(np.isfinite(float(run["metrics"]["loss"])))}
+
+
+def cpu_model() -> str:
+    """lscpu's 'Model name' (falls back to /proc/cpuinfo, then platform)."""
+    import platform
+    import subprocess
+
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def bench_decode(cfg, args, plan, hbm_bw: float) -> dict:
@@ -199,7 +241,7 @@ def main() -> None:
     p.add_argument("--modes", default="lora,full")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq", type=int, default=None)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per mode (interleaved across modes)")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--logprob-chunk", type=int, default=None)
     p.add_argument("--fsdp", type=int, default=1)
@@ -242,17 +284,39 @@ def main() -> None:
     peak_n = 8192 if accel else (1024 if args.quick else 2048)
     peak = matmul_peak(jax.numpy.dtype(args.dtype), peak_n)
     n, n_lora = matmul_params(cfg, args.lora_rank)
-    print(f"backend={backend} devices={jax.device_count()} model={args.model} dtype={args.dtype} "
+    cpu = cpu_model()
+    print(f"cpu={cpu!r} backend={backend} devices={jax.device_count()} model={args.model} dtype={args.dtype} "
           f"N_matmul={n / 1e6:.1f}M N_lora={n_lora / 1e6:.2f}M peak={peak / 1e12:.3f} TFLOP/s", flush=True)
-    results = []
+    runs = []
     for mode in modes:
-        r = bench_update(cfg, mode, args, plan)
+        run = build_update(cfg, mode, args, plan)
+        time_step(run)  # warm-up, untimed
+        run["times"], run["cpu"] = [], []
+        print(f"[{mode}] compiled in {run['compile_s']:.1f}s  HLO {run['hlo_flops'] / 1e12:.3f} TFLOP/step", flush=True)
+        runs.append(run)
+    for _ in range(args.steps):  # interleaved, so shared-machine load hits every mode alike
+        for run in runs:
+            time_step(run)
+    results = []
+    for run in runs:
+        r = update_result(cfg, run, args)
         r["mfu"] = r["achieved_tflops"] * 1e12 / (peak * jax.device_count())
-        print(f"[{mode}] step {r['step_s']:.3f}s  {r['tokens_per_s']:.0f} tok/s  "
-              f"{r['achieved_tflops']:.3f} TFLOP/s  MFU {100 * r['mfu']:.1f}%  (first call {r['first_call_s']:.1f}s)",
-              flush=True)
+        print(f"[{r['mode']}] step {r['step_s']:.3f}s (cpu {r['cpu_s']:.2f}s)  {r['tokens_per_s']:.0f} tok/s  "
+              f"{r['achieved_tflops']:.3f} TFLOP/s  MFU {100 * r['mfu']:.1f}%  "
+              f"HLO {r['hlo_mflops_per_token']:.0f} MFLOP/token", flush=True)
         results.append(r)
+    by_mode = {r["mode"]: r for r in results}
+    speedup = {}
+    if "lora" in by_mode and "full" in by_mode:
+        lo, fu = by_mode["lora"], by_mode["full"]
+        speedup = {"lora_speedup_per_token": lo["tokens_per_s"] / fu["tokens_per_s"],
+                   "lora_speedup_cpu_s": fu["cpu_s"] / lo["cpu_s"],
+                   "lora_hlo_flops_ratio": fu["hlo_mflops_per_token"] / lo["hlo_mflops_per_token"]}
+        print(f"[lora vs full] {lo['tokens_per_s']:.0f} vs {fu['tokens_per_s']:.0f} tok/s: "
+              f"{speedup['lora_speedup_per_token']:.2f}x per token (CPU seconds {speedup['lora_speedup_cpu_s']:.2f}x, "
+              f"HLO FLOPs {speedup['lora_hlo_flops_ratio']:.2f}x)  on {cpu}", flush=True)
     out = {"backend": backend, "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+           "cpu_model": cpu, "steps_interleaved": True, **speedup,
            "model": args.model, "dtype": args.dtype, "batch": args.batch, "seq": args.seq, "steps": args.steps,
            "lora_rank": args.lora_rank, "mesh": dict(mesh.shape), "n_matmul_params": n, "n_lora_params": n_lora,
            "matmul_peak_tflops": peak / 1e12, "matmul_peak_n": peak_n, "update": results}
