@@ -65,24 +65,33 @@ def test_preset_design_and_budget():
     cfg = powered.load_powered_config(preset_raw())
     assert list(cfg.rl) == ["VRP_RL", "ReMA", "ReMA_consistency"]
     assert list(cfg.sft) == ["SFT_VRP", "SFT_ReMA"] and len(cfg.seeds) >= 3
-    assert cfg.heldout_questions == 96 and cfg.rl["ReMA_consistency"].reward.kind == "consistency"
+    assert cfg.heldout_questions == 120 and cfg.rl["ReMA_consistency"].reward.kind == "consistency"
     rl = cfg.rl["ReMA"]
-    assert rl.data.levels == (1, 2, 3) and rl.data.test_per_cell * len(rl.data.levels) == 24  # per family
+    assert rl.data.levels == (1, 2, 3) and rl.data.test_per_cell * len(rl.data.levels) == 30  # per family
     # SFT: the same budget on the same worked examples for both sides
     assert powered.sft_agent_steps(cfg.sft["SFT_VRP"]) * 2 == powered.sft_agent_steps(cfg.sft["SFT_ReMA"]) == 48
     # ReMA: one RA phase then one MTA phase, evaluated at both ends
     run = powered.run_config(cfg, "ReMA", 1, "/sft/adapters")
     assert run.loop.seed == 1 and run.model.init_adapters_from == "/sft/adapters"
-    assert run.loop.eval_before is False and run.loop.eval_questions == 96
-    assert powered.eval_steps(run) == [4, 8]
+    assert run.loop.eval_before is False and run.loop.eval_questions == 120
+    assert powered.eval_steps(run) == [3, 6]
     assert [(s.trained, s.start, s.end) for s in powered.phase_spans(run)] == [
-        (("reasoning",), 0, 4), (("meta_thinking",), 4, 8)]
-    assert powered.eval_steps(powered.run_config(cfg, "VRP_RL", 0, None)) == [8]
+        (("reasoning",), 0, 3), (("meta_thinking",), 3, 6)]
+    assert powered.eval_steps(powered.run_config(cfg, "VRP_RL", 0, None)) == [6]
     rows = powered.plan(cfg, {})
     keep, total = powered.seeds_within_budget(cfg, rows, {})
     assert keep == list(cfg.seeds) and total < 150.0
     text = powered.format_plan(cfg, {})
     assert "all seeds fit" in text and "ReMA_consistency/seed2" in text
+
+
+def test_eval_cost_counts_the_sampler_batch_padding():
+    import inspect
+
+    from rema_jax.sampling import Sampler
+    default = inspect.signature(Sampler.__init__).parameters["batch_buckets"].default
+    assert tuple(default) == powered.SAMPLER_BATCH_BUCKETS
+    assert [powered.eval_rows(n) for n in (1, 3, 32, 96, 120, 128, 130, 300)] == [1, 4, 32, 128, 128, 128, 130, 320]
 
 
 def test_worked_examples_cover_the_preset_levels():
@@ -105,7 +114,7 @@ def test_worked_examples_cover_the_preset_levels():
     (lambda c: setattr(c.sft.SFT_ReMA.data, "examples_per_cell", 2), "the same budget on the same worked"),
     (lambda c: setattr(c.rl.ReMA.loop, "steps", 4), "share the held-out split and the RL budget"),
     (lambda c: setattr(c.rl.VRP_RL.data, "levels", (1, 2)), "SFT must use RL's split"),
-    (lambda c: setattr(c, "heldout_questions", 97), "held-out questions"),
+    (lambda c: setattr(c, "heldout_questions", 121), "held-out questions"),
     (lambda c: setattr(c, "comparisons", (("ReMA", "MRP"),)), "comparisons"),
     (lambda c: setattr(c, "methods", ("ReMA", "VRP_RL")), "config.methods"),
     (lambda c: setattr(c.rl.ReMA.loop, "stepz", 3), "config.rl.ReMA.loop: unknown key"),
@@ -167,7 +176,10 @@ class FakeStages:
 
     def rl(self, config, workdir, progress):
         self.calls["rl"] += 1
-        os.makedirs(workdir, exist_ok=True)
+        os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
+        from rema_jax.config_utils import to_dict
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(to_dict(config), f, default=str)
         with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
             f.write(json.dumps({"step": 1, "time/step_s": 2.0}) + "\n")
         if self.fail_on and workdir.endswith(self.fail_on):
@@ -261,6 +273,28 @@ def test_a_failed_stage_is_named_and_the_rerun_continues(tmp_path, monkeypatch):
         "ReMA/seed1" not in json.load(open(os.path.join(work, "stages.json")))["_partial"]
 
 
+def test_a_changed_config_is_refused_not_mixed(tmp_path, monkeypatch):
+    work, res = str(tmp_path / "run"), str(tmp_path / "results")
+    FakeStages(fail_on=os.path.join("ReMA", "seed0")).install(monkeypatch)
+    with pytest.raises(StageError):
+        powered.run_powered(powered.load_powered_config(small_raw(seeds=2)), work, res, progress=False)
+    FakeStages().install(monkeypatch)
+    raw = small_raw(seeds=2)
+    raw.rl.ReMA.loss.clip_eps = 0.3  # ReMA only: its half-done run has checkpoints of the old config
+    with pytest.raises(ConfigError, match=r"stage ReMA/seed0: the checkpoint in .*ReMA/seed0 was made with a "
+                                          r"different config \(loss.clip_eps: 0.2 → 0.3\)"):
+        powered.run_powered(powered.load_powered_config(raw), work, res, progress=False)
+    raw = small_raw(seeds=2)
+    raw.rl.VRP_RL.loss.clip_eps = 0.3  # a finished stage's record
+    with pytest.raises(ConfigError, match=r"stage VRP_RL/seed0: its record in .*stages.json was made with a "
+                                          r"different config \(rl.loss.clip_eps: 0.2 → 0.3\)"):
+        powered.run_powered(powered.load_powered_config(raw), work, res, progress=False)
+    # more seeds, fewer seeds or another budget reuse every finished stage
+    raw = small_raw(seeds=1)
+    out = powered.run_powered(powered.load_powered_config(raw), work, res, progress=False)
+    assert out["seeds"] == [0]
+
+
 def test_a_report_that_cannot_be_written_names_the_file(tmp_path, monkeypatch):
     cfg = powered.load_powered_config(small_raw(seeds=2))
     FakeStages().install(monkeypatch)
@@ -273,7 +307,7 @@ def test_a_report_that_cannot_be_written_names_the_file(tmp_path, monkeypatch):
 
 def test_the_time_budget_drops_whole_seed_groups(tmp_path, monkeypatch, capsys):
     raw = small_raw(seeds=3)
-    raw.costs = dict(sft_step_s=0.0, rl_step_s=30.0, eval_question_s=0.0, stage_overhead_s=0.0)
+    raw.costs = dict(sft_step_s=0.0, rl_step_s=30.0, eval_row_s=0.0, stage_overhead_s=0.0)
     raw.time_budget_min = 7.0  # RL run: 2 steps × 30 s = 1 min; a seed group (3 runs) = 3 min
     cfg = powered.load_powered_config(raw)
     text = powered.format_plan(cfg, {})
@@ -295,7 +329,7 @@ def test_cli_plan_and_flag_errors(tmp_path):
                           text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "seeds [0, 1, 2, 3]" in proc.stdout and "ReMA_consistency/seed3" in proc.stdout
-    assert "MTA phases [(2, 4), (6, 8)]" in proc.stdout and "total" in proc.stdout
+    assert "MTA phases [(2, 4)]" in proc.stdout and "total" in proc.stdout
     assert not os.path.exists(tmp_path / "w")  # --plan runs nothing
     proc = subprocess.run(cmd + ["--eval_every=2"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2 and "error: --eval_every does not apply to --preset=powered" in proc.stderr

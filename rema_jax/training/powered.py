@@ -51,15 +51,28 @@ STAGES_FILE = "stages.json"
 RESULTS_STEM = "powered_experiment"
 
 
+# The sampler's default batch buckets (rema_jax.sampling.Sampler): a held-out evaluation of n
+# questions runs as one batch padded to the next bucket (chunks of the largest), so it costs
+# ``eval_rows(n)`` rows: 96 questions cost as much as 128, and 120 too.
+SAMPLER_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def eval_rows(questions: int) -> int:
+    """Sampler rows (padding included) of a greedy evaluation of ``questions`` questions."""
+    top = SAMPLER_BATCH_BUCKETS[-1]
+    full, rest = divmod(questions, top)
+    return full * top + (next(b for b in SAMPLER_BATCH_BUCKETS if b >= rest) if rest else 0)
+
+
 @dataclasses.dataclass(frozen=True)
 class CostModel:
     """Seconds per unit of work on the target machine, for the plan before anything is measured
     (2 shared CPU cores, SmolLM2-135M): one SFT step of one agent (batch 4), one RL step
-    (4 questions × 4 samples), one held-out question (greedy, batch of all questions), and the fixed
-    cost of a stage (model load, compiles)."""
+    (4 questions × 4 samples), one sampler row of a held-out evaluation (greedy; ``eval_rows``
+    counts the padding of the batch bucket), and the fixed cost of a stage (model load, compiles)."""
     sft_step_s: float = 13.1
     rl_step_s: float = 54.0
-    eval_question_s: float = 1.9
+    eval_row_s: float = 1.9
     stage_overhead_s: float = 60.0
 
     def __post_init__(self):
@@ -330,18 +343,19 @@ def stage_rl(config: TrainConfig, workdir: str, progress: bool) -> dict[str, Any
 # ----------------------------------------------------------------------------- time plan
 def _stage_formula(cfg: PoweredConfig, stage: Stage, costs: CostModel) -> tuple[float, str]:
     q = cfg.heldout_questions
+    rows = eval_rows(q)
     if stage.kind == "sft":
         n = sft_agent_steps(cfg.sft[stage.sft])
         return (n * costs.sft_step_s + costs.stage_overhead_s,
                 f"{n} agent-steps × {costs.sft_step_s:.1f} s + {costs.stage_overhead_s:.0f} s")
     if stage.kind in ("sft_eval", "base_eval"):
-        return (q * costs.eval_question_s + costs.stage_overhead_s,
-                f"{q} questions × {costs.eval_question_s:.2f} s + {costs.stage_overhead_s:.0f} s")
+        return (rows * costs.eval_row_s + costs.stage_overhead_s,
+                f"{q} questions ({rows} rows) × {costs.eval_row_s:.2f} s + {costs.stage_overhead_s:.0f} s")
     rl = run_config(cfg, stage.method, stage.seed, None)
     n_eval = len(eval_steps(rl))
-    return (rl.loop.steps * costs.rl_step_s + n_eval * q * costs.eval_question_s + costs.stage_overhead_s,
-            f"{rl.loop.steps} steps × {costs.rl_step_s:.0f} s + {n_eval} eval(s) × {q} q × "
-            f"{costs.eval_question_s:.2f} s + {costs.stage_overhead_s:.0f} s")
+    return (rl.loop.steps * costs.rl_step_s + n_eval * rows * costs.eval_row_s + costs.stage_overhead_s,
+            f"{rl.loop.steps} steps × {costs.rl_step_s:.0f} s + {n_eval} eval(s) × {rows} rows × "
+            f"{costs.eval_row_s:.2f} s + {costs.stage_overhead_s:.0f} s")
 
 
 def measured_costs(cfg: PoweredConfig, done: Mapping[str, Any]) -> CostModel:
@@ -353,7 +367,7 @@ def measured_costs(cfg: PoweredConfig, done: Mapping[str, Any]) -> CostModel:
         changes["sft_step_s"] = max(sum(max(s - c.stage_overhead_s, 0) for s, _ in sft) / sum(n for _, n in sft), 0.0)
     ev = [r["seconds"] for n, r in done.items() if n.endswith("_eval") or n == "VRP_base"]
     if ev:
-        changes["eval_question_s"] = max(np.mean(ev) - c.stage_overhead_s, 0.0) / cfg.heldout_questions
+        changes["eval_row_s"] = max(np.mean(ev) - c.stage_overhead_s, 0.0) / eval_rows(cfg.heldout_questions)
     steps = [r["step_s_median"] for r in done.values() if r.get("step_s_median")]
     if steps:
         changes["rl_step_s"] = float(np.mean(steps))
@@ -443,6 +457,41 @@ def _where(directory: str) -> str:
     return directory + (f" (last file written: {newest})" if newest else "")
 
 
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, Mapping):
+        out = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def _config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    a, b = _flat(old), _flat(new)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return ", ".join(f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in keys[:4]) + (" ..." if len(keys) > 4 else "")
+
+
+def stage_config(cfg: PoweredConfig, st: Stage) -> dict[str, Any]:
+    """What a stage's outcome depends on, as JSON (paths left out): recorded with the stage, so a
+    re-run with a changed config does not silently reuse it."""
+    if st.kind == "sft":
+        c: Any = cfg.sft[st.sft]
+    elif st.kind in ("sft_eval", "base_eval"):  # what a greedy held-out evaluation depends on
+        e = _eval_config(cfg, st.sft, None)
+        c = {"model": e.model, "adapter": e.adapter, "rollout": e.rollout, "data": e.data, "grading": e.grading,
+             "questions": cfg.heldout_questions, "sft": cfg.sft[st.sft] if st.sft else None}
+    else:
+        c = {"rl": to_dict(run_config(cfg, st.method, st.seed, None)), "sft": to_dict(cfg.sft[st.sft])}
+    return json.loads(json.dumps(to_dict(c), default=str))
+
+
+def _check_same_config(st: Stage, recorded: Mapping[str, Any] | None, now: Mapping[str, Any], where: str) -> None:
+    if recorded is not None and recorded != now:
+        raise ConfigError(f"stage {st.name}: {where} was made with a different config ({_config_diff(recorded, now)}); "
+                          "use a new --workdir, or restore the old settings")
+
+
 def run_powered(cfg: PoweredConfig, workdir: str, results_dir: str, *, progress: bool = True) -> dict[str, Any]:
     """Runs (or resumes) every stage, then writes the report; returns ``results.json``'s content."""
     workdir = os.path.abspath(workdir)
@@ -463,6 +512,7 @@ def run_powered(cfg: PoweredConfig, workdir: str, results_dir: str, *, progress:
         if st.seed is not None and st.seed not in keep:
             continue
         if st.name in done:
+            _check_same_config(st, done[st.name].get("config"), stage_config(cfg, st), f"its record in {stages_path}")
             print(f"[powered] stage {st.name}: done in an earlier run ({done[st.name]['seconds'] / 60:.1f} min), "
                   "skipped", flush=True)
             continue
@@ -476,6 +526,12 @@ def run_powered(cfg: PoweredConfig, workdir: str, results_dir: str, *, progress:
                 keep = keep[:keep.index(st.seed)]
                 continue
         directory = os.path.join(workdir, st.directory)
+        previous = os.path.join(directory, "config.json")
+        if st.kind == "rl" and os.path.exists(previous) and os.path.isdir(os.path.join(directory, "checkpoints")):
+            with open(previous, encoding="utf-8") as f:  # the trainer would resume from these checkpoints
+                now = json.loads(json.dumps(to_dict(run_config(cfg, st.method, st.seed,
+                                                               _adapters(st.sft, workdir, done))), default=str))
+                _check_same_config(st, json.load(f), now, f"the checkpoint in {directory}")
         print(f"\n[powered] stage {st.name} → {directory}", flush=True)
         t0 = time.perf_counter()
         try:
@@ -491,7 +547,8 @@ def run_powered(cfg: PoweredConfig, workdir: str, results_dir: str, *, progress:
                 e.add_note(f"powered stage {st.name!r} failed while writing {_where(directory)}")
             raise
         result["seconds"] = time.perf_counter() - t0 + done.get("_partial", {}).pop(st.name, 0.0)
-        result.update({"kind": st.kind, "method": st.method, "seed": st.seed, "directory": st.directory})
+        result.update({"kind": st.kind, "method": st.method, "seed": st.seed, "directory": st.directory,
+                       "config": stage_config(cfg, st)})
         done[st.name] = result
         _write_json(stages_path, done)
 
@@ -696,6 +753,7 @@ def report(cfg: PoweredConfig, workdir: str, results_dir: str, done: Mapping[str
         "seeds_skipped": [s for s in cfg.seeds if s not in seeds],
         "heldout_questions": len(qs.uids), "families": families, "levels": levels,
         "rl_steps": cfg.rl[next(iter(cfg.rl))].loop.steps, "decoding": "greedy",
+        "model": _model_name(cfg.rl[next(iter(cfg.rl))]),
         "ci": {"level": 0.95, "method": "percentile bootstrap, two-level: seeds and questions resampled "
                                         "with replacement, one question resample shared by all seeds",
                "n_boot": cfg.n_boot},
@@ -743,6 +801,12 @@ def report(cfg: PoweredConfig, workdir: str, results_dir: str, done: Mapping[str
             raise ReportWriteError(paths[key], e) from e
     print("\n" + "\n".join(readings), flush=True)
     return out
+
+
+def _model_name(rl: TrainConfig) -> str:
+    m = rl.model
+    name = "SmolLM2-135M-Instruct" if m.source == "smollm2-135m" else m.source
+    return name + (f" (random init {m.random_init})" if m.random_init else "")
 
 
 def _write_text(path: str, text: str) -> None:
@@ -798,7 +862,7 @@ def _fmt(d: Mapping[str, float], signed: bool = False) -> str:
 
 def _markdown(out: Mapping[str, Any], table1: str, cell_table: str) -> str:
     L = [f"# {out['title']}", "",
-         f"Date: {out['date']}. SmolLM2-135M-Instruct, built-in tasks ({', '.join(out['families'])}; levels "
+         f"Date: {out['date']}. {out['model']}, built-in tasks ({', '.join(out['families'])}; levels "
          f"{', '.join(map(str, out['levels']))}), {out['heldout_questions']} held-out questions "
          f"(greedy decoding), RL {out['rl_steps']} steps per run, seeds {out['seeds']}"
          + (f" (planned {out['seeds_planned']}; {out['seeds_skipped']} skipped by the "
@@ -908,6 +972,9 @@ def _plot_mechanism(out: Mapping[str, Any], path: str) -> None:
         for p in phases:
             if p["trained"] == META_THINKING:
                 ax.axvspan(p["start"], p["end"], color="#dd8452", alpha=0.15)
+                dl = p["delta"]
+                ax.text((p["start"] + p["end"]) / 2, 0.03, f"Δ {dl['estimate']:+.1f}\n[{dl['low']:+.1f}, {dl['high']:+.1f}]",
+                        transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8)
         seeds = [x["seed"] for x in phases[0]["per_seed"]] if phases else []
         for i, s in enumerate(seeds):
             xs = [phases[0]["start"]] + [p["end"] for p in phases]
