@@ -20,12 +20,12 @@ deltas against VRP), ``results.json``, ``reward.png`` and ``heldout_accuracy.png
 
 Presets: ``--preset=powered`` runs the powered experiment of configs/experiment_powered.py instead
 (rema_jax/training/powered.py): SFT_VRP and SFT_ReMA once, then {VRP_RL, ReMA, ReMA_consistency} × 3
-RL seeds on 96 held-out questions, then the report with 95% bootstrap CIs over seeds and questions,
+RL seeds on 120 held-out questions, then the report with 95% bootstrap CIs over seeds and questions,
 the paired difference ReMA − VRP_RL, the Table-1 layout per family and the mechanism table (the RA's
 held-out success given the MTA's plans at the start vs the end of each MTA phase):
 
     python launch/experiment.py --preset=powered --workdir=runs/powered --plan    # stages, time estimate
-    python launch/experiment.py --preset=powered --workdir=runs/powered           # ~145 min on 2 cores
+    python launch/experiment.py --preset=powered --workdir=runs/powered           # ~146 min on 2 cores
 
 Every stage is recorded in ``<workdir>/stages.json`` when it finishes; re-running the command skips
 finished stages and continues an RL run from its checkpoints. ``--seeds``, ``--steps``,

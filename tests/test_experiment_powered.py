@@ -181,7 +181,11 @@ class FakeStages:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(to_dict(config), f, default=str)
         with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
-            f.write(json.dumps({"step": 1, "time/step_s": 2.0}) + "\n")
+            for step in range(config.loop.steps):
+                trained = powered.phase_spans(config)  # the stand-in logs what the schedule trains
+                phase = next(sp for sp in trained if sp.start <= step < sp.end)
+                f.write(json.dumps({"step": step + 1, "time/step_s": 2.0,
+                                    "phase/trained": "+".join(phase.trained)}) + "\n")
         if self.fail_on and workdir.endswith(self.fail_on):
             raise CheckpointError(f"{workdir}/checkpoints/1: truncated")
         p = self.P["vrp" if config.single_agent else config.reward.kind]
@@ -231,11 +235,12 @@ def test_runner_records_skips_and_reports(tmp_path, monkeypatch, capsys):
     assert [(p["trained"], p["start"], p["end"]) for p in phases] == [("reasoning", 0, 2), ("meta_thinking", 2, 4)]
     mta = phases[1]
     assert len(mta["per_seed"]) == 3 and {"start_mean", "end_mean", "delta"} <= set(mta)
+    assert mta["only_this_agent_updated"] is True
     assert mta["delta"]["estimate"] == pytest.approx(mta["end_mean"]["estimate"] - mta["start_mean"]["estimate"])
     assert any("MTA phase" in r and "RA frozen" in r for r in on_disk["readings"])
     md = open(os.path.join(res, "powered_experiment.md")).read()
     for needle in ("| ReMA − VRP_RL |", "| Task family | VRP+SFT | VRP_RL | ReMA+SFT | ReMA | ReMA_consistency |",
-                   "## Mechanism", "| ReMA | 1 | meta_thinking | 2→4 |", "![accuracy](powered_accuracy.png)"):
+                   "## Mechanism", "| ReMA | 1 | meta_thinking | yes | 2→4 |", "![accuracy](powered_accuracy.png)"):
         assert needle in md, needle
     # the stage records: relative paths, eval files at every phase boundary
     stages = json.load(open(os.path.join(work, "stages.json")))
@@ -382,5 +387,6 @@ def test_preset_end_to_end_on_a_tiny_model_with_a_kill(smollm2_gguf, tmp_path, m
     assert [(p["trained"], p["start"], p["end"]) for p in phases] == [("reasoning", 0, 1), ("meta_thinking", 1, 2)]
     # the MTA phase's start is the RA phase's end: one evaluation file, read twice
     assert phases[1]["start_mean"] == phases[0]["end_mean"]
+    assert phases[0]["only_this_agent_updated"] is phases[1]["only_this_agent_updated"] is True
     for name in ("powered_experiment.md", "powered_experiment.json", "powered_accuracy.png", "powered_mechanism.png"):
         assert os.path.exists(os.path.join(res, name))

@@ -29,7 +29,6 @@ MTA's plans at the phase start vs the phase end (greedy), per seed and averaged,
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import math
@@ -617,13 +616,6 @@ class ReportWriteError(Exception):
         self.path, self.cause = path, f"{type(cause).__name__}: {cause}"
 
 
-@dataclasses.dataclass
-class EvalFile:
-    """Per-question correctness of one held-out evaluation, aligned to the report's question order."""
-    path: str
-    correct: np.ndarray
-
-
 def _read_eval(path: str) -> dict[str, dict[str, Any]]:
     out = {}
     with open(path, encoding="utf-8") as f:
@@ -763,7 +755,7 @@ def report(cfg: PoweredConfig, workdir: str, results_dir: str, done: Mapping[str
         "base": ({"accuracy": ci(base).as_dict()} if base is not None else None),
         "stage_minutes": {k: v["seconds"] / 60 for k, v in done.items() if not k.startswith("_")},
         "total_stage_minutes": sum(v["seconds"] for k, v in done.items() if not k.startswith("_")) / 60,
-        "time_budget_min": cfg.time_budget_min,
+        "time_budget_min": cfg.time_budget_min, "wall_this_invocation_min": wall_this_run_min,
         "sft": {s: {k: v for k, v in done[s].items() if k.endswith(("/loss_first", "/loss_last", "steps_per_agent"))}
                 for s in sft_names},
     }
@@ -834,6 +826,20 @@ def _mechanism(cfg, done, qs, start, seeds, ci, resolve) -> dict[str, Any]:
             rec = done[f"{m}/seed{seed}"]
             return qs.vector(resolve(rec["eval_files"][str(step)]))
 
+        def trained_logged(sp):
+            """From every seed's metrics.jsonl: did each step of the phase update only its agent(s)?
+            None when the log does not say (no ``phase/trained`` records for those steps)."""
+            seen = []
+            for s in seeds:
+                path = os.path.join(resolve(done[f"{m}/seed{s}"]["directory"]), "metrics.jsonl")
+                if not os.path.exists(path):
+                    return None
+                with open(path, encoding="utf-8") as f:
+                    recs = [json.loads(line) for line in f if line.strip()]
+                seen += [r.get("phase/trained") for r in recs
+                         if sp.start < r.get("step", -1) <= sp.end and "phase/trained" in r]
+            return None if not seen else all(t == "+".join(sp.trained) for t in seen)
+
         phases = []
         for sp in spans:
             if sp.start not in evaluated or sp.end not in evaluated:
@@ -842,6 +848,7 @@ def _mechanism(cfg, done, qs, start, seeds, ci, resolve) -> dict[str, Any]:
             b = np.stack([vec(s, sp.end) for s in seeds])
             phases.append({
                 "phase": sp.index, "trained": "+".join(sp.trained), "start": sp.start, "end": sp.end,
+                "only_this_agent_updated": trained_logged(sp),
                 "per_seed": [{"seed": s, "start": _pct(a[i].mean()), "end": _pct(b[i].mean()),
                               "delta": _pct(b[i].mean() - a[i].mean())} for i, s in enumerate(seeds)],
                 "start_mean": ci(a).as_dict(), "end_mean": ci(b).as_dict(), "delta": ci(b, a).as_dict()})
@@ -898,17 +905,19 @@ def _markdown(out: Mapping[str, Any], table1: str, cell_table: str) -> str:
     L += ["", "## Mechanism: the RA's success given the MTA's plans, per phase", "",
           "Greedy held-out accuracy at each phase's start and end. In an MTA phase the RA is frozen (the same "
           "adapter throughout), so start → end measures plans that help (or hurt) the RA; RA phases "
-          "(MTA frozen) are shown for contrast. Step 0 is the SFT evaluation.", "",
-          "| method | phase | trained | steps | start mean [95% CI] | end mean [95% CI] | end − start [95% CI] | per seed (start → end) |",
-          "|---|---|---|---|---|---|---|---|"]
+          "(MTA frozen) are shown for contrast. Step 0 is the SFT evaluation. 'only trained' = every step of "
+          "the phase, in every seed's metrics.jsonl, updated that agent alone.", "",
+          "| method | phase | trained | only trained | steps | start mean [95% CI] | end mean [95% CI] | "
+          "end − start [95% CI] | per seed (start → end) |", "|---|---|---|---|---|---|---|---|---|"]
     for m, mech in out["mechanism"].items():
         for p in mech["phases"]:
             seeds = ", ".join(f"s{x['seed']} {x['start']:.1f} → {x['end']:.1f}" for x in p["per_seed"])
-            L.append(f"| {m} | {p['phase']} | {p['trained']} | {p['start']}→{p['end']} | {_fmt(p['start_mean'])} | "
+            only = {True: "yes", False: "NO", None: "–"}[p["only_this_agent_updated"]]
+            L.append(f"| {m} | {p['phase']} | {p['trained']} | {only} | {p['start']}→{p['end']} | {_fmt(p['start_mean'])} | "
                      f"{_fmt(p['end_mean'])} | {_fmt(p['delta'], True)} | {seeds} |")
         if mech["mta_pooled"]:
             p = mech["mta_pooled"]
-            L.append(f"| {m} | all MTA | meta_thinking | – | {_fmt(p['start_mean'])} | {_fmt(p['end_mean'])} | "
+            L.append(f"| {m} | all MTA | meta_thinking | | – | {_fmt(p['start_mean'])} | {_fmt(p['end_mean'])} | "
                      f"{_fmt(p['delta'], True)} | |")
     L += ["", f"![accuracy]({os.path.basename(out['files']['accuracy_png'])})",
           f"![mechanism]({os.path.basename(out['files']['mechanism_png'])})", "",
