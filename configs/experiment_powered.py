@@ -6,9 +6,9 @@ same worked examples, 3 RL seeds, 120 held-out questions, 95% bootstrap CIs, and
 
 Design
   * data: built-in tasks, 4 families × levels 1, 2, 3, split_seed 0, train_per_cell 32,
-    test_per_cell 10 → 120 held-out questions (30 per family, 10 per family × level). Why 120 and not
-    96: an evaluation is one sampler batch padded to the next batch bucket (…, 64, 128), so 96
-    questions cost as much as 128; 120 use that padding for questions. Level 3 (two-digit arithmetic,
+    test_per_cell 10 → 120 held-out questions (30 per family, 10 per family × level). 120 rather than
+    the issue's minimum of 96: an evaluation is one sampler batch padded to the next batch bucket
+    (…, 64, 96, 128), so 120 questions cost as much as 128 and the extra questions are nearly free. Level 3 (two-digit arithmetic,
     three-step word problems, a·x + b = c, a quadratic times a linear factor) is the harder level;
     the worked examples (rema_jax/sft/worked.py) re-solve every level-3 question (checked on all 504
     questions of this split), so SFT covers it. Whether SFT leaves level 3 strictly between 0% and

@@ -47,7 +47,7 @@ class Sampler:
     """
 
     def __init__(self, config: ModelConfig, tokenizer: Any, *, adapter_config: Optional[AdapterConfig] = None,
-                 max_cache_len: int = 2048, batch_buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128),
+                 max_cache_len: int = 2048, batch_buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128),
                  fused_cache_size: int = 2, share_prefix: bool = True):
         if not batch_buckets or any(int(b) <= 0 for b in batch_buckets):
             raise ValueError(f"Sampler batch_buckets must be positive ints, got {batch_buckets!r}")

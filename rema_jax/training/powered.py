@@ -52,8 +52,8 @@ RESULTS_STEM = "powered_experiment"
 
 # The sampler's default batch buckets (rema_jax.sampling.Sampler): a held-out evaluation of n
 # questions runs as one batch padded to the next bucket (chunks of the largest), so it costs
-# ``eval_rows(n)`` rows: 96 questions cost as much as 128, and 120 too.
-SAMPLER_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# ``eval_rows(n)`` rows: 120 questions cost as much as 128.
+SAMPLER_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128)
 
 
 def eval_rows(questions: int) -> int:
