@@ -49,6 +49,29 @@ def test_lora_forward_equals_merged_params(model):
     np.testing.assert_array_equal(forward(config, params, TOKENS), base_logits)
 
 
+
+@pytest.mark.parametrize("targets", [("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                                     ("q_proj", "v_proj", "up_proj")])
+def test_lora_gradients_equal_merged_params_gradients(model, targets):
+    """d loss / d(A, B) through the low-rank path (shared `x @ A` for q/k/v and gate/up, scale folded
+    into B) equals the gradient through the merged kernels `W + scale * A @ B`."""
+    config, params = model
+    adapter = init_adapter(config, params, AdapterConfig("lora", rank=4, alpha=8, targets=targets), jax.random.key(1))
+    adapter = _with_random_b(adapter, jax.random.key(2))
+    tokens = jnp.array([[5, 9, 17, 33, 2, 70], [3, 4, 8, 100, 64, 1]], jnp.int32)
+    weight = jax.random.normal(jax.random.key(3), (2, 6, config.vocab_size))
+
+    def loss_lora(w):
+        return jnp.sum(forward(config, params, tokens, adapter.replace(weights=w)) * weight)
+
+    def loss_merged(w):
+        return jnp.sum(forward(config, merge_adapter(params, adapter.replace(weights=w)), tokens) * weight)
+
+    (v1, g1), (v2, g2) = (jax.value_and_grad(f)(adapter.weights) for f in (loss_lora, loss_merged))
+    np.testing.assert_allclose(v1, v2, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+
 def test_full_adapter_is_a_copy_and_replaces_base(model):
     config, params = model
     adapter = init_adapter(config, params, AdapterConfig("full"), jax.random.key(1))

@@ -51,8 +51,32 @@ def lora_delta(x: jnp.ndarray, lora_a: jnp.ndarray, lora_b: jnp.ndarray, scale: 
     Rank-r order (never the `[in, out]` product), 2-D matmuls (`matmul_2d`), and `scale` folded into
     the `[r, out]` factor, so no elementwise pass over the `[tokens, out]` output is added.
     """
-    b = (lora_b.astype(jnp.float32) * scale).astype(x.dtype)
-    return matmul_2d(matmul_2d(x, lora_a.astype(x.dtype)), b)
+    return _lora_up(matmul_2d(x, lora_a.astype(x.dtype)), lora_b, scale)
+
+
+def _lora_up(xa: jnp.ndarray, lora_b: jnp.ndarray, scale: float) -> jnp.ndarray:
+    """`xa @ (scale * B)` for `xa = x @ A`; `scale` is applied to the small `[r, out]` factor."""
+    return matmul_2d(xa, (lora_b.astype(jnp.float32) * scale).astype(xa.dtype))
+
+
+def shared_lora_xa(x: jnp.ndarray, lora: Any, names: tuple[str, ...]) -> dict[str, jnp.ndarray]:
+    """`{name: x @ A_name}` from one matmul against the concatenated `lora_a` factors of `names`.
+
+    Why: projections that read the same `x` (q/k/v, gate/up) then pass over `x` once for their
+    rank-r products, forward and backward (`dA` and the `dx` term are one matmul each too); those
+    products are memory bound, so one pass instead of three is most of their cost. `{}` when fewer
+    than two of `names` carry a factor in `lora` (the `"lora"` collection at the parent's scope).
+    """
+    present = [n for n in names if "lora_a" in lora.get(n, {})]
+    if len(present) < 2:
+        return {}
+    factors = [lora[n]["lora_a"].astype(x.dtype) for n in present]
+    xa = matmul_2d(x, jnp.concatenate(factors, axis=1))
+    out, start = {}, 0
+    for n, a in zip(present, factors):
+        out[n] = xa[..., start:start + a.shape[1]]
+        start += a.shape[1]
+    return out
 
 
 def dot_product_attention(q_bthd: jnp.ndarray, k_bskd: jnp.ndarray, v_bskd: jnp.ndarray,
@@ -115,7 +139,8 @@ class Proj(nn.Module):
     lora_scale: float = 1.0
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, lora_xa: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+        """`lora_xa`: `x @ lora_a` when the caller computed it (`shared_lora_xa`)."""
         cfg = self.config
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
                             cfg.params_dtype)
@@ -123,8 +148,11 @@ class Proj(nn.Module):
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), cfg.params_dtype).astype(x.dtype)
         if self.has_variable("lora", "lora_a"):
-            y = y + lora_delta(x, self.get_variable("lora", "lora_a"), self.get_variable("lora", "lora_b"),
-                               self.lora_scale)
+            lora_b = self.get_variable("lora", "lora_b")
+            if lora_xa is None:
+                y = y + lora_delta(x, self.get_variable("lora", "lora_a"), lora_b, self.lora_scale)
+            else:
+                y = y + _lora_up(lora_xa, lora_b, self.lora_scale)
         return y
 
 
@@ -147,9 +175,11 @@ class Attention(nn.Module):
         b, t, _ = x_btd.shape
         hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
         kw = dict(config=cfg, lora_scale=self.lora_scale)
-        q = Proj(features=nh * hd, use_bias=cfg.attention_bias, name="q_proj", **kw)(x_btd).reshape(b, t, nh, hd)
-        k = Proj(features=nkv * hd, use_bias=cfg.attention_bias, name="k_proj", **kw)(x_btd).reshape(b, t, nkv, hd)
-        v = Proj(features=nkv * hd, use_bias=cfg.attention_bias, name="v_proj", **kw)(x_btd).reshape(b, t, nkv, hd)
+        xa = shared_lora_xa(x_btd, self.variables.get("lora", {}), ("q_proj", "k_proj", "v_proj"))
+        q = Proj(features=nh * hd, use_bias=cfg.attention_bias, name="q_proj", **kw)(x_btd, xa.get("q_proj"))
+        k = Proj(features=nkv * hd, use_bias=cfg.attention_bias, name="k_proj", **kw)(x_btd, xa.get("k_proj"))
+        v = Proj(features=nkv * hd, use_bias=cfg.attention_bias, name="v_proj", **kw)(x_btd, xa.get("v_proj"))
+        q, k, v = q.reshape(b, t, nh, hd), k.reshape(b, t, nkv, hd), v.reshape(b, t, nkv, hd)
         q = apply_rope_cos_sin(q, cos_btd, sin_btd)
         k = apply_rope_cos_sin(k, cos_btd, sin_btd)
         new_cache = None
@@ -170,8 +200,9 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg = self.config
         kw = dict(config=cfg, lora_scale=self.lora_scale)
-        gate = Proj(features=cfg.intermediate_size, name="gate_proj", **kw)(x)
-        up = Proj(features=cfg.intermediate_size, name="up_proj", **kw)(x)
+        xa = shared_lora_xa(x, self.variables.get("lora", {}), ("gate_proj", "up_proj"))
+        gate = Proj(features=cfg.intermediate_size, name="gate_proj", **kw)(x, xa.get("gate_proj"))
+        up = Proj(features=cfg.intermediate_size, name="up_proj", **kw)(x, xa.get("up_proj"))
         return Proj(features=cfg.hidden_size, name="down_proj", **kw)(nn.silu(gate) * up)
 
 
