@@ -164,11 +164,6 @@ def test_micro_batching_matches_full_batch(mini):
     assert opt_mod.tree_bitwise_equal(sk.params["meta_thinking"], params["meta_thinking"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "update.py: per-role loss metrics (<role>/pg_loss, <role>/loss) are each micro-batch's share of "
-    "the mini-batch loss (normalised by whole-mini-batch denominators) but _merge_metrics AVERAGES "
-    "them over micro-batches, so the logged value is 1/num_micro_batches of the true loss; the "
-    "top-level 'loss' (summed) is right"))
 def test_micro_batching_keeps_role_loss_metrics():
     params, batch = _one_batch()
     batch["old_logprobs"] = _off_policy(batch)

@@ -109,9 +109,22 @@ def _split(x, m: int, u: int):
     return x.reshape((m, u, n // (m * u)) + x.shape[1:])
 
 
-def _merge_metrics(stacked: dict) -> dict:
-    """Average metrics over the leading axis; keys ending in '_max' take the max."""
-    return {k: (jnp.max(v) if k.endswith("_max") else jnp.mean(v)) for k, v in stacked.items()}
+# Per-role loss metrics that are each micro-batch's share of the mini-batch loss (normalised by
+# whole-mini-batch denominators): they add up over micro-batches; every other metric averages.
+_ADDITIVE_OVER_MICRO = ("pg_loss", "loss")
+
+
+def _merge_metrics(stacked: dict, *, micro: bool = False) -> dict:
+    """Merge metrics over the leading axis: '_max' keys take the max; over micro-batches the
+    per-role loss shares add up (``micro=True``); everything else is averaged."""
+    def merge(k, v):
+        if k.endswith("_max"):
+            return jnp.max(v)
+        if micro and k.rsplit("/", 1)[-1] in _ADDITIVE_OVER_MICRO:
+            return jnp.sum(v)
+        return jnp.mean(v)
+
+    return {k: merge(k, v) for k, v in stacked.items()}
 
 
 def make_update_fn(logits_fn: LogitsFn | None, loss_cfg: losses.LossConfig,
@@ -180,7 +193,7 @@ def make_update_fn(logits_fn: LogitsFn | None, loss_cfg: losses.LossConfig,
                                            {a: params[a] for a in trained})}
             opt_out = {**opt_state, **keep({a: new_opt[a] for a in trained},
                                            {a: opt_state[a] for a in trained})}
-            met = _merge_metrics(met)
+            met = _merge_metrics(met, micro=True)
             met.update(loss=loss, finite=finite.astype(jnp.float32), **step_met)
             return (params_out, opt_out), met
 
