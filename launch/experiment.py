@@ -36,7 +36,6 @@ run) and ``--sft_override`` (both SFT stages) change the preset; results go to `
 """
 from __future__ import annotations
 
-import collections
 import json
 import os
 import re
@@ -109,12 +108,9 @@ def _run_configs():
 
 def _per_family(path: str) -> dict[str, float]:
     """Accuracy (%) per task family from a held-out eval JSONL, plus the average over families."""
-    by = collections.defaultdict(list)
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            r = json.loads(line)
-            by[r["subject"]].append(bool(r["correct"]))
-    out = {fam: 100.0 * sum(v) / len(v) for fam, v in sorted(by.items())}
+    from rema_jax.training.bootstrap import heldout_scores
+
+    out = {fam: 100.0 * acc for fam, acc in heldout_scores(path)["by_family"].items()}
     out["Average"] = sum(out.values()) / len(out)
     return out
 
