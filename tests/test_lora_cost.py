@@ -4,8 +4,9 @@ Counts `dot_general` ops in the traced update (jaxpr, so backend independent and
 timing). The frozen base is passed the way the trainer passes it (`constants`, not differentiated);
 a regression that differentiates it again (or asks for gradients of the whole tree) shows up as
 dots whose output has a base kernel's shape and as FLOPs over the budget
-`4 N tokens + 6 N_lora tokens + attention`. The full update is the positive control: the same
-checks must flag it.
+`4 N tokens + 6 N_lora tokens + attention` (what the model needs: forward, input gradients through
+the frozen weights, both LoRA factor products; the count is exact, so any extra matmul work fails).
+The full update is the positive control: the same checks must flag it.
 """
 import math
 
@@ -94,7 +95,8 @@ def _kernel_shapes(config) -> set:
 
 
 def _budget(config, lora: bool, logit_rows: int) -> float:
-    """Matmul FLOPs of a forward + backward: 6 N n (full) or 4 N n + 6 N_lora n (LoRA), plus attention."""
+    """Matmul FLOPs of a forward + backward: 6 N n (full) or 4 N n + 6 N_lora n (LoRA), plus attention
+    (`n` tokens, N / N_lora the matmul weights / LoRA factors; the vocabulary projection on `logit_rows`)."""
     h, f, hd, n = config.hidden_size, config.intermediate_size, config.head_dim, B * T
     q, kv = config.num_heads * hd, config.num_kv_heads * hd
     layer = [(h, q), (h, kv), (h, kv), (q, h), (h, f), (h, f), (f, h)]
@@ -103,7 +105,11 @@ def _budget(config, lora: bool, logit_rows: int) -> float:
     head = h * config.vocab_size * logit_rows  # the vocabulary projection runs on logit_rows rows
     attention = 12 * config.num_layers * config.num_heads * hd * T * n
     per_pass = 2 * (n_layers * n + head)  # one forward (or one backward product): 2 FLOPs per multiply-add
-    return (2 * per_pass + 6 * n_lora * n if lora else 3 * per_pass) + attention
+    if not lora:
+        return 3 * per_pass + attention
+    # Layer 0's q/k/v input is a function of the frozen embedding only: no input gradient there.
+    no_dx = 2 * n * h * (q + 2 * kv) + 3 * 2 * n * RANK * h
+    return 2 * per_pass + 6 * n_lora * n + attention - no_dx
 
 
 @pytest.mark.parametrize("tied,logits", [(True, "dense"), (False, "sparse")])
