@@ -24,7 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
     rl.data.test_per_cell = 6  # 4 families × 2 levels × 6 = 48 held-out questions
     rl.loop.eval_questions = 48
     rl.loop.eval_every = 0
+    rl.loop.steps = 4  # one RA phase, then one MTA phase (2 steps each), to keep the job near 15 min
     sft = sft_default.get_config()
+    sft.loop.max_seq_len = 320  # the longest worked conversation is 286 tokens: no padding to 384
     sft.data.test_per_cell = rl.data.test_per_cell
     sft.eval.questions = 0  # the bootstrap evaluates base / SFT / RL itself, on the same questions
     c = ml_collections.ConfigDict()
