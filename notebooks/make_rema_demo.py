@@ -104,6 +104,7 @@ for agent in sft.summary["steps_per_agent"]:
     print(f"{agent}: SFT loss {sft.summary[agent + '/loss_first']:.2f} → {sft.summary[agent + '/loss_last']:.2f}")
 del sft"""),
     ("code", """# 3. ReMA RL from the SFT adapters, with a live reward plot.
+%matplotlib inline
 rl_config = bootstrap.rl_config_from_sft(config, os.path.join(workdir, "sft", "adapters"))
 trainer = Trainer(rl_config, os.path.join(workdir, "rl"), progress=False)
 heldout["sft"] = trainer.evaluate(questions, "sft")["score"] / 100

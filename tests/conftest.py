@@ -49,3 +49,26 @@ def shared_data():
     if not SHARED_DATA.exists():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_compilation_cache(tmp_path_factory):
+    """One persistent XLA cache for the whole run (a temporary directory, never ~/.cache): every
+    Trainer / SFT run / sampler builds fresh jitted closures, and identical programs compiled by an
+    earlier test are read back instead of recompiled. Restored at the end of the session."""
+    import jax
+    from jax._src import compilation_cache as jax_cc
+
+    from rema_jax import compile_cache
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_enable_xla_caches", "jax_enable_compilation_cache")
+    before = {k: getattr(jax.config, k) for k in keys if hasattr(jax.config, k)}
+    applied = compile_cache._applied
+    compile_cache.enable_compilation_cache(str(tmp_path_factory.mktemp("xla_session")),
+                                           min_compile_time_secs=0.0)
+    yield
+    for k, v in before.items():
+        jax.config.update(k, v)
+    compile_cache._applied = applied
+    jax_cc.reset_cache()

@@ -108,6 +108,7 @@ def test_bootstrap_runs_resumes_and_reports(smollm2_gguf, tmp_path, capsys):
     assert capsys.readouterr().out.count("skipped") == 3
 
 
+@pytest.mark.slow  # ~40 s: keeps the default suite under 15 min; run with -m slow
 def test_a_failed_stage_is_named_and_the_rerun_continues(smollm2_gguf, tmp_path, monkeypatch):
     cfg = boot.load_bootstrap_config(tiny_raw())
     work = str(tmp_path / "run")

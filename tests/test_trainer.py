@@ -84,7 +84,7 @@ def test_default_configs_validate():
     import importlib.util
     root = os.path.join(os.path.dirname(__file__), "..", "configs")
     for name in sorted(os.listdir(root)):
-        if not name.endswith(".py") or name.startswith(("eval", "sft")):
+        if not name.endswith(".py") or name.startswith(("eval", "sft", "experiment")):
             continue
         spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(root, name))
         mod = importlib.util.module_from_spec(spec)
