@@ -6,7 +6,6 @@ answer is correct), so every reward is known exactly: the single-turn plan fan-o
 with its \\boxed penalty, the consistency and judge rewards, the multi-turn [FINISH]-masked reward
 and the group ids GRPO groups by. The tokenizer is a tiny byte-level BPE trained in-test.
 """
-import functools
 import re
 
 import numpy as np
@@ -18,30 +17,13 @@ from rema_jax.rollout import prompts as P
 from rema_jax.sampling import Generation
 from rema_jax.tasks.types import Task, judge_task
 from rema_jax.training import experience as E
+from tiny_tokenizer import chatml_bpe_tokenizer
 
-CHATML = (
-    "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + "
-    "'\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 MTA, RA, SINGLE = P.META_THINKING, P.REASONING, P.SINGLE
 
 
-@functools.lru_cache(maxsize=1)
 def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = [P.CODE_MT_MTA_SYSTEM, P.CODE_MT_RA_SYSTEM, P.PAPER_MAMRP_HIGH_SYSTEM,
-              "Plan 0 1 2 3: add the numbers. [FINISH] \\boxed{3} [[A]] [[B]]"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus * 4, trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    hf.chat_template = CHATML
-    return hf
+    return chatml_bpe_tokenizer("Plan 0 1 2 3: add the numbers. [FINISH] \\boxed{3} [[A]] [[B]]")
 
 
 @pytest.fixture

@@ -13,30 +13,11 @@ import pytest
 from rema_jax import rollout as R
 from rema_jax.rollout import prompts as P
 from rema_jax.sampling import Generation
+from tiny_tokenizer import chatml_bpe_tokenizer
 
-CHATML = (
-    "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + "
-    "'\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
-@functools.lru_cache(maxsize=1)
 def _tokenizer():
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-  from transformers import PreTrainedTokenizerFast
-
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  corpus = [P.CODE_MT_MTA_SYSTEM, P.CODE_MT_RA_SYSTEM, P.PAPER_MAMRP_HIGH_SYSTEM,
-            "Solve (3t^2+5t+a)(4t^2+bt-2) = 12t^4+26t^3-8t^2-16t+6; find a+b. [FINISH] \\boxed{-1}"]
-  trainer = trainers.BpeTrainer(
-      vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(corpus * 4, trainer)
-  hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                               pad_token="<|endoftext|>")
-  hf.chat_template = CHATML
-  return hf
+  return chatml_bpe_tokenizer(
+      "Solve (3t^2+5t+a)(4t^2+bt-2) = 12t^4+26t^3-8t^2-16t+6; find a+b. [FINISH] \\boxed{-1}")
 
 
 @pytest.fixture
