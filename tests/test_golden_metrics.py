@@ -1,0 +1,150 @@
+"""Behaviour guard for refactors: the first 3 steps' ``metrics.jsonl`` of two shipped RL setups, shrunk
+to a tiny random model, must equal the records in ``tests/golden/`` (recorded before the trainer was
+split into layout / rollout worker / learner).
+
+  * ``default_rl``: the ``rl`` section of configs/default.py (single-turn ReMA from SFT adapters, LoRA,
+    alternating RA / MTA phases of 2 steps, so the 3 steps cover both agents);
+  * ``paper_multi_turn``: configs/paper_multi_turn.py (one shared model, both roles trained together
+    on multi-turn conversations, 2 mini-batches).
+
+Rewards are replaced by 1, 0, 1, 0, … per group (a random model's real rewards are all equal, so the
+updates would be zero and the comparison weak). ``time/`` and ``throughput/`` keys are dropped.
+
+Comparison: bit-for-bit (every float as recorded) on a machine with the recording's fingerprint
+(jax version and CPU vector extensions); elsewhere XLA may emit different kernels (AVX2 vs AVX-512),
+so floats are compared to 1e-4 relative and everything else exactly.
+
+Re-record (only when a behaviour change is intended, and say so in the commit):
+    python tests/test_golden_metrics.py
+"""
+import json
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+GOLDEN = REPO / "tests" / "golden"
+TINY = {"num_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
+        "num_kv_heads": 2, "head_dim": 8}
+BUILTIN = {"source": "builtin", "benchmark": None, "train_path": None, "test_path": None,
+           "families": ["arithmetic", "word_problem"], "levels": [1], "train_per_cell": 4, "test_per_cell": 0}
+NO_EVAL = {"eval_questions": 0, "eval_before": False, "eval_every": 0}
+STEPS = 3
+RTOL_OTHER_MACHINE = 1e-4
+
+pytestmark = pytest.mark.real_model  # the trainer reads SmolLM2's tokenizer
+
+
+def _merge(cfg: dict, sections: dict) -> dict:
+    cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.items()}
+    for name, values in sections.items():
+        cfg[name] = {**(cfg.get(name) or {}), **values}
+    return cfg
+
+
+def _shipped(name: str) -> dict:
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import importlib
+
+    return importlib.import_module(f"configs.{name}").get_config().to_dict()
+
+
+def setups() -> dict[str, dict]:
+    """name → the shrunk config dict."""
+    default_rl = _merge(_shipped("default")["rl"], {
+        "model": {"random_init": TINY, "init_adapters_from": None, "max_cache_len": 272},
+        "rollout": {"num_samples": 2, "max_new_tokens": 6, "max_prompt_len": 255},
+        "adapter": {"rank": 4, "alpha": 8.0},
+        "optimizer": {"learning_rate": 3e-2},
+        "data": BUILTIN,
+        "loop": {"steps": STEPS, "questions_per_step": 2, "max_seq_len": 262, **NO_EVAL},
+        "checkpoint": {"every": STEPS, "keep_last": 1}})
+    multi_turn = _merge(_shipped("paper_multi_turn"), {
+        "model": {"source": "smollm2-135m", "random_init": TINY, "dtype": "float32", "param_dtype": None,
+                  "max_cache_len": 272},
+        "rollout": {"num_samples": 2, "max_turns": 2, "max_new_tokens": 6, "max_prompt_len": 255,
+                    "stop_when_truncated": False},
+        "loss": {"max_turns": 2}, "grading": {"workers": 1}, "optimizer": {"learning_rate": 1e-3},
+        "update": {"num_mini_batches": 2, "num_micro_batches": 1},
+        "data": BUILTIN,
+        "loop": {"steps": STEPS, "questions_per_step": 2, "max_seq_len": 262, **NO_EVAL},
+        "checkpoint": {"every": STEPS, "keep_last": 1}})
+    return {"default_rl": default_rl, "paper_multi_turn": multi_turn}
+
+
+def alternating_rewards(exp):
+    for role in exp.rewards:
+        exp.rewards[role] = (np.arange(len(exp.rewards[role])) % 2 == 0).astype(np.float32)
+    return exp
+
+
+def fingerprint() -> dict:
+    """What decides the exact floats on CPU: jax/jaxlib versions and the vector extensions XLA targets."""
+    import jaxlib
+
+    flags = set()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    isa = sorted(f for f in flags if f in {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma"})
+    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "isa": isa,
+            "backend": jax.default_backend()}
+
+
+def run_setup(name: str, workdir: str) -> list[dict]:
+    """Train ``name`` for STEPS steps and return its metrics records without time/throughput keys."""
+    from rema_jax.training import trainer as trainer_lib
+    from rema_jax.training.config import load_train_config
+    from rema_jax.training.metrics import read_jsonl
+
+    cfg = load_train_config(setups()[name])
+    trainer_lib.train(cfg, workdir, progress=False, reward_override=alternating_rewards)
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))}
+            for r in read_jsonl(str(pathlib.Path(workdir) / "metrics.jsonl"))]
+
+
+def _compare(got, want, exact: bool, where: str = ""):
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and sorted(got) == sorted(want), (where, sorted(set(got) ^ set(want)))
+        for k in want:
+            _compare(got[k], want[k], exact, f"{where}/{k}")
+    elif isinstance(want, float) and not exact:
+        assert isinstance(got, (int, float)) and np.isclose(got, want, rtol=RTOL_OTHER_MACHINE, atol=1e-7), (
+            where, got, want)
+    else:
+        assert got == want, (where, got, want)
+
+
+@pytest.mark.parametrize("name", ["default_rl", "paper_multi_turn"])
+def test_first_steps_match_the_recorded_metrics(name, tmp_path):
+    record = json.loads((GOLDEN / f"metrics_{name}.json").read_text())
+    got = run_setup(name, str(tmp_path / name))
+    assert len(got) == STEPS
+    exact = record["fingerprint"] == fingerprint()
+    for step, (g, w) in enumerate(zip(got, record["records"]), start=1):
+        _compare(g, w, exact, f"{name} step {step}")
+
+
+if __name__ == "__main__":  # re-record, with the test session's settings (tests/conftest.py)
+    import os
+    import tempfile
+
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ["REMA_JAX_COMPILATION_CACHE"] = "off"
+    jax.config.update("jax_default_matmul_precision", "highest")
+
+    GOLDEN.mkdir(exist_ok=True)
+    for n in setups():
+        with tempfile.TemporaryDirectory() as d:
+            records = run_setup(n, d)
+        (GOLDEN / f"metrics_{n}.json").write_text(json.dumps(
+            {"fingerprint": fingerprint(), "records": records}, indent=1, sort_keys=True) + "\n")
+        print(f"recorded {n}: {len(records)} steps, {len(records[0])} keys")
