@@ -108,7 +108,7 @@ def _run_configs():
 
 def _per_family(path: str) -> dict[str, float]:
     """Accuracy (%) per task family from a held-out eval JSONL, plus the average over families."""
-    from rema_jax.training.bootstrap import heldout_scores
+    from rema_jax.experiments.heldout import heldout_scores
 
     out = {fam: 100.0 * acc for fam, acc in heldout_scores(path)["by_family"].items()}
     out["Average"] = sum(out.values()) / len(out)
@@ -150,7 +150,7 @@ def _powered_main():
     rema_jax.training.powered (resumable stages, then the report)."""
     from configs import experiment_powered
     from rema_jax.config_utils import ConfigError
-    from rema_jax.training import powered
+    from rema_jax.experiments import powered
 
     for name in ("eval_every", "ablation", "sft"):
         if FLAGS[name].present:
@@ -175,8 +175,8 @@ def _powered_main():
         apply_overrides(sft, FLAGS.sft_override, "sft_override")
     cfg = powered.load_powered_config(raw)  # every stage's config checked before any model is loaded
     if FLAGS.plan:
-        from rema_jax.training.bootstrap import _read_json
-        print(powered.format_plan(cfg, _read_json(os.path.join(FLAGS.workdir, powered.STAGES_FILE))))
+        from rema_jax.experiments.records import read_json
+        print(powered.format_plan(cfg, read_json(os.path.join(FLAGS.workdir, powered.STAGES_FILE))))
         return
     results_dir = FLAGS.results_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                     "docs", "results")

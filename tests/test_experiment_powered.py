@@ -1,4 +1,4 @@
-"""The powered-experiment preset (launch/experiment.py --preset=powered, rema_jax/training/powered.py):
+"""The powered-experiment preset (launch/experiment.py --preset=powered, rema_jax/experiments/powered/):
 the preset's design and budget, config cross-checks, the schedule's evaluation steps, the stage
 runner (stages.json, skip on re-run, a failed stage named with its directory, the time budget
 dropping seeds) and the report (CIs, paired differences, Table 1, mechanism) with stand-in stages;
@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from rema_jax.config_utils import ConfigError
+from rema_jax.experiments import powered
+from rema_jax.experiments.powered import bodies
+from rema_jax.experiments.records import StageError
 from rema_jax.models import CheckpointError
-from rema_jax.training import powered
-from rema_jax.training.bootstrap import StageError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"num_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
@@ -83,6 +84,15 @@ def test_preset_design_and_budget():
     assert keep == list(cfg.seeds) and total < 150.0
     text = powered.format_plan(cfg, {})
     assert "all seeds fit" in text and "ReMA_consistency/seed2" in text
+
+
+def test_the_old_module_path_reexports_the_api():
+    from rema_jax.training import bootstrap
+    from rema_jax.training import powered as old
+
+    for name in powered.__all__:
+        assert getattr(old, name) is getattr(powered, name), name
+    assert old.stage_rl is bodies.stage_rl and bootstrap.StageError is StageError
 
 
 def test_eval_cost_counts_the_sampler_batch_padding():
@@ -197,9 +207,9 @@ class FakeStages:
                                               "frac_zero_variance_groups": 0.25}}}
 
     def install(self, monkeypatch):
-        monkeypatch.setattr(powered, "stage_sft", self.sft)
-        monkeypatch.setattr(powered, "stage_eval", self.eval)
-        monkeypatch.setattr(powered, "stage_rl", self.rl)
+        monkeypatch.setattr(bodies, "stage_sft", self.sft)
+        monkeypatch.setattr(bodies, "stage_eval", self.eval)
+        monkeypatch.setattr(bodies, "stage_rl", self.rl)
 
 
 def test_runner_records_skips_and_reports(tmp_path, monkeypatch, capsys):

@@ -19,25 +19,19 @@ zero-variance groups.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Mapping
 
 from rema_jax.config_utils import from_dict, to_dict
 from rema_jax.errors import UserError
+from rema_jax.experiments.heldout import heldout_scores
+from rema_jax.experiments.records import StageError, read_json, rl_diagnostics, write_json
 from rema_jax.sft.train import SFTConfig
 from rema_jax.training.config import TrainConfig
 
 STAGES = ("base", "sft", "rl")
-
-
-class StageError(UserError, RuntimeError):
-    """A stage failed on a user-facing error (bad config, data, checkpoint); the message names the
-    stage and the directory it was writing. Other exceptions keep their type and traceback and get
-    the same words as a note."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,33 +92,6 @@ def load_bootstrap_config(raw: Any) -> BootstrapConfig:
 
 
 # ----------------------------------------------------------------------------------- stages
-def _write_json(path: str, obj: Any) -> None:
-    """Atomic JSON write (temp file + rename), so a killed run never leaves half a record."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    if not os.path.exists(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def heldout_scores(path: str) -> dict[str, Any]:
-    """Accuracy (fraction) overall and per task family from an eval JSONL (one record per question)."""
-    by = collections.defaultdict(list)
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            r = json.loads(line)
-            by[r["subject"]].append(bool(r["correct"]))
-    allv = [c for v in by.values() for c in v]
-    return {"accuracy": sum(allv) / max(len(allv), 1), "questions": len(allv),
-            "by_family": {fam: sum(v) / len(v) for fam, v in sorted(by.items())}}
-
-
 def rl_config_from_sft(config: BootstrapConfig, adapters: str) -> TrainConfig:
     """The RL stage's config: start from ``adapters``, evaluate the held-out questions at step 0."""
     rl = config.rl
@@ -165,30 +132,13 @@ def _stage_rl(config: BootstrapConfig, workdir: str, adapters: str, progress: bo
     return out
 
 
-def rl_diagnostics(records: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """What shows whether RL had signal: per agent, the share of zero-variance reward groups (mean
-    over steps) and the reward first → last; for each trained agent, how many of its update steps
-    had a non-zero gradient norm."""
-    out: dict[str, Any] = {}
-    roles = sorted({k.split("/")[0] for r in records for k in r if k.endswith("/frac_reward_zero_std")})
-    for role in roles:
-        zs = [r[f"{role}/frac_reward_zero_std"] for r in records if r.get(f"{role}/frac_reward_zero_std") is not None]
-        rw = [r[f"{role}/reward_mean"] for r in records if r.get(f"{role}/reward_mean") is not None]
-        gn = [r[f"{role}/grad_norm"] for r in records if r.get(f"{role}/grad_norm") is not None]
-        out[role] = {"frac_zero_variance_groups": sum(zs) / len(zs) if zs else None,
-                     "reward_first": rw[0] if rw else None, "reward_last": rw[-1] if rw else None,
-                     "reward_mean": sum(rw) / len(rw) if rw else None,
-                     "update_steps": len(gn), "nonzero_grad_steps": sum(g > 0 for g in gn)}
-    return out
-
-
 def run_bootstrap(config: BootstrapConfig, workdir: str, *, progress: bool = True) -> dict[str, Any]:
     """Runs (or resumes) the three stages; returns and writes ``summary.json``."""
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    _write_json(os.path.join(workdir, "config.json"), to_dict(config))
+    write_json(os.path.join(workdir, "config.json"), to_dict(config))
     stages_path = os.path.join(workdir, "stages.json")
-    stages = _read_json(stages_path)
+    stages = read_json(stages_path)
     dirs = {name: os.path.join(workdir, name) for name in STAGES}
 
     for name in STAGES:
@@ -213,10 +163,10 @@ def run_bootstrap(config: BootstrapConfig, workdir: str, *, progress: bool = Tru
             raise
         result["seconds"] = time.perf_counter() - t0
         stages[name] = result
-        _write_json(stages_path, stages)
+        write_json(stages_path, stages)
 
     summary = _summarize(config, stages, workdir)
-    _write_json(os.path.join(workdir, "summary.json"), summary)
+    write_json(os.path.join(workdir, "summary.json"), summary)
     print("\n" + format_summary(summary), flush=True)
     return summary
 
