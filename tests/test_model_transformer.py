@@ -1,11 +1,13 @@
-"""Transformer forward: cache path, padding, init shapes, dtype policy (tiny random configs)."""
+"""Transformer forward: padding, init shapes, dtype policy (tiny random configs).
+
+The forward has no KV cache; cached decoding (the sampler's prefill/decode) is checked against it in
+tests/test_sampler.py, the shared layer math in tests/test_model_layers.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rema_jax.models import forward, init_cache, param_shapes
-from rema_jax.models.config import Llama3RopeScaling
+from rema_jax.models import forward, param_shapes
 from rema_jax.models.testing import random_params, tiny_config
 from rema_jax.models.transformer import Transformer
 
@@ -34,23 +36,7 @@ def test_logits_shape_dtype_and_finite():
     assert np.isfinite(np.asarray(logits)).all()
 
 
-@pytest.mark.parametrize("overrides", [{}, {"rope_scaling": Llama3RopeScaling(8.0, 1.0, 4.0, 16)},
-                                       {"attention_bias": True, "family": "qwen2", "tie_word_embeddings": True}])
-def test_cache_prefill_then_decode_matches_full_forward(overrides):
-    config = tiny_config(**overrides)
-    params = random_params(config, jax.random.key(0))
-    tokens = _tokens(jax.random.key(1), 2, 9)
-    full = fwd(config, params, tokens)
-    cache = init_cache(config, 2, 16)
-    logits, cache = fwd(config, params, tokens[:, :5], cache=cache, cache_index=0)
-    np.testing.assert_allclose(logits, full[:, :5], atol=1e-5)
-    for i in range(5, 9):
-        step, cache = fwd(config, params, tokens[:, i:i + 1], cache=cache, cache_index=jnp.int32(i))
-        np.testing.assert_allclose(step[:, 0], full[:, i], atol=1e-5)
-    assert cache[0]["k"].shape == (2, 16, config.num_kv_heads, config.head_dim)
-
-
-def test_left_padding_matches_unpadded_rows_without_cache():
+def test_left_padding_matches_unpadded_rows():
     config = tiny_config()
     params = random_params(config, jax.random.key(0))
     short, long = _tokens(jax.random.key(1), 1, 4), _tokens(jax.random.key(2), 1, 7)
@@ -59,24 +45,6 @@ def test_left_padding_matches_unpadded_rows_without_cache():
     logits = fwd(config, params, padded, attention_mask=mask)
     np.testing.assert_allclose(logits[0, 3:], fwd(config, params, short)[0], atol=1e-5)
     np.testing.assert_allclose(logits[1], fwd(config, params, long)[0], atol=1e-5)
-
-
-def test_left_padded_cache_decode_matches_unpadded():
-    config = tiny_config()
-    params = random_params(config, jax.random.key(0))
-    short = _tokens(jax.random.key(1), 1, 6)  # prompt 4 + 2 decode steps
-    max_len = 12
-    prompt = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), short[:, :4]], 1)  # 3 pad slots
-    mask = jnp.zeros((1, max_len), jnp.int32).at[:, 3:7].set(1)
-    cache = init_cache(config, 1, max_len)
-    logits, cache = fwd(config, params, prompt, attention_mask=mask, cache=cache, cache_index=0)
-    ref = fwd(config, params, short)
-    np.testing.assert_allclose(logits[0, 3:], ref[0, :4], atol=1e-5)
-    for j, slot in enumerate((7, 8)):
-        mask = mask.at[:, slot].set(1)
-        step, cache = fwd(config, params, short[:, 4 + j:5 + j], attention_mask=mask, cache=cache,
-                          cache_index=jnp.int32(slot))
-        np.testing.assert_allclose(step[0, 0], ref[0, 4 + j], atol=1e-5)
 
 
 def test_bf16_compute_close_to_fp32():
@@ -99,9 +67,6 @@ def test_bad_shapes_raise():
         forward(config, params, jnp.zeros((4,), jnp.int32))
     with pytest.raises(ValueError, match="attention_mask"):
         forward(config, params, jnp.zeros((1, 4), jnp.int32), attention_mask=jnp.ones((1, 5)))
-    with pytest.raises(ValueError, match="max_len"):
-        forward(config, params, jnp.zeros((1, 4), jnp.int32), cache=init_cache(config, 1, 8),
-                attention_mask=jnp.ones((1, 4)))
 
 
 def test_logits_at_gathers_the_same_logits():

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rema_jax.models import forward
+from rema_jax.models import forward, layers
 from rema_jax.models.adapters import Adapter, AdapterConfig, init_adapter
+from rema_jax.models.config import Llama3RopeScaling
 from rema_jax.models.testing import random_params, tiny_config
 from rema_jax.sampling import Generation, Sampler, SamplingParams, kernel, ops, stops
 
@@ -50,11 +51,15 @@ def _lora(seed, config=CFG, params=PARAMS):
 
 
 # --------------------------------------------------------------------------- kernel vs forward
-@pytest.mark.parametrize("variant", ["llama", "qwen2_bias_tied", "lora"])
+@pytest.mark.parametrize("variant", ["llama", "llama3_rope_scaling", "qwen2_bias_tied", "lora"])
 def test_cache_decode_logits_equal_full_forward(variant):
+    """Prefill + decode (the only KV-cache path) vs the uncached training forward, left-padded rows:
+    against the padded batch under its mask and against each row alone, unpadded."""
     cfg, adapter = CFG, None
     if variant == "qwen2_bias_tied":
         cfg = tiny_config(vocab_size=CFG.vocab_size, family="qwen2", attention_bias=True, tie_word_embeddings=True)
+    if variant == "llama3_rope_scaling":
+        cfg = tiny_config(vocab_size=CFG.vocab_size, rope_scaling=Llama3RopeScaling(8.0, 1.0, 4.0, 16))
     params = random_params(cfg, jax.random.key(3))
     if variant == "lora":
         adapter = _lora(7, cfg, params)
@@ -66,12 +71,18 @@ def test_cache_decode_logits_equal_full_forward(variant):
     tokens[:, :p][np.arange(p)[None] < pad[:, None]] = 0
     mask = (np.arange(p + n_new)[None] >= pad[:, None]).astype(np.int32)
     ref = np.asarray(forward(cfg, params, jnp.asarray(tokens), adapter, attention_mask=jnp.asarray(mask)))
+    alone = [np.asarray(forward(cfg, params, jnp.asarray(tokens[i:i + 1, pad[i]:]), adapter))[0] for i in range(3)]
     caches, logits = kernel.prefill(cfg, fp, jnp.asarray(tokens[:, :p]), jnp.asarray(pad), p + n_new)
+    assert len(caches) == cfg.num_layers and isinstance(caches[0], layers.KVCache)
+    assert caches[0].k.shape == caches[0].v.shape == layers.kv_cache_shape(cfg, 3, p + n_new)
+    assert caches[0].k.dtype == layers.kv_cache_dtype(cfg)
     np.testing.assert_allclose(np.asarray(logits), ref[:, p - 1], atol=2e-5, rtol=1e-5)
     for t in range(n_new):
         caches, logits = kernel.decode_step(cfg, fp, caches, jnp.asarray(tokens[:, p + t]),
                                             jnp.asarray(p - pad + t), p + t, jnp.asarray(pad))
         np.testing.assert_allclose(np.asarray(logits), ref[:, p + t], atol=2e-5, rtol=1e-5)
+        for i in range(3):
+            np.testing.assert_allclose(np.asarray(logits)[i], alone[i][p - pad[i] + t], atol=2e-5, rtol=1e-5)
 
 
 def test_shared_prefix_prefill_and_decode_equal_full_forward():

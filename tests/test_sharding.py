@@ -11,7 +11,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from rema_jax.models import param_shapes
+from rema_jax.models import layers, param_shapes
 from rema_jax.models.adapters import AdapterConfig, init_adapter
 from rema_jax.models.testing import random_params, tiny_config
 from rema_jax.sharding import (DEFAULT_RULES, DistributedConfigError, MeshConfig, MeshConfigError, MemoryPlanError,
@@ -19,6 +19,7 @@ from rema_jax.sharding import (DEFAULT_RULES, DistributedConfigError, MeshConfig
                                global_batch_from_host, host_rows, is_main_process, make_mesh, maybe_initialize,
                                multiprocess_env, plan_memory, reduce_metrics, shard_shape, unknown_leaves,
                                validate_rules)
+from rema_jax.sharding.memory import KV_CACHE_AXES
 
 CFG = tiny_config()  # hidden 32, ffn 64, vocab 128, 4 heads / 2 kv heads x 8, 2 layers
 SIZES = {"data": 1, "fsdp": 2, "tensor": 4}
@@ -103,10 +104,11 @@ def test_adapter_and_optimizer_state_mirror_param_specs():
 
 def test_cache_specs_and_unknown_leaves():
     plan = ShardingPlan({"data": 2, "fsdp": 1, "tensor": 2}, CFG)
-    from rema_jax.models import init_cache
-
-    cache = init_cache(CFG, 4, 16)
-    assert plan.cache_specs(cache)[0]["k"] == P("data", None, "tensor")
+    contract2 = np.zeros((4, 16, CFG.num_kv_heads, CFG.head_dim))  # [B, max_len, kv_heads, head_dim]
+    assert plan.cache_specs(({"k": contract2, "v": contract2},))[0]["k"] == P("data", None, "tensor")
+    # the sampler's cache ([B, kv_heads, C, head_dim]) under the memory plan's axes: same mesh axes per dim
+    shape = layers.kv_cache_shape(CFG, 4, 16)
+    assert plan.spec(KV_CACHE_AXES, shape, "kv_cache") == P("data", "tensor")
     with pytest.raises(ShardingRulesError, match="Contract 2"):
         plan.cache_specs(({"k": np.zeros((4, 16)), "v": np.zeros((4, 16))},))
     odd = {"mystery": np.zeros((3, 5))}
@@ -153,9 +155,24 @@ def test_memory_plan_params_are_exact_per_device():
     assert one.rows["optimizer state"] == 2 * one.rows["adapters"]
     full = plan_memory(CFG, {"data": 1, "fsdp": 1, "tensor": 1}, adapter_kind="full")
     assert full.rows["adapters"] == 2 * total and full.rows["optimizer state"] == 4 * total
-    # KV cache: 2 (k, v) x layers x B x len x kv_heads x head_dim x 4 bytes, split over data x tensor
+    # KV cache: 2 (k, v) x layers x B x kv_heads x len x head_dim x 4 bytes, split over data x tensor
     kv = plan_memory(CFG, {"data": 2, "fsdp": 1, "tensor": 2}, rollout_batch=8, cache_len=32).rows["kv cache"]
-    assert kv == 2 * 2 * (8 // 2) * 32 * (2 // 2) * 8 * 4
+    assert kv == 2 * 2 * (8 // 2) * (2 // 2) * 32 * 8 * 4
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_memory_plan_kv_cache_is_what_the_sampler_allocates(dtype):
+    """The plan's "kv cache" row equals the bytes of the caches the sampler's prefill returns."""
+    from rema_jax.sampling import kernel
+
+    cfg = CFG.replace(dtype=dtype)
+    params = random_params(cfg, jax.random.key(0))
+    b, p, cache_len = 4, 8, 24
+    caches, _ = jax.jit(lambda f, t, pad: kernel.prefill(cfg, f, t, pad, cache_len))(
+        kernel.fuse_params(cfg, params, None), np.full((b, p), 5, np.int32), np.zeros((b,), np.int32))
+    allocated = sum(x.nbytes for x in jax.tree.leaves(caches))
+    one = {"data": 1, "fsdp": 1, "tensor": 1}
+    assert plan_memory(cfg, one, rollout_batch=b, cache_len=cache_len).rows["kv cache"] == allocated
 
 
 def test_check_fits_refuses_with_the_breakdown():

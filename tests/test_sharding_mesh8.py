@@ -6,8 +6,9 @@ Per mesh (data, fsdp, tensor) in (8,1,1), (2,4,1), (1,2,4):
 - one RL update step (`rema_jax.rl.make_update_fn`, turn-level PPO + AdamW) for two LoRA agents and
   for a shared full-fine-tuning tree, jitted with explicit in/out shardings, vs the same step on one
   device: max |Δ| of every new parameter and optimizer-state leaf, and of the loss;
-- greedy decoding: a forward+KV-cache loop jitted with explicit shardings (cache split over the batch
-  and kv heads) and the `Sampler` on sharded params, vs one device: the tokens;
+- greedy decoding: the sampler kernel's prefill + decode steps jitted with explicit shardings (the KV
+  cache constrained to the memory plan's axes: split over the batch and kv heads) and the `Sampler` on
+  sharded params, vs one device: the tokens;
 - the per-device shard shapes of params, adapters, optimizer moments, cache and batch.
 """
 from __future__ import annotations
@@ -30,12 +31,13 @@ def _worker() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from rema_jax.models import forward, init_cache
+    from rema_jax.models import forward, layers
     from rema_jax.models.adapters import Adapter, AdapterConfig, init_adapter
     from rema_jax.models.testing import random_params, tiny_config
     from rema_jax.rl import LossConfig, MultiAgentOptimizer, OptimizerConfig, init_rl_state, make_update_fn
-    from rema_jax.sampling import Sampler, SamplingParams
+    from rema_jax.sampling import Sampler, SamplingParams, kernel
     from rema_jax.sharding import MeshConfig, ShardingPlan, make_mesh, shard_update_fn
+    from rema_jax.sharding.memory import KV_CACHE_AXES
 
     assert jax.device_count() == 8, jax.devices()
     cfg = tiny_config(num_kv_heads=4, num_layers=1)  # 4 q/kv heads: tensor=4 really splits attention
@@ -89,27 +91,29 @@ def _worker() -> None:
     prompts = rng.integers(3, cfg.vocab_size, (n, 8)).astype(np.int32)
     steps = 8
 
-    def greedy(params, adapter, prompt_bt):
-        b, t = prompt_bt.shape
-        cache = init_cache(cfg, b, t + steps)
-        mask = jnp.zeros((b, t + steps), jnp.int32).at[:, :t].set(1)
-        logits, cache = forward(cfg, params, prompt_bt, adapter, attention_mask=mask, cache=cache, cache_index=0)
-        tok = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
-        out = jnp.zeros((b, steps), jnp.int32).at[:, 0].set(tok)
+    def make_greedy(cache_sharding=None):
+        def greedy(params, adapter, prompt_bt):  # the sampler kernel's prefill + decode steps, greedy
+            b, t = prompt_bt.shape
+            fp = kernel.fuse_params(cfg, params, adapter)
+            pad_b = jnp.zeros((b,), jnp.int32)
+            caches, logits = kernel.prefill(cfg, fp, prompt_bt, pad_b, t + steps)
+            if cache_sharding is not None:
+                caches = jax.lax.with_sharding_constraint(caches, cache_sharding)
+            tok = jnp.argmax(logits, -1).astype(jnp.int32)
+            out = jnp.zeros((b, steps), jnp.int32).at[:, 0].set(tok)
 
-        def body(i, carry):
-            tok, out, mask, cache = carry
-            idx = t + i - 1
-            mask = jax.lax.dynamic_update_slice(mask, jnp.ones((b, 1), jnp.int32), (0, idx))
-            logits, cache = forward(cfg, params, tok[:, None], adapter, attention_mask=mask, cache=cache,
-                                    cache_index=idx)
-            tok = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
-            return tok, out.at[:, i].set(tok), mask, cache
+            def body(i, carry):
+                tok, out, caches = carry
+                slot = t + i - 1
+                caches, logits = kernel.decode_step(cfg, fp, caches, tok, jnp.full((b,), slot, jnp.int32), slot, pad_b)
+                tok = jnp.argmax(logits, -1).astype(jnp.int32)
+                return tok, out.at[:, i].set(tok), caches
 
-        return jax.lax.fori_loop(1, steps, body, (tok, out, mask, cache))[1]
+            return jax.lax.fori_loop(1, steps, body, (tok, out, caches))[1]
+        return greedy
 
     adapter = agents["reasoning"]
-    ref_greedy = np.asarray(jax.jit(greedy)(base, adapter, prompts))
+    ref_greedy = np.asarray(jax.jit(make_greedy())(base, adapter, prompts))
 
     class Tok:  # the Sampler needs only decode() and an EOS id here
         eos_token_id = 2
@@ -157,13 +161,14 @@ def _worker() -> None:
                 rec["tokens_shard"] = shard_shape(s_batches["reasoning"]["tokens"])
 
         s_base, s_adapter = plan.put(base), plan.put(adapter)
-        cache_example = init_cache(cfg, n, 8 + steps)
-        cache_sh = plan.cache_shardings(cache_example)
-        rec["cache_shard"] = list(cache_sh[0]["k"].shard_shape(cache_example[0]["k"].shape))
+        cache_shape = layers.kv_cache_shape(cfg, n, 8 + steps)
+        cache_sh = plan.activation_sharding(KV_CACHE_AXES, cache_shape)
+        rec["cache_shard"] = list(cache_sh.shard_shape(cache_shape))
         tok_sh = plan.batch_shardings(prompts)
-        g = jax.jit(greedy, in_shardings=(plan.tree_shardings(base), plan.tree_shardings(adapter), tok_sh),
+        # the cache inside `greedy` follows the memory plan's axes too: constrained where prefill creates it
+        g = jax.jit(make_greedy(cache_sh),
+                    in_shardings=(plan.tree_shardings(base), plan.tree_shardings(adapter), tok_sh),
                     out_shardings=tok_sh)
-        # the cache inside `greedy` follows the rules too: constrain it where it is created
         sharded_tokens = g(s_base, s_adapter, jax.device_put(prompts, tok_sh))
         rec["greedy_equal"] = bool(np.array_equal(np.asarray(sharded_tokens), ref_greedy))
         rec["greedy_out_shard"] = shard_shape(sharded_tokens)
@@ -213,7 +218,7 @@ def test_update_step_matches_single_device(mesh8_results, mesh):
 @pytest.mark.parametrize("mesh", MESHES)
 def test_greedy_tokens_match_single_device(mesh8_results, mesh):
     r = mesh8_results[mesh]
-    assert r["greedy_equal"], f"forward+cache greedy tokens differ on mesh {mesh}"
+    assert r["greedy_equal"], f"prefill+decode greedy tokens differ on mesh {mesh}"
     assert r["sampler_equal"], f"Sampler greedy tokens differ on mesh {mesh}"
 
 
@@ -221,15 +226,15 @@ def test_params_are_really_sharded(mesh8_results):
     # tiny config: hidden 32, ffn 64, vocab 128, 4 heads x 8, LoRA rank 4; batch 8 rows x 16
     r = mesh8_results[(8, 1, 1)]  # pure data parallel: params replicated, batch split 8 ways
     assert r["q_kernel_shard"] == [32, 32] and r["embed_shard"] == [128, 32]
-    assert r["tokens_shard"] == [1, 16] and r["cache_shard"] == [1, 16, 4, 8]
+    assert r["tokens_shard"] == [1, 16] and r["cache_shard"] == [1, 4, 16, 8]  # [B, kv, C, hd]
     r = mesh8_results[(2, 4, 1)]  # fsdp=4 shards the hidden dim of every weight and its moments
     assert r["q_kernel_shard"] == [8, 32] and r["embed_shard"] == [128, 8] and r["down_mu_shard"] == [64, 8]
     assert r["lora_a_shard"] == [8, 4] and r["lora_b_shard"] == [4, 32] and r["lora_b_mu_shard"] == [4, 32]
-    assert r["tokens_shard"] == [1, 16] and r["cache_shard"] == [1, 16, 4, 8]
+    assert r["tokens_shard"] == [1, 16] and r["cache_shard"] == [1, 4, 16, 8]
     r = mesh8_results[(1, 2, 4)]  # fsdp=2 x tensor=4: heads/ffn/vocab split 4 ways
     assert r["q_kernel_shard"] == [16, 8] and r["embed_shard"] == [32, 16] and r["down_mu_shard"] == [16, 16]
     assert r["lora_a_shard"] == [16, 4] and r["lora_b_shard"] == [4, 8] and r["lora_b_mu_shard"] == [4, 8]
-    assert r["tokens_shard"] == [4, 16] and r["cache_shard"] == [4, 16, 1, 8]
+    assert r["tokens_shard"] == [4, 16] and r["cache_shard"] == [4, 1, 16, 8]
     assert r["greedy_out_shard"] == [4, 8]
 
 

@@ -1,15 +1,16 @@
 """Foundation models: config, transformer forward, adapters, loaders and export.
 
 Main entry points: `load(source)` → `LoadedModel(config, params, tokenizer, source)` and
-`forward(config, params, tokens_bt, adapter=None, ...)` → logits `[B, T, V]`.
+`forward(config, params, tokens_bt, adapter=None, ...)` → logits `[B, T, V]`. The layer math that the
+forward and the sampler share (norms, rotary, attention, gated MLP, the KV-cache record) is `layers`.
 """
 from rema_jax.models.adapters import Adapter, AdapterConfig, init_adapter, merge_adapter
 from rema_jax.models.config import CheckpointError, Llama3RopeScaling, ModelConfig, ModelConfigError
 from rema_jax.models.export import export_hf, load_adapter, save_adapter
 from rema_jax.models.hub import LoadedModel, ModelSourceError, load
+from rema_jax.models.layers import dot_product_attention, rms_norm
 from rema_jax.models.rope import apply_rope, apply_rope_cos_sin, rope_cos_sin
-from rema_jax.models.transformer import (dot_product_attention, forward, init_cache, lora_delta, param_shapes,
-                                         rms_norm)
+from rema_jax.models.transformer import forward, lora_delta, param_shapes
 
 __all__ = [
     "Adapter", "AdapterConfig", "init_adapter", "merge_adapter",
@@ -17,7 +18,7 @@ __all__ = [
     "export_hf", "load_adapter", "save_adapter",
     "LoadedModel", "ModelSourceError", "load",
     "apply_rope", "apply_rope_cos_sin", "rope_cos_sin",
-    "dot_product_attention", "forward", "init_cache", "lora_delta", "param_shapes", "rms_norm",
+    "dot_product_attention", "forward", "lora_delta", "param_shapes", "rms_norm",
 ]
 
 

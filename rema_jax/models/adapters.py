@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from rema_jax.models.config import ModelConfig
-from rema_jax.models.transformer import ATTENTION_PROJS, MLP_PROJS, Params
+from rema_jax.models.layers import ATTENTION_PROJS, MLP_PROJS, Params
 
 ADAPTER_KINDS = ("lora", "full", "shared")
 ALL_TARGETS = ATTENTION_PROJS + MLP_PROJS

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from rema_jax.models.adapters import ADAPTER_KINDS, Adapter, merge_adapter
 from rema_jax.models.config import CheckpointError, ModelConfig
 from rema_jax.models.hf_loader import path_to_hf_name
-from rema_jax.models.transformer import Params, param_shapes
+from rema_jax.models.layers import Params
+from rema_jax.models.transformer import param_shapes
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

@@ -14,7 +14,8 @@ import numpy as np
 
 from rema_jax.models.config import CheckpointError, ModelConfig
 from rema_jax.models.hf_loader import Placer, assign_tensor, check_complete
-from rema_jax.models.transformer import Params, param_shapes
+from rema_jax.models.layers import Params
+from rema_jax.models.transformer import param_shapes
 
 _GLOBAL = {"token_embd.weight": (("embed_tokens", "embedding"), False),
            "output_norm.weight": (("norm", "scale"), False),

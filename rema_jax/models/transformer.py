@@ -1,7 +1,9 @@
 """Decoder-only transformer (Llama / Qwen2 / SmolLM2) as Flax Linen modules + the pure `forward()`.
 
 Parameters are plain nested dicts named as HF names (Contract 1 in docs/architecture.md); layers are
-unrolled (`layers_{i}`), each with its own KV-cache entry (Contract 2). LoRA adapters are applied by
+unrolled (`layers_{i}`). The layer math (norm, rotary, attention, gated MLP) is `rema_jax.models.layers`,
+shared with the sampler; this module owns the projections (with LoRA) and the training `forward`
+(no KV cache: decoding is `rema_jax.sampling`). LoRA adapters are applied by
 passing the adapter tree as a second, read-only Linen collection (`"lora"`) that mirrors the parameter
 paths, so the base tree is never copied and switching agents is just a different pytree of the same
 structure (no recompilation).
@@ -11,27 +13,15 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from rema_jax.models import layers
+from rema_jax.models.adapters import Adapter
 from rema_jax.models.config import ModelConfig
-from rema_jax.models.rope import apply_rope_cos_sin, rope_cos_sin
-
-Params = dict[str, Any]
-LayerCache = dict[str, jnp.ndarray]  # {"k": [B, max_len, kv_heads, head_dim], "v": same}
-Cache = tuple[LayerCache, ...]
-
-ATTENTION_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
+from rema_jax.models.layers import Params
 
 
 # ---------------------------------------------------------------------------- pure helpers
-def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:
-    """HF LlamaRMSNorm: normalise in float32, cast back to x's dtype, multiply by `scale`."""
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return scale.astype(x.dtype) * y.astype(x.dtype)
-
 
 def matmul_2d(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
     """`x [..., in] @ w [in, out]` as one 2-D matmul over the flattened leading axes.
@@ -80,24 +70,6 @@ def shared_lora_xa(x: jnp.ndarray, lora: Any, names: tuple[str, ...]) -> dict[st
     return out
 
 
-def dot_product_attention(q_bthd: jnp.ndarray, k_bskd: jnp.ndarray, v_bskd: jnp.ndarray,
-                          mask_bts: jnp.ndarray) -> jnp.ndarray:
-    """Grouped-query attention. `mask_bts` is True where query t may attend key s.
-
-    Scores and softmax are float32. A query row with no allowed key (a pad slot) gets a uniform,
-    finite distribution, never NaN; its output is meaningless and must be ignored by the caller.
-    """
-    b, t, h, d = q_bthd.shape
-    kv = k_bskd.shape[2]
-    q = q_bthd.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_bskd.astype(q.dtype),
-                        preferred_element_type=jnp.float32) * (d ** -0.5)
-    scores = jnp.where(mask_bts[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd.astype(q.dtype))
-    return out.reshape(b, t, h, d)
-
-
 def param_shapes(config: ModelConfig) -> Params:
     """The expected parameter tree (Contract 1) with shape tuples as leaves; loaders validate against it."""
     h, f, hd = config.hidden_size, config.intermediate_size, config.head_dim
@@ -121,13 +93,6 @@ def param_shapes(config: ModelConfig) -> Params:
     if not config.tie_word_embeddings:
         tree["lm_head"] = {"kernel": (h, config.vocab_size)}
     return tree
-
-
-def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype: Optional[Any] = None) -> Cache:
-    """An all-zero KV cache (Contract 2): one `{"k","v": [B, max_len, kv_heads, head_dim]}` per layer."""
-    dtype = dtype or config.compute_dtype
-    shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
-    return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_layers))
 
 
 # ---------------------------------------------------------------------------- Linen modules
@@ -163,7 +128,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.config.params_dtype)
-        return rms_norm(x, scale, self.config.rms_norm_eps)
+        return layers.rms_norm(x, scale, self.config.rms_norm_eps)
 
 
 class Attention(nn.Module):
@@ -171,7 +136,7 @@ class Attention(nn.Module):
     lora_scale: float = 1.0
 
     @nn.compact
-    def __call__(self, x_btd, cos_btd, sin_btd, mask_bts, layer_cache: Optional[LayerCache], cache_index):
+    def __call__(self, x_btd, cos_btd, sin_btd, mask_bts):
         cfg = self.config
         b, t, _ = x_btd.shape
         hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
@@ -180,17 +145,9 @@ class Attention(nn.Module):
         q = Proj(features=nh * hd, use_bias=cfg.attention_bias, name="q_proj", **kw)(x_btd, xa.get("q_proj"))
         k = Proj(features=nkv * hd, use_bias=cfg.attention_bias, name="k_proj", **kw)(x_btd, xa.get("k_proj"))
         v = Proj(features=nkv * hd, use_bias=cfg.attention_bias, name="v_proj", **kw)(x_btd, xa.get("v_proj"))
-        q, k, v = q.reshape(b, t, nh, hd), k.reshape(b, t, nkv, hd), v.reshape(b, t, nkv, hd)
-        q = apply_rope_cos_sin(q, cos_btd, sin_btd)
-        k = apply_rope_cos_sin(k, cos_btd, sin_btd)
-        new_cache = None
-        if layer_cache is not None:
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
-            v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
-            new_cache = {"k": k, "v": v}
-        out = dot_product_attention(q, k, v, mask_bts).reshape(b, t, nh * hd)
-        return Proj(features=cfg.hidden_size, name="o_proj", **kw)(out), new_cache
+        q, k, v = layers.qkv_heads(cfg, q, k, v, cos_btd, sin_btd)
+        out = layers.dot_product_attention(q, k, v, mask_bts).reshape(b, t, nh * hd)
+        return Proj(features=cfg.hidden_size, name="o_proj", **kw)(out)
 
 
 class MLP(nn.Module):
@@ -204,7 +161,7 @@ class MLP(nn.Module):
         xa = shared_lora_xa(x, self.variables.get("lora", {}), ("gate_proj", "up_proj"))
         gate = Proj(features=cfg.intermediate_size, name="gate_proj", **kw)(x, xa.get("gate_proj"))
         up = Proj(features=cfg.intermediate_size, name="up_proj", **kw)(x, xa.get("up_proj"))
-        return Proj(features=cfg.hidden_size, name="down_proj", **kw)(nn.silu(gate) * up)
+        return Proj(features=cfg.hidden_size, name="down_proj", **kw)(layers.mlp_hidden(gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -212,13 +169,11 @@ class DecoderLayer(nn.Module):
     lora_scale: float = 1.0
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask_bts, layer_cache, cache_index):
+    def __call__(self, x, cos, sin, mask_bts):
         kw = dict(config=self.config, lora_scale=self.lora_scale)
-        h, new_cache = Attention(name="self_attn", **kw)(
-            RMSNorm(self.config, name="input_layernorm")(x), cos, sin, mask_bts, layer_cache, cache_index)
-        x = x + h
+        x = x + Attention(name="self_attn", **kw)(RMSNorm(self.config, name="input_layernorm")(x), cos, sin, mask_bts)
         x = x + MLP(name="mlp", **kw)(RMSNorm(self.config, name="post_attention_layernorm")(x))
-        return x, new_cache
+        return x
 
 
 class Transformer(nn.Module):
@@ -228,18 +183,14 @@ class Transformer(nn.Module):
     lora_scale: float = 1.0
 
     @nn.compact
-    def __call__(self, tokens_bt, positions_bt, mask_bts, cache: Optional[Cache] = None, cache_index=None,
-                 logits_at_bk=None):
+    def __call__(self, tokens_bt, positions_bt, mask_bts, logits_at_bk=None):
         cfg = self.config
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
                          embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
         x = embed(tokens_bt)
-        cos, sin = rope_cos_sin(positions_bt, cfg)
-        new_cache = []
+        cos, sin = layers.rope_cos_sin(positions_bt, cfg)
         for i in range(cfg.num_layers):
-            x, layer_cache = DecoderLayer(cfg, self.lora_scale, name=f"layers_{i}")(
-                x, cos, sin, mask_bts, None if cache is None else cache[i], cache_index)
-            new_cache.append(layer_cache)
+            x = DecoderLayer(cfg, self.lora_scale, name=f"layers_{i}")(x, cos, sin, mask_bts)
         x = RMSNorm(cfg, name="norm")(x)
         if logits_at_bk is not None:  # project only the positions the caller needs
             x = jnp.take_along_axis(x, logits_at_bk[..., None].astype(jnp.int32), axis=1)
@@ -247,33 +198,27 @@ class Transformer(nn.Module):
             logits = matmul_2d(x, embed.embedding.astype(x.dtype).T)  # = embed.attend(x), 2-D
         else:
             logits = Proj(cfg, cfg.vocab_size, name="lm_head")(x)
-        return logits.astype(jnp.float32), (None if cache is None else tuple(new_cache))
+        return logits.astype(jnp.float32)
 
 
 # ---------------------------------------------------------------------------- pure forward
-def forward(config: ModelConfig, params: Params, tokens_bt: jnp.ndarray, adapter=None, *,
+def forward(config: ModelConfig, params: Params, tokens_bt: jnp.ndarray, adapter: Optional[Adapter] = None, *,
             positions_bt: Optional[jnp.ndarray] = None, attention_mask: Optional[jnp.ndarray] = None,
-            cache: Optional[Cache] = None, cache_index: Optional[jnp.ndarray] = None,
-            logits_at_bk: Optional[jnp.ndarray] = None):
-    """Logits `[B, T, V]` (float32) for `tokens_bt [B, T]`; `(logits, new_cache)` when `cache` is given.
+            logits_at_bk: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+    """Logits `[B, T, V]` (float32) for `tokens_bt [B, T]`, causal over the whole block (no KV cache;
+    cached decoding is `rema_jax.sampling`, tested against this function).
 
     Args:
       config: static model config (use as a `jax.jit` static argument).
       params: the base parameter tree (Contract 1). Never copied.
       adapter: an `Adapter` (`lora` adds low-rank terms, `full` replaces `params`) or None (the base).
-      positions_bt: rotary positions. Default without a cache: `cumsum(attention_mask) - 1`, so a
-        left-padded row gives the same logits as the unpadded row. With a cache: the same formula
-        over the cache mask, read at the new slots.
-      attention_mask: without a cache `[B, T]`; with a cache `[B, max_len]` over the cache slots,
-        including the slots of the new tokens. 1 = real token; 0-slots are never attended to.
-      cache: Contract 2 KV cache; the new keys/values are written at `cache_index`.
-      cache_index: scalar int32 slot where `tokens_bt[:, 0]` goes (default 0).
+      positions_bt: rotary positions. Default: `cumsum(attention_mask) - 1`, so a left-padded row gives
+        the same logits as the unpadded row.
+      attention_mask: `[B, T]`, 1 = real token; 0-slots are never attended to.
       logits_at_bk: optional `[B, K]` time indices; the vocabulary projection then runs only there and
         the result is `[B, K, V]` (RL losses need logits at the response tokens only, and the projection
         plus log-softmax over every prompt position dominates the cost for large vocabularies).
     """
-    from rema_jax.models.adapters import Adapter  # local: adapters imports this module
-
     if tokens_bt.ndim != 2:
         raise ValueError(f"tokens_bt must be [batch, time], got shape {tokens_bt.shape}")
     b, t = tokens_bt.shape
@@ -290,36 +235,12 @@ def forward(config: ModelConfig, params: Params, tokens_bt: jnp.ndarray, adapter
         else:
             raise ValueError(f"unknown adapter kind {adapter.kind!r}")
 
-    if cache is None:
-        mask_bt = (jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool))
-        if mask_bt.shape != (b, t):
-            raise ValueError(f"attention_mask must be [batch, time]={(b, t)} without a cache, got {mask_bt.shape}")
-        causal_ts = jnp.tril(jnp.ones((t, t), bool))
-        mask_bts = causal_ts[None] & mask_bt[:, None, :]
-        if positions_bt is None:
-            positions_bt = (jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if attention_mask is None
-                            else jnp.maximum(jnp.cumsum(mask_bt.astype(jnp.int32), axis=1) - 1, 0))
-        cache_index = None
-    else:
-        if len(cache) != config.num_layers:
-            raise ValueError(f"cache has {len(cache)} layers, config has {config.num_layers}")
-        s = cache[0]["k"].shape[1]
-        cache_index = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
-        q_slots_t = cache_index + jnp.arange(t, dtype=jnp.int32)
-        causal_ts = jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slots_t[:, None]
-        if attention_mask is None:
-            mask_bts = jnp.broadcast_to(causal_ts[None], (b, t, s))
-            if positions_bt is None:
-                positions_bt = jnp.broadcast_to(q_slots_t, (b, t))
-        else:
-            if attention_mask.shape != (b, s):
-                raise ValueError(f"attention_mask must be [batch, max_len]={(b, s)} with a cache, "
-                                 f"got {attention_mask.shape}")
-            mask_bs = attention_mask.astype(bool)
-            mask_bts = causal_ts[None] & mask_bs[:, None, :]
-            if positions_bt is None:
-                pos_bs = jnp.maximum(jnp.cumsum(mask_bs.astype(jnp.int32), axis=1) - 1, 0)
-                positions_bt = jax.lax.dynamic_slice_in_dim(pos_bs, cache_index, t, axis=1)
-    logits_btv, new_cache = Transformer(config, lora_scale).apply(
-        variables, tokens_bt, positions_bt, mask_bts, cache, cache_index, logits_at_bk)
-    return logits_btv if cache is None else (logits_btv, new_cache)
+    mask_bt = (jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool))
+    if mask_bt.shape != (b, t):
+        raise ValueError(f"attention_mask must be [batch, time]={(b, t)}, got {mask_bt.shape}")
+    causal_ts = jnp.tril(jnp.ones((t, t), bool))
+    mask_bts = causal_ts[None] & mask_bt[:, None, :]
+    if positions_bt is None:
+        positions_bt = (jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if attention_mask is None
+                        else jnp.maximum(jnp.cumsum(mask_bt.astype(jnp.int32), axis=1) - 1, 0))
+    return Transformer(config, lora_scale).apply(variables, tokens_bt, positions_bt, mask_bts, logits_at_bk)

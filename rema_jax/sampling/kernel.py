@@ -1,10 +1,12 @@
 """The inference-optimised transformer path of the sampler: fused weights, prefill, decode loop.
 
-Same math as `rema_jax.models.forward` (tested to give the same logits), restructured for decoding:
+Same math as `rema_jax.models.forward` (tested to give the same logits): the norms, rotary embedding,
+attention and gated MLP are the shared `rema_jax.models.layers` functions; this module only lays the
+weights and the loop out for decoding:
 - Weights are prepared once per `generate` call, outside the loop (`fuse_params`): LoRA is merged
   into the kernels (the per-step cost is then the base model's), q/k/v and gate/up kernels are
   concatenated so each layer does three matmuls instead of seven.
-- One KV buffer pair per layer, laid out `[B, kv_heads, C, head_dim]` so per-step attention is a
+- One `layers.KVCache` per layer, laid out `[B, kv_heads, C, head_dim]` so per-step attention is a
   plain batched matmul over contiguous keys; buffers are carried through `lax.while_loop` and
   donated into the decode call, so XLA updates them in place (no per-step cache copy).
 - Prefill computes the LM head only at the last prompt position.
@@ -21,14 +23,11 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from rema_jax.models import layers
 from rema_jax.models.adapters import Adapter, merge_adapter
 from rema_jax.models.config import ModelConfig
-from rema_jax.models.rope import apply_rope_cos_sin, rope_cos_sin
-from rema_jax.models.transformer import rms_norm
-
+from rema_jax.models.layers import ATTENTION_PROJS, KVCache, rms_norm, rope_cos_sin
 from rema_jax.sampling import ops, stops
-
-_NEG = -1e30  # finite mask value: a fully masked (pad) query row stays NaN-free
 
 
 class FusedLayer(NamedTuple):
@@ -48,11 +47,6 @@ class FusedParams(NamedTuple):
     lm_head_hv: jnp.ndarray  # [H, V] (a transposed copy of the embedding when tied)
 
 
-class LayerKV(NamedTuple):
-    k: jnp.ndarray  # [B, kv_heads, C, head_dim]
-    v: jnp.ndarray
-
-
 def fuse_params(config: ModelConfig, params: dict, adapter: Optional[Adapter]) -> FusedParams:
     """The decode-friendly weights of the agent (`params` with `adapter` merged), computed on device."""
     p = merge_adapter(params, adapter)
@@ -63,10 +57,10 @@ def fuse_params(config: ModelConfig, params: dict, adapter: Optional[Adapter]) -
         att, mlp = lp["self_attn"], lp["mlp"]
         b_qkv = None
         if config.attention_bias:
-            b_qkv = jnp.concatenate([att[n]["bias"] for n in ("q_proj", "k_proj", "v_proj")]).astype(dt)
+            b_qkv = jnp.concatenate([att[n]["bias"] for n in ATTENTION_PROJS[:3]]).astype(dt)
         layers.append(FusedLayer(
             ln1=lp["input_layernorm"]["scale"].astype(dt),
-            w_qkv=jnp.concatenate([att[n]["kernel"] for n in ("q_proj", "k_proj", "v_proj")], axis=1).astype(dt),
+            w_qkv=jnp.concatenate([att[n]["kernel"] for n in ATTENTION_PROJS[:3]], axis=1).astype(dt),
             b_qkv=b_qkv,
             w_o=att["o_proj"]["kernel"].astype(dt),
             ln2=lp["post_attention_layernorm"]["scale"].astype(dt),
@@ -77,65 +71,58 @@ def fuse_params(config: ModelConfig, params: dict, adapter: Optional[Adapter]) -
     return FusedParams(embed_vh=embed, layers=tuple(layers), norm=p["norm"]["scale"].astype(dt), lm_head_hv=lm_head)
 
 
-def _qkv(config: ModelConfig, layer: FusedLayer, x: jnp.ndarray):
-    """Projects `x [..., H]` to q `[..., nh, hd]`, k and v `[..., nkv, hd]`."""
+def _qkv(config: ModelConfig, layer: FusedLayer, x: jnp.ndarray, cos, sin):
+    """Heads of `x [B, T, H]`: rotated q `[B, T, nh, hd]`, rotated k and v `[B, T, nkv, hd]`."""
     nh, nkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
     h = rms_norm(x, layer.ln1, config.rms_norm_eps)
     qkv = h @ layer.w_qkv
     if layer.b_qkv is not None:
         qkv = qkv + layer.b_qkv
-    lead = x.shape[:-1]
-    q = qkv[..., :nh * hd].reshape(*lead, nh, hd)
-    k = qkv[..., nh * hd:(nh + nkv) * hd].reshape(*lead, nkv, hd)
-    v = qkv[..., (nh + nkv) * hd:].reshape(*lead, nkv, hd)
-    return q, k, v
+    q, k, v = qkv[..., :nh * hd], qkv[..., nh * hd:(nh + nkv) * hd], qkv[..., (nh + nkv) * hd:]
+    return layers.qkv_heads(config, q, k, v, cos, sin)
 
 
 def _mlp(config: ModelConfig, layer: FusedLayer, x: jnp.ndarray) -> jnp.ndarray:
     f = config.intermediate_size
     gu = rms_norm(x, layer.ln2, config.rms_norm_eps) @ layer.w_gate_up
-    return (jax.nn.silu(gu[..., :f]) * gu[..., f:]) @ layer.w_down
+    return layers.mlp_hidden(gu[..., :f], gu[..., f:]) @ layer.w_down
 
 
 def _logits(config: ModelConfig, fp: FusedParams, x_bh: jnp.ndarray) -> jnp.ndarray:
     return (rms_norm(x_bh, fp.norm, config.rms_norm_eps) @ fp.lm_head_hv).astype(jnp.float32)
 
 
-def _prepend(past: LayerKV, kv: LayerKV) -> LayerKV:
+BlockKV = tuple[jnp.ndarray, jnp.ndarray]  # a block's keys (rotated) and values, [B or 1, T, kv, hd] each
+
+
+def _prepend(past: BlockKV, kv: BlockKV) -> BlockKV:
     """`past` (`[1 or B, S, kv, hd]`) broadcast to kv's batch, then `kv` (`[B, T, kv, hd]`) after it."""
-    b = kv.k.shape[0]
+    b = kv[0].shape[0]
     join = lambda p, x: jnp.concatenate([jnp.broadcast_to(p, (b,) + p.shape[1:]).astype(x.dtype), x], axis=1)  # noqa: E731
-    return LayerKV(k=join(past.k, kv.k), v=join(past.v, kv.v))
+    return join(past[0], kv[0]), join(past[1], kv[1])
 
 
 def _attend_block(config: ModelConfig, fp: FusedParams, x: jnp.ndarray, cos, sin, mask_bts: jnp.ndarray,
-                  past: Optional[tuple[LayerKV, ...]] = None) -> tuple[jnp.ndarray, list[LayerKV]]:
+                  past: Optional[tuple[BlockKV, ...]] = None) -> tuple[jnp.ndarray, list[BlockKV]]:
     """Runs every layer on `x [B, T, H]` (rotary tables `cos`/`sin` for its positions). Queries attend
     to `past` (per layer `[1 or B, S, kv, hd]` keys/values, e.g. a shared prompt prefix) and then to
     the block itself, under `mask_bts [B, T, S + T]`. Returns the output and the block's own
     per-layer keys/values `[B, T, kv, hd]` (rotated keys)."""
     b, t = x.shape[:2]
-    nh, nkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
     out_kv = []
     for i, layer in enumerate(fp.layers):
-        q, k, v = _qkv(config, layer, x)
-        q = apply_rope_cos_sin(q, cos, sin)
-        k = apply_rope_cos_sin(k, cos, sin)
-        out_kv.append(LayerKV(k=k, v=v))
+        q, k, v = _qkv(config, layer, x, cos, sin)
+        out_kv.append((k, v))
         if past is not None:
             k, v = _prepend(past[i], out_kv[-1])
-        qg = q.reshape(b, t, nkv, nh // nkv, hd)
-        s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
-        s = jnp.where(mask_bts[:, None, None], s, _NEG)
-        probs = jax.nn.softmax(s, axis=-1).astype(x.dtype)
-        att = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, nh * hd)
+        att = layers.dot_product_attention(q, k, v, mask_bts).reshape(b, t, -1)
         x = x + att @ layer.w_o
         x = x + _mlp(config, layer, x)
     return x, out_kv
 
 
 def prefill(config: ModelConfig, fp: FusedParams, tokens_bp: jnp.ndarray, pad_b: jnp.ndarray, cache_len: int,
-            prefix_1s: Optional[jnp.ndarray] = None) -> tuple[tuple[LayerKV, ...], jnp.ndarray]:
+            prefix_1s: Optional[jnp.ndarray] = None) -> tuple[tuple[KVCache, ...], jnp.ndarray]:
     """Runs the prompts; returns the per-layer caches `[B, kv, cache_len, hd]` and the next-token
     logits `[B, V]` at the last prompt position.
 
@@ -159,42 +146,30 @@ def prefill(config: ModelConfig, fp: FusedParams, tokens_bp: jnp.ndarray, pad_b:
         mask_bts = jnp.concatenate([jnp.ones((b, q_len, s_len), bool), mask_bts], axis=-1)
     x, block_kv = _attend_block(config, fp, fp.embed_vh[tokens_bp], *rope_cos_sin(positions_bq, config),
                                 mask_bts, past)
-    caches = []
-    pad_len = ((0, 0), (0, 0), (0, cache_len - s_len - q_len), (0, 0))
-    for i, kv in enumerate(block_kv):
-        k, v = kv if past is None else _prepend(past[i], kv)
-        caches.append(LayerKV(k=jnp.pad(k.transpose(0, 2, 1, 3), pad_len), v=jnp.pad(v.transpose(0, 2, 1, 3), pad_len)))
-    return tuple(caches), _logits(config, fp, x[:, -1])
+    caches = tuple(layers.kv_cache_from_block(*(kv if past is None else _prepend(past[i], kv)), cache_len)
+                   for i, kv in enumerate(block_kv))
+    return caches, _logits(config, fp, x[:, -1])
 
 
-def decode_step(config: ModelConfig, fp: FusedParams, caches: tuple[LayerKV, ...], tok_b: jnp.ndarray,
+def decode_step(config: ModelConfig, fp: FusedParams, caches: tuple[KVCache, ...], tok_b: jnp.ndarray,
                 pos_b: jnp.ndarray, slot, pad_b: jnp.ndarray, prefix_len=0
-                ) -> tuple[tuple[LayerKV, ...], jnp.ndarray]:
+                ) -> tuple[tuple[KVCache, ...], jnp.ndarray]:
     """Feeds one token per row (rotary position `pos_b`, cache slot `slot`); returns the updated
     caches and the next-token logits `[B, V]`. Row b's pad slots are `[prefix_len, prefix_len + pad_b)`."""
     b = tok_b.shape[0]
-    nh, nkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
     c = caches[0].k.shape[2]
     cos, sin = rope_cos_sin(pos_b[:, None], config)
-    cache_slots = jnp.arange(c, dtype=jnp.int32)
-    c_1c = cache_slots[None, :]
+    c_1c = jnp.arange(c, dtype=jnp.int32)[None, :]
     valid_bc = ((c_1c < prefix_len) | (c_1c >= prefix_len + pad_b[:, None])) & (c_1c <= slot)
     x = fp.embed_vh[tok_b]
     new_caches = []
     for layer, kv in zip(fp.layers, caches):
-        q, k, v = _qkv(config, layer, x[:, None])
-        q = apply_rope_cos_sin(q, cos, sin)[:, 0]                 # [B, nh, hd]
-        k = apply_rope_cos_sin(k, cos, sin).transpose(0, 2, 1, 3)  # [B, nkv, 1, hd]
-        kc = jax.lax.dynamic_update_slice(kv.k, k.astype(kv.k.dtype), (0, 0, slot, 0))
-        vc = jax.lax.dynamic_update_slice(kv.v, v.transpose(0, 2, 1, 3).astype(kv.v.dtype), (0, 0, slot, 0))
-        qg = q.reshape(b, nkv, nh // nkv, hd)
-        s = jnp.einsum("bkgd,bkcd->bkgc", qg, kc, preferred_element_type=jnp.float32) * (hd ** -0.5)
-        s = jnp.where(valid_bc[:, None, None, :], s, _NEG)
-        probs = jax.nn.softmax(s, axis=-1).astype(x.dtype)
-        att = jnp.einsum("bkgc,bkcd->bkgd", probs, vc).reshape(b, nh * hd)
+        q, k, v = _qkv(config, layer, x[:, None], cos, sin)
+        kv = layers.kv_cache_write(kv, k, v, slot)
+        att = layers.decode_attention(q[:, 0], kv, valid_bc).reshape(b, -1)
         x = x + att @ layer.w_o
         x = x + _mlp(config, layer, x)
-        new_caches.append(LayerKV(kc, vc))
+        new_caches.append(kv)
     return tuple(new_caches), _logits(config, fp, x)
 
 
@@ -219,9 +194,9 @@ class DecodeOutputs(NamedTuple):
     stopped_b: jnp.ndarray     # [B] bool: finished on EOS or a stop string (else: length)
 
 
-def decode(config: ModelConfig, mode: ops.SamplingMode, fp: FusedParams, caches: tuple[LayerKV, ...],
+def decode(config: ModelConfig, mode: ops.SamplingMode, fp: FusedParams, caches: tuple[KVCache, ...],
            logits_bv: jnp.ndarray, inp: DecodeInputs, stop_tables: Optional[stops.StopTables], *,
-           prompt_len: int, n_out: int) -> tuple[DecodeOutputs, tuple[LayerKV, ...]]:
+           prompt_len: int, n_out: int) -> tuple[DecodeOutputs, tuple[KVCache, ...]]:
     """Samples up to `max_new_tokens` (<= `n_out`) tokens per row with a `lax.while_loop` that
     exits as soon as every row has finished. `logits_bv` are the prefill's next-token logits and
     `prompt_len` the prompt slots P (shared prefix + bucketed remainder): generated token t is fed

@@ -18,13 +18,17 @@ import jax
 import numpy as np
 
 from rema_jax.errors import UserError
+from rema_jax.models import layers
 from rema_jax.models.adapters import ALL_TARGETS
 from rema_jax.models.config import ModelConfig
-from rema_jax.models.transformer import ATTENTION_PROJS, param_shapes
+from rema_jax.models.layers import ATTENTION_PROJS
+from rema_jax.models.transformer import param_shapes
 from rema_jax.sharding.mesh import mesh_sizes
-from rema_jax.sharding.rules import DEFAULT_RULES, CACHE_AXES, Rules, ShardingPlan, iter_param_specs, shard_shape
+from rema_jax.sharding.rules import DEFAULT_RULES, Rules, ShardingPlan, iter_param_specs, shard_shape
 
 GiB = 1024 ** 3
+# Logical axes of the sampler's cache (`layers.KVCache`, `[B, kv_heads, C, head_dim]`), named as the rules name them.
+KV_CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_seq", "head_dim")
 
 
 class MemoryPlanError(RuntimeError, UserError):
@@ -121,7 +125,8 @@ def plan_memory(config: ModelConfig, mesh: Any, *, rules: Rules = DEFAULT_RULES,
     `adapter_kind`: `lora` (each agent trains LoRA factors in `lora_dtype`), `full` (each agent has
     a full params copy in `param_dtype`) or `shared` (both roles train the base itself).
     `optimizer_moments`: state arrays per trainable parameter (AdamW: 2). `train_batch`/`train_seq`:
-    rows and length of one update micro-batch; `rollout_batch`/`cache_len`: sampler KV cache;
+    rows and length of one update micro-batch; `rollout_batch`/`cache_len`: the sampler's KV cache
+    (`layers.KVCache` per layer, batch bucket x cache slots, compute dtype);
     `fused_copies`: agents whose decode-ready fused weights the sampler keeps (compute dtype).
     """
     if adapter_kind not in ("lora", "full", "shared"):
@@ -143,9 +148,9 @@ def plan_memory(config: ModelConfig, mesh: Any, *, rules: Rules = DEFAULT_RULES,
     grads_b = trainable_b
     fused_b = fused_copies * _tree_bytes(base_rows, plan, _itemsize(config.compute_dtype))
 
-    cache_shape = (rollout_batch, cache_len, config.num_kv_heads, config.head_dim)
-    cache_block = shard_shape(cache_shape, plan.spec(CACHE_AXES, cache_shape, "kv_cache"), sizes)
-    kv_b = 2 * config.num_layers * math.prod(cache_block) * _itemsize(config.compute_dtype)
+    cache_shape = layers.kv_cache_shape(config, rollout_batch, cache_len)  # what the sampler allocates
+    cache_block = shard_shape(cache_shape, plan.spec(KV_CACHE_AXES, cache_shape, "kv_cache"), sizes)
+    kv_b = 2 * config.num_layers * math.prod(cache_block) * _itemsize(layers.kv_cache_dtype(config))
 
     batch_block = shard_shape((train_batch,), plan.batch_spec((train_batch,)), sizes)[0]
     act_b = int(batch_block * train_seq * activation_bytes_per_token(
