@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rema_jax.models.adapters import Adapter, AdapterConfig
+from rema_jax.models.adapters import Adapter
 from rema_jax.models.config import ModelConfig
 from rema_jax.sampling import bucketing, kernel, ops, stops
 from rema_jax.sampling.types import Generation, SamplerStats, SamplingParams
@@ -37,7 +37,6 @@ class Sampler:
     Args:
       config: the model config.
       tokenizer: a HF tokenizer (decoding, EOS ids, stop-string byte tables).
-      adapter_config: when given, `generate` checks each adapter's kind against it.
       max_cache_len: the longest prompt bucket + generation the KV cache may hold.
       batch_buckets: allowed batch sizes; bigger calls are split into chunks of the largest.
       fused_cache_size: how many agents' fused weights to keep between calls (2 = both ReMA agents).
@@ -46,16 +45,15 @@ class Sampler:
         `MIN_PREFIX_SAVING` of the prefill (same tokens and log-probs either way; tested).
     """
 
-    def __init__(self, config: ModelConfig, tokenizer: Any, *, adapter_config: Optional[AdapterConfig] = None,
-                 max_cache_len: int = 2048, batch_buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128),
-                 fused_cache_size: int = 2, share_prefix: bool = True):
+    def __init__(self, config: ModelConfig, tokenizer: Any, *, max_cache_len: int = 2048,
+                 batch_buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128), fused_cache_size: int = 2,
+                 share_prefix: bool = True):
         if not batch_buckets or any(int(b) <= 0 for b in batch_buckets):
             raise ValueError(f"Sampler batch_buckets must be positive ints, got {batch_buckets!r}")
         if max_cache_len < MIN_PROMPT_BUCKET + 1:
             raise ValueError(f"Sampler max_cache_len={max_cache_len} is too small (>= {MIN_PROMPT_BUCKET + 1})")
         self.config = config
         self.tokenizer = tokenizer
-        self.adapter_config = adapter_config
         self.max_cache_len = int(max_cache_len)
         self.batch_buckets = tuple(sorted(int(b) for b in batch_buckets))
         self._fused_cache_size = int(fused_cache_size)
@@ -121,11 +119,6 @@ class Sampler:
         if adapter is not None and not isinstance(adapter, Adapter):
             raise TypeError(f"Sampler.generate: adapter must be a rema_jax.models.adapters.Adapter or None, "
                             f"got {type(adapter).__name__}")
-        if self.adapter_config is not None:
-            want = self.adapter_config.kind
-            got = "shared" if adapter is None else adapter.kind
-            if want != got:
-                raise ValueError(f"Sampler.generate: adapter kind {got!r} does not match adapter_config.kind {want!r}")
 
     def _fused_params(self, params: dict, adapter: Optional[Adapter]) -> kernel.FusedParams:
         """Fused weights of this agent, reused while the very same arrays are passed again."""
