@@ -27,6 +27,7 @@ one decode step must read every weight and the KV cache).
     python benchmarks/train_step.py --model qwen2.5-0.5b --dtype bfloat16 --batch 16 --seq 1024   # GPU
 The last line printed is one JSON object with every figure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,14 +40,43 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 MODELS = {  # random weights of these shapes (real weights cannot travel to a lent GPU)
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
-                         num_kv_heads=3, head_dim=64, tie_word_embeddings=True, rope_theta=100000.0),
-    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
-                         num_kv_heads=2, head_dim=64, tie_word_embeddings=True, attention_bias=True,
-                         rope_theta=1000000.0, family="qwen2"),
-    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
-                         num_kv_heads=2, head_dim=128, tie_word_embeddings=True, attention_bias=True,
-                         rope_theta=1000000.0, family="qwen2"),
+    "smollm2-135m": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+    ),
+    "qwen2.5-0.5b": dict(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        head_dim=64,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        rope_theta=1000000.0,
+        family="qwen2",
+    ),
+    "qwen2.5-1.5b": dict(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_layers=28,
+        num_heads=12,
+        num_kv_heads=2,
+        head_dim=128,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        rope_theta=1000000.0,
+        family="qwen2",
+    ),
 }
 
 
@@ -65,7 +95,7 @@ def matmul_peak(dtype, n: int, repeats: int = 5) -> float:
         t0 = time.perf_counter()
         f(a, b).block_until_ready()
         best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -109,10 +139,14 @@ def _batch(cfg, batch: int, seq: int, seed: int = 0):
     tokens = rng.integers(3, cfg.vocab_size, (batch, seq)).astype(np.int32)
     loss = np.ones((batch, seq), np.float32)
     loss[:, : seq // 4] = 0.0  # the prompt part
-    return {"tokens": tokens, "attention_mask": np.ones((batch, seq), np.int32), "loss_mask": loss,
-            "turn_ids": np.where(loss > 0, 0, -1).astype(np.int32),
-            "advantages": (rng.standard_normal((batch, 1)) * loss).astype(np.float32),
-            "old_logprobs": (-2.0 * loss).astype(np.float32)}
+    return {
+        "tokens": tokens,
+        "attention_mask": np.ones((batch, seq), np.int32),
+        "loss_mask": loss,
+        "turn_ids": np.where(loss > 0, 0, -1).astype(np.int32),
+        "advantages": (rng.standard_normal((batch, 1)) * loss).astype(np.float32),
+        "old_logprobs": (-2.0 * loss).astype(np.float32),
+    }
 
 
 def build_update(cfg, mode: str, args, plan) -> dict:
@@ -129,31 +163,42 @@ def build_update(cfg, mode: str, args, plan) -> dict:
     opt = MultiAgentOptimizer(OptimizerConfig(learning_rate=1e-6))
     loss_cfg = LossConfig(max_turns=1, logprob_chunk_size=args.logprob_chunk)
     if mode == "lora":
-        adapter = init_adapter(cfg, params, AdapterConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank),
-                               jax.random.key(1))
+        adapter = init_adapter(
+            cfg, params, AdapterConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank), jax.random.key(1)
+        )
         state, consts, trained = init_rl_state({"reasoning": adapter}, opt), {"base": params}, ("reasoning",)
 
         def logits_fn(p, role, b):
-            return forward(cfg, p["base"], b["tokens"], p["reasoning"], attention_mask=b["attention_mask"])
+            return forward(cfg, p["base"], b.tokens, p["reasoning"], attention_mask=b.attention_mask)
     else:
         state, consts, trained = init_rl_state({"shared": params}, opt), {}, ("shared",)
 
         def logits_fn(p, role, b):
-            return forward(cfg, p["shared"], b["tokens"], attention_mask=b["attention_mask"])
+            return forward(cfg, p["shared"], b.tokens, attention_mask=b.attention_mask)
 
     state, consts = plan.put(state), plan.put(consts)
     host = {"reasoning": _batch(cfg, args.batch, args.seq)}
     shardings = plan.batch_shardings(host)
     batches = jax.tree.map(lambda x, s: jax.device_put(x, s), host, shardings)
-    step = shard_update_fn(make_update_fn(logits_fn, loss_cfg, opt), plan, state, batches, trained, consts,
-                           donate_state=True)
+    step = shard_update_fn(
+        make_update_fn(logits_fn, loss_cfg, opt), plan, state, batches, trained, consts, donate_state=True
+    )
     t0 = time.perf_counter()
     compiled = step.jitted.lower(state, batches, consts).compile()
     compile_s = time.perf_counter() - t0
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
-    return {"mode": mode, "step": compiled, "state": state, "batches": batches, "consts": consts,
-            "compile_s": compile_s, "hlo_flops": float(cost.get("flops", 0.0)), "times": [], "cpu": []}
+    return {
+        "mode": mode,
+        "step": compiled,
+        "state": state,
+        "batches": batches,
+        "consts": consts,
+        "compile_s": compile_s,
+        "hlo_flops": float(cost.get("flops", 0.0)),
+        "times": [],
+        "cpu": [],
+    }
 
 
 def time_step(run: dict) -> None:
@@ -173,11 +218,19 @@ def update_result(cfg, run: dict, args) -> dict:
     tokens = args.batch * args.seq
     sec = statistics.median(run["times"])
     flops = model_flops(cfg, run["mode"], args.batch, args.seq, args.lora_rank)
-    return {"mode": run["mode"], "step_s": sec, "step_s_all": run["times"], "cpu_s": statistics.median(run["cpu"]),
-            "compile_s": run["compile_s"], "tokens_per_s": tokens / sec,
-            "model_tflops_per_step": flops / 1e12, "achieved_tflops": flops / sec / 1e12,
-            "hlo_tflops_per_step": run["hlo_flops"] / 1e12, "hlo_mflops_per_token": run["hlo_flops"] / tokens / 1e6,
-            "loss_finite": bool(np.isfinite(float(run["metrics"]["loss"])))}
+    return {
+        "mode": run["mode"],
+        "step_s": sec,
+        "step_s_all": run["times"],
+        "cpu_s": statistics.median(run["cpu"]),
+        "compile_s": run["compile_s"],
+        "tokens_per_s": tokens / sec,
+        "model_tflops_per_step": flops / 1e12,
+        "achieved_tflops": flops / sec / 1e12,
+        "hlo_tflops_per_step": run["hlo_flops"] / 1e12,
+        "hlo_mflops_per_token": run["hlo_flops"] / tokens / 1e6,
+        "loss_finite": bool(np.isfinite(float(run["metrics"]["loss"]))),
+    }
 
 
 def cpu_model() -> str:
@@ -230,8 +283,12 @@ def bench_decode(cfg, args, plan, hbm_bw: float) -> dict:
     kv_mean = 2 * cfg.num_layers * b * (prompt + new / 2) * cfg.num_kv_heads * cfg.head_dim * item
     roofline = b * hbm_bw / (n * item + kv_mean)
     tps = b * new / sec  # includes the prefill of 128 tokens per row
-    return {"decode_batch": b, "decode_tokens_per_s": tps, "decode_roofline_tokens_per_s": roofline,
-            "decode_fraction_of_roofline": tps / roofline}
+    return {
+        "decode_batch": b,
+        "decode_tokens_per_s": tps,
+        "decode_roofline_tokens_per_s": roofline,
+        "decode_fraction_of_roofline": tps / roofline,
+    }
 
 
 def main() -> None:
@@ -274,10 +331,18 @@ def main() -> None:
     modes = [m for m in args.modes.split(",") if m]
     mem = device_memory_bytes()
     for mode in modes:
-        mp = plan_memory(cfg, mesh, adapter_kind="lora" if mode == "lora" else "shared", lora_rank=args.lora_rank,
-                         num_agents=1, train_batch=args.batch, train_seq=args.seq,
-                         rollout_batch=args.decode_batch if args.decode else 1,
-                         cache_len=128 + args.decode_tokens, fused_copies=1 if args.decode else 0)
+        mp = plan_memory(
+            cfg,
+            mesh,
+            adapter_kind="lora" if mode == "lora" else "shared",
+            lora_rank=args.lora_rank,
+            num_agents=1,
+            train_batch=args.batch,
+            train_seq=args.seq,
+            rollout_batch=args.decode_batch if args.decode else 1,
+            cache_len=128 + args.decode_tokens,
+            fused_copies=1 if args.decode else 0,
+        )
         print(f"[{mode}]\n{mp.table(mem)}", flush=True)
         check_fits(mp, mem)
 
@@ -285,8 +350,11 @@ def main() -> None:
     peak = matmul_peak(jax.numpy.dtype(args.dtype), peak_n)
     n, n_lora = matmul_params(cfg, args.lora_rank)
     cpu = cpu_model()
-    print(f"cpu={cpu!r} backend={backend} devices={jax.device_count()} model={args.model} dtype={args.dtype} "
-          f"N_matmul={n / 1e6:.1f}M N_lora={n_lora / 1e6:.2f}M peak={peak / 1e12:.3f} TFLOP/s", flush=True)
+    print(
+        f"cpu={cpu!r} backend={backend} devices={jax.device_count()} model={args.model} dtype={args.dtype} "
+        f"N_matmul={n / 1e6:.1f}M N_lora={n_lora / 1e6:.2f}M peak={peak / 1e12:.3f} TFLOP/s",
+        flush=True,
+    )
     runs = []
     for mode in modes:
         run = build_update(cfg, mode, args, plan)
@@ -301,31 +369,57 @@ def main() -> None:
     for run in runs:
         r = update_result(cfg, run, args)
         r["mfu"] = r["achieved_tflops"] * 1e12 / (peak * jax.device_count())
-        print(f"[{r['mode']}] step {r['step_s']:.3f}s (cpu {r['cpu_s']:.2f}s)  {r['tokens_per_s']:.0f} tok/s  "
-              f"{r['achieved_tflops']:.3f} TFLOP/s  MFU {100 * r['mfu']:.1f}%  "
-              f"HLO {r['hlo_mflops_per_token']:.0f} MFLOP/token", flush=True)
+        print(
+            f"[{r['mode']}] step {r['step_s']:.3f}s (cpu {r['cpu_s']:.2f}s)  {r['tokens_per_s']:.0f} tok/s  "
+            f"{r['achieved_tflops']:.3f} TFLOP/s  MFU {100 * r['mfu']:.1f}%  "
+            f"HLO {r['hlo_mflops_per_token']:.0f} MFLOP/token",
+            flush=True,
+        )
         results.append(r)
     by_mode = {r["mode"]: r for r in results}
     speedup = {}
     if "lora" in by_mode and "full" in by_mode:
         lo, fu = by_mode["lora"], by_mode["full"]
-        speedup = {"lora_speedup_per_token": lo["tokens_per_s"] / fu["tokens_per_s"],
-                   "lora_speedup_cpu_s": fu["cpu_s"] / lo["cpu_s"],
-                   "lora_hlo_flops_ratio": fu["hlo_mflops_per_token"] / lo["hlo_mflops_per_token"]}
-        print(f"[lora vs full] {lo['tokens_per_s']:.0f} vs {fu['tokens_per_s']:.0f} tok/s: "
-              f"{speedup['lora_speedup_per_token']:.2f}x per token (CPU seconds {speedup['lora_speedup_cpu_s']:.2f}x, "
-              f"HLO FLOPs {speedup['lora_hlo_flops_ratio']:.2f}x)  on {cpu}", flush=True)
-    out = {"backend": backend, "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
-           "cpu_model": cpu, "steps_interleaved": True, **speedup,
-           "model": args.model, "dtype": args.dtype, "batch": args.batch, "seq": args.seq, "steps": args.steps,
-           "lora_rank": args.lora_rank, "mesh": dict(mesh.shape), "n_matmul_params": n, "n_lora_params": n_lora,
-           "matmul_peak_tflops": peak / 1e12, "matmul_peak_n": peak_n, "update": results}
+        speedup = {
+            "lora_speedup_per_token": lo["tokens_per_s"] / fu["tokens_per_s"],
+            "lora_speedup_cpu_s": fu["cpu_s"] / lo["cpu_s"],
+            "lora_hlo_flops_ratio": fu["hlo_mflops_per_token"] / lo["hlo_mflops_per_token"],
+        }
+        print(
+            f"[lora vs full] {lo['tokens_per_s']:.0f} vs {fu['tokens_per_s']:.0f} tok/s: "
+            f"{speedup['lora_speedup_per_token']:.2f}x per token (CPU seconds {speedup['lora_speedup_cpu_s']:.2f}x, "
+            f"HLO FLOPs {speedup['lora_hlo_flops_ratio']:.2f}x)  on {cpu}",
+            flush=True,
+        )
+    out = {
+        "backend": backend,
+        "device": jax.devices()[0].device_kind,
+        "devices": jax.device_count(),
+        "cpu_model": cpu,
+        "steps_interleaved": True,
+        **speedup,
+        "model": args.model,
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "seq": args.seq,
+        "steps": args.steps,
+        "lora_rank": args.lora_rank,
+        "mesh": dict(mesh.shape),
+        "n_matmul_params": n,
+        "n_lora_params": n_lora,
+        "matmul_peak_tflops": peak / 1e12,
+        "matmul_peak_n": peak_n,
+        "update": results,
+    }
     if args.decode:
         bw = copy_bandwidth(1 << (30 if accel else 28))
         out["copy_bandwidth_gbs"] = bw / 1e9
         d = bench_decode(cfg, args, plan, bw)
-        print(f"[decode] {d['decode_tokens_per_s']:.0f} tok/s vs roofline {d['decode_roofline_tokens_per_s']:.0f} "
-              f"({100 * d['decode_fraction_of_roofline']:.1f}%)", flush=True)
+        print(
+            f"[decode] {d['decode_tokens_per_s']:.0f} tok/s vs roofline {d['decode_roofline_tokens_per_s']:.0f} "
+            f"({100 * d['decode_fraction_of_roofline']:.1f}%)",
+            flush=True,
+        )
         out.update(d)
     print(json.dumps(out))
 

@@ -19,7 +19,7 @@ split at its start (= after SFT), every ``--eval_every`` steps and at the end. W
 deltas against VRP), ``results.json``, ``reward.png`` and ``heldout_accuracy.png``.
 
 Presets: ``--preset=powered`` runs the powered experiment of configs/experiment_powered.py instead
-(rema_jax/training/powered.py): SFT_VRP and SFT_ReMA once, then {VRP_RL, ReMA, ReMA_consistency} × 3
+(rema_jax/experiments/powered/): SFT_VRP and SFT_ReMA once, then {VRP_RL, ReMA, ReMA_consistency} × 3
 RL seeds on 120 held-out questions, then the report with 95% bootstrap CIs over seeds and questions,
 the paired difference ReMA − VRP_RL, the Table-1 layout per family and the mechanism table (the RA's
 held-out success given the MTA's plans at the start vs the end of each MTA phase):
@@ -34,6 +34,7 @@ run) and ``--sft_override`` (both SFT stages) change the preset; results go to `
 (default docs/results): ``powered_experiment.md``, ``powered_experiment.json``,
 ``powered_accuracy.png``, ``powered_mechanism.png``.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,15 +55,26 @@ flags.DEFINE_integer("eval_questions", 32, "Held-out questions (stratified over 
 flags.DEFINE_integer("eval_every", 4, "Held-out evaluation every k steps.")
 flags.DEFINE_bool("ablation", False, "Also run the consistency-reward ablation (one more run).")
 flags.DEFINE_bool("sft", True, "Warm-start both sides with SFT on the built-in worked examples first.")
-flags.DEFINE_multi_string("sft_override", [], "Extra overrides for both SFT stages, e.g. loop.epochs=1 "
-                          "(parsed by the field's type, like --config.x.y=value of launch/sft.py).")
-flags.DEFINE_multi_string("override", [], "Extra config overrides for every run, e.g. loop.seed=1 or "
-                          "adapter.kind=full (parsed like --config.x.y=value of launch/train.py).")
+flags.DEFINE_multi_string(
+    "sft_override",
+    [],
+    "Extra overrides for both SFT stages, e.g. loop.epochs=1 "
+    "(parsed by the field's type, like --config.x.y=value of launch/sft.py).",
+)
+flags.DEFINE_multi_string(
+    "override",
+    [],
+    "Extra config overrides for every run, e.g. loop.seed=1 or "
+    "adapter.kind=full (parsed like --config.x.y=value of launch/train.py).",
+)
 flags.DEFINE_enum("preset", None, ["powered"], "Run a preset experiment instead (configs/experiment_<preset>.py).")
 flags.DEFINE_integer("seeds", None, "--preset=powered: RL seeds per method (0..n-1).")
 flags.DEFINE_integer("phase_steps", None, "--preset=powered: steps per RA phase and per MTA phase of ReMA.")
-flags.DEFINE_float("time_budget_min", None, "--preset=powered: do not start a seed group that would end past "
-                   "this many minutes of stage time (0: no budget).")
+flags.DEFINE_float(
+    "time_budget_min",
+    None,
+    "--preset=powered: do not start a seed group that would end past this many minutes of stage time (0: no budget).",
+)
 flags.DEFINE_bool("base_eval", None, "--preset=powered: also evaluate the untrained model (the VRP column).")
 flags.DEFINE_string("results_dir", None, "--preset=powered: where the report goes (default: docs/results).")
 flags.DEFINE_bool("plan", False, "--preset=powered: print the stages and the time estimate, run nothing.")
@@ -71,12 +83,15 @@ FLAGS = flags.FLAGS
 
 VERIFY_PHRASES = re.compile(
     r"(let'?s (verify|check|double[- ]check)|to (verify|check)|verif(y|ication)|double[- ]check|"
-    r"check (the|our|this) (answer|solution|result)|go through the solution)", re.IGNORECASE)
+    r"check (the|our|this) (answer|solution|result)|go through the solution)",
+    re.IGNORECASE,
+)
 
 
 def _sft_configs():
     """{name: (SFT config, the RL run it warm-starts)}; evaluation is left to the RL runs."""
     from configs import sft_default, sft_vrp
+
     out = {"SFT_VRP": (sft_vrp.get_config(), "VRP_RL"), "SFT_ReMA": (sft_default.get_config(), "ReMA")}
     for c, _ in out.values():
         c.eval.questions = 0
@@ -127,6 +142,7 @@ def _verification_rate(path: str) -> float:
 
 def _plot(histories: dict[str, list[dict]], key_for, ylabel: str, path: str, title: str):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -154,8 +170,10 @@ def _powered_main():
 
     for name in ("eval_every", "ablation", "sft"):
         if FLAGS[name].present:
-            raise ConfigError(f"--{name} does not apply to --preset=powered (the preset always warm-starts with "
-                              "SFT, runs the consistency ablation and evaluates at the phase boundaries)")
+            raise ConfigError(
+                f"--{name} does not apply to --preset=powered (the preset always warm-starts with "
+                "SFT, runs the consistency ablation and evaluates at the phase boundaries)"
+            )
     raw = experiment_powered.get_config()
     if FLAGS.seeds is not None:
         raw.seeds = FLAGS.seeds
@@ -176,10 +194,12 @@ def _powered_main():
     cfg = powered.load_powered_config(raw)  # every stage's config checked before any model is loaded
     if FLAGS.plan:
         from rema_jax.experiments.records import read_json
+
         print(powered.format_plan(cfg, read_json(os.path.join(FLAGS.workdir, powered.STAGES_FILE))))
         return
-    results_dir = FLAGS.results_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                    "docs", "results")
+    results_dir = FLAGS.results_dir or os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "results"
+    )
     out = powered.run_powered(cfg, FLAGS.workdir, results_dir)
     print(f"\nresults: {out['files']['md']}", flush=True)
 
@@ -189,13 +209,14 @@ def main(argv):
     if FLAGS.preset == "powered":
         return _powered_main()
     from absl import logging as absl_logging
+
     absl_logging.set_verbosity(absl_logging.WARNING)
     from rema_jax.config_utils import ConfigError
     from rema_jax.eval.table import markdown_table
     from rema_jax.sft.train import load_sft_config
     from rema_jax.training.config import load_train_config
+    from rema_jax.training.loop import train
     from rema_jax.training.metrics import read_jsonl
-    from rema_jax.training.trainer import train
 
     t0 = time.perf_counter()
     runs = _run_configs()
@@ -216,7 +237,7 @@ def main(argv):
         # VRP (no training): the untouched model under the VRP prompt, on the RL runs' held-out set.
         print("\n=== VRP: the untrained model ===", flush=True)
         base_cfg = load_train_config(runs["VRP_RL"])
-        trainer = Trainer(base_cfg, os.path.join(FLAGS.workdir, "VRP"), progress=False)
+        trainer = Trainer(base_cfg, os.path.join(FLAGS.workdir, "VRP"))
         trainer.evaluate(heldout_subset(trainer.test_tasks, FLAGS.eval_questions), "step_0")
         columns["VRP"] = _per_family(os.path.join(FLAGS.workdir, "VRP", "eval", "step_0.jsonl"))
         del trainer
@@ -231,9 +252,11 @@ def main(argv):
     for name, raw in runs.items():
         config = load_train_config(raw)
         workdir = os.path.join(FLAGS.workdir, name)
-        print(f"\n=== {name}: {config.rollout.mode}, {config.loop.steps} steps"
-              f"{' from ' + config.model.init_adapters_from if config.model.init_adapters_from else ''} ===",
-              flush=True)
+        print(
+            f"\n=== {name}: {config.rollout.mode}, {config.loop.steps} steps"
+            f"{' from ' + config.model.init_adapters_from if config.model.init_adapters_from else ''} ===",
+            flush=True,
+        )
         summaries[name] = train(config, workdir)
         histories[name] = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
         final = os.path.join(workdir, "eval", f"step_{config.loop.steps}.jsonl")
@@ -246,29 +269,42 @@ def main(argv):
         summaries[name]["verification_rate_final"] = _verification_rate(final)
         summaries[name]["verification_rate_start"] = _verification_rate(start)
 
-    order = [c for c in ("VRP", "VRP+SFT", "VRP_RL", "ReMA (step 0)", "ReMA+SFT", "ReMA", "ReMA_consistency")
-             if c in columns]
+    order = [
+        c for c in ("VRP", "VRP+SFT", "VRP_RL", "ReMA (step 0)", "ReMA+SFT", "ReMA", "ReMA_consistency") if c in columns
+    ]
     families = [f for f in columns["VRP"] if f != "Average"]
     scores = {col: {fam: columns[col][fam] for fam in families} for col in order}
     table = markdown_table(scores, columns=order, benchmarks=families, average=True, row_header="Task family")
 
-    _plot(histories,
-          lambda r: next((r.get(k) for k in ("single/reward_mean", "reasoning/reward_mean") if r.get(k) is not None), None),
-          "low-level agent reward (mean)", os.path.join(FLAGS.workdir, "reward.png"),
-          "Training reward (single agent for VRP_RL, reasoning agent for ReMA)")
-    _plot(histories, lambda r: None if r.get("eval/accuracy") is None else 100 * r["eval/accuracy"],
-          "held-out greedy accuracy (%)", os.path.join(FLAGS.workdir, "heldout_accuracy.png"),
-          "Held-out accuracy (built-in tasks)")
+    _plot(
+        histories,
+        lambda r: next(
+            (r.get(k) for k in ("single/reward_mean", "reasoning/reward_mean") if r.get(k) is not None), None
+        ),
+        "low-level agent reward (mean)",
+        os.path.join(FLAGS.workdir, "reward.png"),
+        "Training reward (single agent for VRP_RL, reasoning agent for ReMA)",
+    )
+    _plot(
+        histories,
+        lambda r: None if r.get("eval/accuracy") is None else 100 * r["eval/accuracy"],
+        "held-out greedy accuracy (%)",
+        os.path.join(FLAGS.workdir, "heldout_accuracy.png"),
+        "Held-out accuracy (built-in tasks)",
+    )
 
     wall = (time.perf_counter() - t0) / 60
     lines = [
         "# ReMA vs VRP_RL on the built-in tasks (SmolLM2-135M-Instruct, CPU)",
         "",
         f"Date: {time.strftime('%Y-%m-%d')}. Command: `python launch/experiment.py --workdir={FLAGS.workdir}"
-        + (f" --steps={FLAGS.steps}" if FLAGS.steps else "") + (" --ablation" if FLAGS.ablation else "")
-        + ("" if FLAGS.sft else " --nosft") + f" --eval_questions={FLAGS.eval_questions}"
+        + (f" --steps={FLAGS.steps}" if FLAGS.steps else "")
+        + (" --ablation" if FLAGS.ablation else "")
+        + ("" if FLAGS.sft else " --nosft")
+        + f" --eval_questions={FLAGS.eval_questions}"
         + "".join(f" --override={o}" for o in FLAGS.override)
-        + "".join(f" --sft_override={o}" for o in FLAGS.sft_override) + f"`. Wall time {wall:.1f} min.",
+        + "".join(f" --sft_override={o}" for o in FLAGS.sft_override)
+        + f"`. Wall time {wall:.1f} min.",
         "",
         f"Held-out greedy accuracy (%) on {FLAGS.eval_questions} questions; deltas against VRP (no training).",
         "",
@@ -279,23 +315,30 @@ def main(argv):
     ]
     for name, s in summaries.items():
         role = "single" if name == "VRP_RL" else "reasoning"
-        lines.append(f"| {name} | {s['steps']} | {s.get(f'{role}/reward_first', float('nan')):+.3f} → "
-                     f"{s.get(f'{role}/reward_last', float('nan')):+.3f} | "
-                     f"{s.get('train_accuracy_first', float('nan')):.3f} → {s.get('train_accuracy_last', float('nan')):.3f} | "
-                     f"{s['verification_rate_start']:.1f} → {s['verification_rate_final']:.1f} |")
+        lines.append(
+            f"| {name} | {s['steps']} | {s.get(f'{role}/reward_first', float('nan')):+.3f} → "
+            f"{s.get(f'{role}/reward_last', float('nan')):+.3f} | "
+            f"{s.get('train_accuracy_first', float('nan')):.3f} → {s.get('train_accuracy_last', float('nan')):.3f} | "
+            f"{s['verification_rate_start']:.1f} → {s['verification_rate_final']:.1f} |"
+        )
     if sft_summaries:
         lines += ["", "| SFT stage | steps per agent | loss first → last | wall (min) |", "|---|---|---|---|"]
         for name, s in sft_summaries.items():
             agents = s["steps_per_agent"]
             losses = ", ".join(f"{a} {s[f'{a}/loss_first']:.2f} → {s[f'{a}/loss_last']:.2f}" for a in agents)
-            lines.append(f"| {name} | {', '.join(f'{a} {n}' for a, n in agents.items())} | {losses} | "
-                         f"{s['wall_s'] / 60:.1f} |")
+            lines.append(
+                f"| {name} | {', '.join(f'{a} {n}' for a, n in agents.items())} | {losses} | {s['wall_s'] / 60:.1f} |"
+            )
     text = "\n".join(lines) + "\n"
     with open(os.path.join(FLAGS.workdir, "results.md"), "w", encoding="utf-8") as f:
         f.write(text)
     with open(os.path.join(FLAGS.workdir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({"columns": columns, "summaries": summaries, "sft": sft_summaries, "wall_min": wall}, f,
-                  indent=2, default=str)
+        json.dump(
+            {"columns": columns, "summaries": summaries, "sft": sft_summaries, "wall_min": wall},
+            f,
+            indent=2,
+            default=str,
+        )
     print("\n" + text, flush=True)
 
 

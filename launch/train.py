@@ -22,6 +22,7 @@ Compiled programs are kept in a persistent cache (``--compilation_cache=DIR``, d
 ``~/.cache/rema_jax/xla``; ``--compilation_cache=off`` disables it), set up by ``run_main`` before
 ``main`` without touching a device, so a second identical run skips most of its compilation.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,13 +46,15 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     from rema_jax.sharding import maybe_initialize
+
     maybe_initialize()  # jax.distributed on multi-process runs; must precede any device use
     from absl import logging as absl_logging
+
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     from rema_jax.config_utils import ConfigError
     from rema_jax.training import bootstrap
     from rema_jax.training.config import load_train_config
-    from rema_jax.training.trainer import train
+    from rema_jax.training.loop import train
 
     staged = bootstrap.is_bootstrap_config(FLAGS.config)  # sft + rl sections: base → SFT → RL
     try:
@@ -60,8 +63,9 @@ def main(argv):
         raise ConfigError(f"invalid config {FLAGS['config'].config_filename!r}: {e}") from None
     if staged:
         if not FLAGS.resume:
-            raise ConfigError("--noresume: a bootstrap job always continues its finished stages; "
-                              "pass a new --workdir to start over")
+            raise ConfigError(
+                "--noresume: a bootstrap job always continues its finished stages; pass a new --workdir to start over"
+            )
         bootstrap.run_bootstrap(config, FLAGS.workdir)
     else:
         train(config, FLAGS.workdir, resume=FLAGS.resume)

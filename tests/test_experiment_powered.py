@@ -3,6 +3,7 @@ the preset's design and budget, config cross-checks, the schedule's evaluation s
 runner (stages.json, skip on re-run, a failed stage named with its directory, the time budget
 dropping seeds) and the report (CIs, paired differences, Table 1, mechanism) with stand-in stages;
 and, marked slow, the whole preset on a tiny random model with a kill mid-RL."""
+
 import collections
 import json
 import os
@@ -20,13 +21,13 @@ from rema_jax.experiments.records import StageError
 from rema_jax.models import CheckpointError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = {"num_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
-        "num_kv_heads": 2, "head_dim": 8}
+TINY = {"num_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8}
 
 
 def preset_raw():
     sys.path.insert(0, REPO)
     from configs import experiment_powered
+
     return experiment_powered.get_config()
 
 
@@ -77,7 +78,9 @@ def test_preset_design_and_budget():
     assert run.loop.eval_before is False and run.loop.eval_questions == 120
     assert powered.eval_steps(run) == [3, 6]
     assert [(s.trained, s.start, s.end) for s in powered.phase_spans(run)] == [
-        (("reasoning",), 0, 3), (("meta_thinking",), 3, 6)]
+        (("reasoning",), 0, 3),
+        (("meta_thinking",), 3, 6),
+    ]
     assert powered.eval_steps(powered.run_config(cfg, "VRP_RL", 0, None)) == [6]
     rows = powered.plan(cfg, {})
     keep, total = powered.seeds_within_budget(cfg, rows, {})
@@ -99,6 +102,7 @@ def test_eval_cost_counts_the_sampler_batch_padding():
     import inspect
 
     from rema_jax.sampling import Sampler
+
     default = inspect.signature(Sampler.__init__).parameters["batch_buckets"].default
     assert tuple(default) == powered.SAMPLER_BATCH_BUCKETS
     assert [powered.eval_rows(n) for n in (1, 3, 32, 96, 120, 128, 130, 300)] == [1, 4, 32, 96, 128, 128, 130, 304]
@@ -109,8 +113,9 @@ def test_worked_examples_cover_the_preset_levels():
     from rema_jax.tasks.builtin import builtin_split
 
     d = powered.load_powered_config(preset_raw()).sft["SFT_ReMA"].data
-    train, test = builtin_split(d.train_per_cell, d.test_per_cell, seed=d.split_seed,
-                                families=d.families, levels=d.levels)
+    train, test = builtin_split(
+        d.train_per_cell, d.test_per_cell, seed=d.split_seed, families=d.families, levels=d.levels
+    )
     level3 = [t for t in train if t.level == 3]
     assert len(level3) == 4 * d.train_per_cell
     for t in level3:
@@ -118,18 +123,21 @@ def test_worked_examples_cover_the_preset_levels():
     assert not {t.uid for t in train} & {t.uid for t in test}
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda c: setattr(c.sft.SFT_VRP.data, "test_per_cell", 3), "SFT must use RL's split"),
-    (lambda c: setattr(c.sft.SFT_VRP.loop, "epochs", 3), "the same budget on the same worked examples"),
-    (lambda c: setattr(c.sft.SFT_ReMA.data, "examples_per_cell", 2), "the same budget on the same worked"),
-    (lambda c: setattr(c.rl.ReMA.loop, "steps", 4), "share the held-out split and the RL budget"),
-    (lambda c: setattr(c.rl.VRP_RL.data, "levels", (1, 2)), "SFT must use RL's split"),
-    (lambda c: setattr(c, "heldout_questions", 121), "held-out questions"),
-    (lambda c: setattr(c, "comparisons", (("ReMA", "MRP"),)), "comparisons"),
-    (lambda c: setattr(c, "methods", ("ReMA", "VRP_RL")), "config.methods"),
-    (lambda c: setattr(c.rl.ReMA.loop, "stepz", 3), "config.rl.ReMA.loop: unknown key"),
-    (lambda c: setattr(c, "seedz", 3), "unknown key"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: setattr(c.sft.SFT_VRP.data, "test_per_cell", 3), "SFT must use RL's split"),
+        (lambda c: setattr(c.sft.SFT_VRP.loop, "epochs", 3), "the same budget on the same worked examples"),
+        (lambda c: setattr(c.sft.SFT_ReMA.data, "examples_per_cell", 2), "the same budget on the same worked"),
+        (lambda c: setattr(c.rl.ReMA.loop, "steps", 4), "share the held-out split and the RL budget"),
+        (lambda c: setattr(c.rl.VRP_RL.data, "levels", (1, 2)), "SFT must use RL's split"),
+        (lambda c: setattr(c, "heldout_questions", 121), "held-out questions"),
+        (lambda c: setattr(c, "comparisons", (("ReMA", "MRP"),)), "comparisons"),
+        (lambda c: setattr(c, "methods", ("ReMA", "VRP_RL")), "config.methods"),
+        (lambda c: setattr(c.rl.ReMA.loop, "stepz", 3), "config.rl.ReMA.loop: unknown key"),
+        (lambda c: setattr(c, "seedz", 3), "unknown key"),
+    ],
+)
 def test_config_errors_name_the_problem(edit, message):
     raw = preset_raw()
     edit(raw)
@@ -165,18 +173,26 @@ class FakeStages:
         path = os.path.join(workdir, "adapters")
         os.makedirs(path, exist_ok=True)
         n = powered.sft_agent_steps(config)
-        return {"adapters": path, "steps_per_agent": {r: n // len(config.loop.roles) for r in config.loop.roles},
-                "agent_steps": n}
+        return {
+            "adapters": path,
+            "steps_per_agent": {r: n // len(config.loop.roles) for r in config.loop.roles},
+            "agent_steps": n,
+        }
 
     def _write_eval(self, config, path, p):
         from rema_jax.training.trainer import heldout_subset, load_tasks
+
         _, test = load_tasks(config)
         rng = np.random.default_rng([config.loop.seed, int(p * 1000), len(path)])
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             for t in heldout_subset(test, config.loop.eval_questions):
-                f.write(json.dumps({"uid": t.uid, "subject": t.subject, "level": t.level,
-                                    "correct": bool(rng.random() < p)}) + "\n")
+                f.write(
+                    json.dumps(
+                        {"uid": t.uid, "subject": t.subject, "level": t.level, "correct": bool(rng.random() < p)}
+                    )
+                    + "\n"
+                )
 
     def eval(self, config, workdir, questions, tag):
         self.calls["eval"] += 1
@@ -188,23 +204,27 @@ class FakeStages:
         self.calls["rl"] += 1
         os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
         from rema_jax.config_utils import to_dict
+
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(to_dict(config), f, default=str)
         with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
             for step in range(config.loop.steps):
                 trained = powered.phase_spans(config)  # the stand-in logs what the schedule trains
                 phase = next(sp for sp in trained if sp.start <= step < sp.end)
-                f.write(json.dumps({"step": step + 1, "time/step_s": 2.0,
-                                    "phase/trained": "+".join(phase.trained)}) + "\n")
+                f.write(
+                    json.dumps({"step": step + 1, "time/step_s": 2.0, "phase/trained": "+".join(phase.trained)}) + "\n"
+                )
         if self.fail_on and workdir.endswith(self.fail_on):
             raise CheckpointError(f"{workdir}/checkpoints/1: truncated")
         p = self.P["vrp" if config.single_agent else config.reward.kind]
         for step in powered.eval_steps(config):
-            self._write_eval(config, os.path.join(workdir, "eval", f"step_{step}.jsonl"),
-                             p + 0.02 * step)
-        return {"steps": config.loop.steps, "resumed_from_step": None, "step_s_median": 2.0,
-                "diagnostics": {"reasoning": {"reward_first": -0.5, "reward_last": 0.1,
-                                              "frac_zero_variance_groups": 0.25}}}
+            self._write_eval(config, os.path.join(workdir, "eval", f"step_{step}.jsonl"), p + 0.02 * step)
+        return {
+            "steps": config.loop.steps,
+            "resumed_from_step": None,
+            "step_s_median": 2.0,
+            "diagnostics": {"reasoning": {"reward_first": -0.5, "reward_last": 0.1, "frac_zero_variance_groups": 0.25}},
+        }
 
     def install(self, monkeypatch):
         monkeypatch.setattr(bodies, "stage_sft", self.sft)
@@ -249,13 +269,20 @@ def test_runner_records_skips_and_reports(tmp_path, monkeypatch, capsys):
     assert mta["delta"]["estimate"] == pytest.approx(mta["end_mean"]["estimate"] - mta["start_mean"]["estimate"])
     assert any("MTA phase" in r and "RA frozen" in r for r in on_disk["readings"])
     md = open(os.path.join(res, "powered_experiment.md")).read()
-    for needle in ("| ReMA − VRP_RL |", "| Task family | VRP+SFT | VRP_RL | ReMA+SFT | ReMA | ReMA_consistency |",
-                   "## Mechanism", "| ReMA | 1 | meta_thinking | yes | 2→4 |", "![accuracy](powered_accuracy.png)"):
+    for needle in (
+        "| ReMA − VRP_RL |",
+        "| Task family | VRP+SFT | VRP_RL | ReMA+SFT | ReMA | ReMA_consistency |",
+        "## Mechanism",
+        "| ReMA | 1 | meta_thinking | yes | 2→4 |",
+        "![accuracy](powered_accuracy.png)",
+    ):
         assert needle in md, needle
     # the stage records: relative paths, eval files at every phase boundary
     stages = json.load(open(os.path.join(work, "stages.json")))
-    assert stages["ReMA/seed1"]["eval_files"] == {"2": "ReMA/seed1/eval/step_2.jsonl",
-                                                  "4": "ReMA/seed1/eval/step_4.jsonl"}
+    assert stages["ReMA/seed1"]["eval_files"] == {
+        "2": "ReMA/seed1/eval/step_2.jsonl",
+        "4": "ReMA/seed1/eval/step_4.jsonl",
+    }
     assert stages["SFT_ReMA"]["adapters"] == "SFT_ReMA/adapters"
 
     # a re-run redoes nothing and reports the same numbers
@@ -271,8 +298,11 @@ def test_a_failed_stage_is_named_and_the_rerun_continues(tmp_path, monkeypatch):
     work, res = str(tmp_path / "run"), str(tmp_path / "results")
     fake = FakeStages(fail_on=os.path.join("ReMA", "seed1"))
     fake.install(monkeypatch)
-    with pytest.raises(StageError, match=r"stage 'ReMA/seed1' failed while writing .*run/ReMA/seed1 "
-                                         r"\(last file written: .*metrics.jsonl\): CheckpointError"):
+    with pytest.raises(
+        StageError,
+        match=r"stage 'ReMA/seed1' failed while writing .*run/ReMA/seed1 "
+        r"\(last file written: .*metrics.jsonl\): CheckpointError",
+    ):
         powered.run_powered(cfg, work, res, progress=False)
     stages = json.load(open(os.path.join(work, "stages.json")))
     assert "ReMA/seed1" not in stages and "VRP_RL/seed1" in stages and "ReMA_consistency/seed1" not in stages
@@ -284,8 +314,10 @@ def test_a_failed_stage_is_named_and_the_rerun_continues(tmp_path, monkeypatch):
     out = powered.run_powered(cfg, work, res, progress=False)
     assert fake2.calls == {"rl": 2}  # ReMA/seed1 and ReMA_consistency/seed1 only
     assert out["seeds"] == [0, 1]
-    assert "_partial" not in json.load(open(os.path.join(work, "stages.json"))) or \
-        "ReMA/seed1" not in json.load(open(os.path.join(work, "stages.json")))["_partial"]
+    assert (
+        "_partial" not in json.load(open(os.path.join(work, "stages.json")))
+        or "ReMA/seed1" not in json.load(open(os.path.join(work, "stages.json")))["_partial"]
+    )
 
 
 def test_a_changed_config_is_refused_not_mixed(tmp_path, monkeypatch):
@@ -296,13 +328,19 @@ def test_a_changed_config_is_refused_not_mixed(tmp_path, monkeypatch):
     FakeStages().install(monkeypatch)
     raw = small_raw(seeds=2)
     raw.rl.ReMA.loss.clip_eps = 0.3  # ReMA only: its half-done run has checkpoints of the old config
-    with pytest.raises(ConfigError, match=r"stage ReMA/seed0: the checkpoint in .*ReMA/seed0 was made with a "
-                                          r"different config \(loss.clip_eps: 0.2 → 0.3\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"stage ReMA/seed0: the checkpoint in .*ReMA/seed0 was made with a "
+        r"different config \(loss.clip_eps: 0.2 → 0.3\)",
+    ):
         powered.run_powered(powered.load_powered_config(raw), work, res, progress=False)
     raw = small_raw(seeds=2)
     raw.rl.VRP_RL.loss.clip_eps = 0.3  # a finished stage's record
-    with pytest.raises(ConfigError, match=r"stage VRP_RL/seed0: its record in .*stages.json was made with a "
-                                          r"different config \(rl.loss.clip_eps: 0.2 → 0.3\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"stage VRP_RL/seed0: its record in .*stages.json was made with a "
+        r"different config \(rl.loss.clip_eps: 0.2 → 0.3\)",
+    ):
         powered.run_powered(powered.load_powered_config(raw), work, res, progress=False)
     # more seeds, fewer seeds or another budget reuse every finished stage
     raw = small_raw(seeds=1)
@@ -338,21 +376,29 @@ def test_the_time_budget_drops_whole_seed_groups(tmp_path, monkeypatch, capsys):
 
 def test_cli_plan_and_flag_errors(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, os.path.join(REPO, "launch", "experiment.py"), "--preset=powered",
-           f"--workdir={tmp_path / 'w'}", "--compilation_cache=off"]
-    proc = subprocess.run(cmd + ["--plan", "--seeds=4", "--phase_steps=2"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env=env)
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "launch", "experiment.py"),
+        "--preset=powered",
+        f"--workdir={tmp_path / 'w'}",
+        "--compilation_cache=off",
+    ]
+    proc = subprocess.run(
+        cmd + ["--plan", "--seeds=4", "--phase_steps=2"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env
+    )
     assert proc.returncode == 0, proc.stderr
     assert "seeds [0, 1, 2, 3]" in proc.stdout and "ReMA_consistency/seed3" in proc.stdout
     assert "MTA phases [(2, 4)]" in proc.stdout and "total" in proc.stdout
     assert not os.path.exists(tmp_path / "w")  # --plan runs nothing
     proc = subprocess.run(cmd + ["--eval_every=2"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2 and "error: --eval_every does not apply to --preset=powered" in proc.stderr
-    proc = subprocess.run(cmd + ["--plan", "--sft_override=loop.epochs=3"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        cmd + ["--plan", "--sft_override=loop.epochs=3"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env
+    )
     assert proc.returncode == 0, proc.stderr  # both SFTs changed alike: still the same budget
-    proc = subprocess.run(cmd + ["--plan", "--eval_questions=200"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        cmd + ["--plan", "--eval_questions=200"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env
+    )
     assert proc.returncode == 2 and "held-out questions" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -361,11 +407,11 @@ def test_cli_plan_and_flag_errors(tmp_path):
 def test_preset_end_to_end_on_a_tiny_model_with_a_kill(smollm2_gguf, tmp_path, monkeypatch):
     """2 SFTs, 2 SFT evals, 3 methods × 2 seeds × 2 RL steps (RA phase step 0→1, MTA phase 1→2) on a
     random 2-layer model; ReMA/seed1 is killed after one RL step and resumes from its checkpoint."""
-    from rema_jax.training import trainer as trainer_lib
+    from rema_jax.training import loop as loop_lib
 
     cfg = powered.load_powered_config(small_raw(seeds=2, steps=2, phase=1, levels=(1,)))
     work, res = str(tmp_path / "run"), str(tmp_path / "results")
-    real_train = trainer_lib.train
+    real_train = loop_lib.train
 
     def killed_in_remа_seed1(config, workdir, **kw):
         if workdir.endswith(os.path.join("ReMA", "seed1")) and not os.path.exists(os.path.join(workdir, "checkpoints")):
@@ -373,7 +419,7 @@ def test_preset_end_to_end_on_a_tiny_model_with_a_kill(smollm2_gguf, tmp_path, m
             raise KeyboardInterrupt  # as if the job were stopped
         return real_train(config, workdir, **kw)
 
-    monkeypatch.setattr(trainer_lib, "train", killed_in_remа_seed1)
+    monkeypatch.setattr(loop_lib, "train", killed_in_remа_seed1)
     with pytest.raises(KeyboardInterrupt):
         powered.run_powered(cfg, work, res, progress=False)
     stages = json.load(open(os.path.join(work, "stages.json")))

@@ -17,6 +17,7 @@ so floats are compared to 1e-4 relative and everything else exactly.
 Re-record (only when a behaviour change is intended, and say so in the commit):
     python tests/test_golden_metrics.py
 """
+
 import json
 import pathlib
 import sys
@@ -27,10 +28,17 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden"
-TINY = {"num_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
-        "num_kv_heads": 2, "head_dim": 8}
-BUILTIN = {"source": "builtin", "benchmark": None, "train_path": None, "test_path": None,
-           "families": ["arithmetic", "word_problem"], "levels": [1], "train_per_cell": 4, "test_per_cell": 0}
+TINY = {"num_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8}
+BUILTIN = {
+    "source": "builtin",
+    "benchmark": None,
+    "train_path": None,
+    "test_path": None,
+    "families": ["arithmetic", "word_problem"],
+    "levels": [1],
+    "train_per_cell": 4,
+    "test_per_cell": 0,
+}
 NO_EVAL = {"eval_questions": 0, "eval_before": False, "eval_every": 0}
 STEPS = 3
 RTOL_OTHER_MACHINE = 1e-4
@@ -55,24 +63,44 @@ def _shipped(name: str) -> dict:
 
 def setups() -> dict[str, dict]:
     """name → the shrunk config dict."""
-    default_rl = _merge(_shipped("default")["rl"], {
-        "model": {"random_init": TINY, "init_adapters_from": None, "max_cache_len": 272},
-        "rollout": {"num_samples": 2, "max_new_tokens": 6, "max_prompt_len": 255},
-        "adapter": {"rank": 4, "alpha": 8.0},
-        "optimizer": {"learning_rate": 3e-2},
-        "data": BUILTIN,
-        "loop": {"steps": STEPS, "questions_per_step": 2, "max_seq_len": 262, **NO_EVAL},
-        "checkpoint": {"every": STEPS, "keep_last": 1}})
-    multi_turn = _merge(_shipped("paper_multi_turn"), {
-        "model": {"source": "smollm2-135m", "random_init": TINY, "dtype": "float32", "param_dtype": None,
-                  "max_cache_len": 272},
-        "rollout": {"num_samples": 2, "max_turns": 2, "max_new_tokens": 6, "max_prompt_len": 255,
-                    "stop_when_truncated": False},
-        "loss": {"max_turns": 2}, "grading": {"workers": 1}, "optimizer": {"learning_rate": 1e-3},
-        "update": {"num_mini_batches": 2, "num_micro_batches": 1},
-        "data": BUILTIN,
-        "loop": {"steps": STEPS, "questions_per_step": 2, "max_seq_len": 262, **NO_EVAL},
-        "checkpoint": {"every": STEPS, "keep_last": 1}})
+    default_rl = _merge(
+        _shipped("default")["rl"],
+        {
+            "model": {"random_init": TINY, "init_adapters_from": None, "max_cache_len": 272},
+            "rollout": {"num_samples": 2, "max_new_tokens": 6, "max_prompt_len": 255},
+            "adapter": {"rank": 4, "alpha": 8.0},
+            "optimizer": {"learning_rate": 3e-2},
+            "data": BUILTIN,
+            "loop": {"steps": STEPS, "questions_per_step": 2, "max_seq_len": 262, **NO_EVAL},
+            "checkpoint": {"every": STEPS, "keep_last": 1},
+        },
+    )
+    multi_turn = _merge(
+        _shipped("paper_multi_turn"),
+        {
+            "model": {
+                "source": "smollm2-135m",
+                "random_init": TINY,
+                "dtype": "float32",
+                "param_dtype": None,
+                "max_cache_len": 272,
+            },
+            "rollout": {
+                "num_samples": 2,
+                "max_turns": 2,
+                "max_new_tokens": 6,
+                "max_prompt_len": 255,
+                "stop_when_truncated": False,
+            },
+            "loss": {"max_turns": 2},
+            "grading": {"workers": 1},
+            "optimizer": {"learning_rate": 1e-3},
+            "update": {"num_mini_batches": 2, "num_micro_batches": 1},
+            "data": BUILTIN,
+            "loop": {"steps": STEPS, "questions_per_step": 2, "max_seq_len": 262, **NO_EVAL},
+            "checkpoint": {"every": STEPS, "keep_last": 1},
+        },
+    )
     return {"default_rl": default_rl, "paper_multi_turn": multi_turn}
 
 
@@ -95,20 +123,21 @@ def fingerprint() -> dict:
     except OSError:
         pass
     isa = sorted(f for f in flags if f in {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma"})
-    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "isa": isa,
-            "backend": jax.default_backend()}
+    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "isa": isa, "backend": jax.default_backend()}
 
 
 def run_setup(name: str, workdir: str) -> list[dict]:
     """Train ``name`` for STEPS steps and return its metrics records without time/throughput keys."""
-    from rema_jax.training import trainer as trainer_lib
+    from rema_jax.training import loop as loop_lib
     from rema_jax.training.config import load_train_config
     from rema_jax.training.metrics import read_jsonl
 
     cfg = load_train_config(setups()[name])
-    trainer_lib.train(cfg, workdir, progress=False, reward_override=alternating_rewards)
-    return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))}
-            for r in read_jsonl(str(pathlib.Path(workdir) / "metrics.jsonl"))]
+    loop_lib.train(cfg, workdir, progress=False, reward_override=alternating_rewards)
+    return [
+        {k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))}
+        for r in read_jsonl(str(pathlib.Path(workdir) / "metrics.jsonl"))
+    ]
 
 
 def _compare(got, want, exact: bool, where: str = ""):
@@ -118,7 +147,10 @@ def _compare(got, want, exact: bool, where: str = ""):
             _compare(got[k], want[k], exact, f"{where}/{k}")
     elif isinstance(want, float) and not exact:
         assert isinstance(got, (int, float)) and np.isclose(got, want, rtol=RTOL_OTHER_MACHINE, atol=1e-7), (
-            where, got, want)
+            where,
+            got,
+            want,
+        )
     else:
         assert got == want, (where, got, want)
 
@@ -145,6 +177,7 @@ if __name__ == "__main__":  # re-record, with the test session's settings (tests
     for n in setups():
         with tempfile.TemporaryDirectory() as d:
             records = run_setup(n, d)
-        (GOLDEN / f"metrics_{n}.json").write_text(json.dumps(
-            {"fingerprint": fingerprint(), "records": records}, indent=1, sort_keys=True) + "\n")
+        (GOLDEN / f"metrics_{n}.json").write_text(
+            json.dumps({"fingerprint": fingerprint(), "records": records}, indent=1, sort_keys=True) + "\n"
+        )
         print(f"recorded {n}: {len(records)} steps, {len(records[0])} keys")

@@ -8,6 +8,7 @@ dots whose output has a base kernel's shape and as FLOPs over the budget
 the frozen weights, both LoRA factor products; the count is exact, so any extra matmul work fails).
 The full update is the positive control: the same checks must flag it.
 """
+
 import math
 
 import jax
@@ -25,19 +26,29 @@ K = T - T // 4  # loss positions per row (the prompt is the first quarter)
 
 def _config(tied: bool):
     # Distinct sizes (q 48, kv 24, ffn 80, vocab 160) so every kernel shape is recognisable.
-    return tiny_config(hidden_size=48, intermediate_size=80, num_heads=4, num_kv_heads=2, head_dim=12,
-                       vocab_size=160, tie_word_embeddings=tied)
+    return tiny_config(
+        hidden_size=48,
+        intermediate_size=80,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=12,
+        vocab_size=160,
+        tie_word_embeddings=tied,
+    )
 
 
 def _batch(config):
     rng = np.random.default_rng(0)
     loss = np.ones((B, T), np.float32)
     loss[:, : T // 4] = 0.0
-    return {"tokens": rng.integers(3, config.vocab_size, (B, T)).astype(np.int32),
-            "attention_mask": np.ones((B, T), np.int32), "loss_mask": loss,
-            "turn_ids": np.where(loss > 0, 0, -1).astype(np.int32),
-            "advantages": (rng.standard_normal((B, 1)) * loss).astype(np.float32),
-            "old_logprobs": (-2.0 * loss).astype(np.float32)}
+    return {
+        "tokens": rng.integers(3, config.vocab_size, (B, T)).astype(np.int32),
+        "attention_mask": np.ones((B, T), np.int32),
+        "loss_mask": loss,
+        "turn_ids": np.where(loss > 0, 0, -1).astype(np.int32),
+        "advantages": (rng.standard_normal((B, 1)) * loss).astype(np.float32),
+        "old_logprobs": (-2.0 * loss).astype(np.float32),
+    }
 
 
 def _update_jaxpr(config, mode: str, logits: str):
@@ -51,21 +62,26 @@ def _update_jaxpr(config, mode: str, logits: str):
 
         def model(p, batch, logits_at=None):
             adapter = Adapter(weights=p["reasoning"], kind="lora", scale=2.0)
-            return forward(config, p["base"], batch["tokens"], adapter, attention_mask=batch["attention_mask"],
-                           logits_at_bk=logits_at)
+            return forward(
+                config, p["base"], batch.tokens, adapter, attention_mask=batch.attention_mask, logits_at_bk=logits_at
+            )
     else:
         agents, consts, trained = {"shared": params}, {}, ("shared",)
 
         def model(p, batch, logits_at=None):
-            return forward(config, p["shared"], batch["tokens"], attention_mask=batch["attention_mask"],
-                           logits_at_bk=logits_at)
+            return forward(
+                config, p["shared"], batch.tokens, attention_mask=batch.attention_mask, logits_at_bk=logits_at
+            )
 
     if logits == "dense":
         update = rl.make_update_fn(lambda p, role, b: model(p, b), loss_cfg, opt)
     else:  # the trainer's path: logits at the loss positions only
+
         def logprobs_fn(p, role, b):
-            return rl.sparse_token_logprobs_and_entropy(lambda pos: model(p, b, pos), b["tokens"], b["loss_mask"],
-                                                        K, loss_cfg.temperature)
+            return rl.sparse_token_logprobs_and_entropy(
+                lambda pos: model(p, b, pos), b.tokens, b.loss_mask, K, loss_cfg.temperature
+            )
+
         update = rl.make_update_fn(None, loss_cfg, opt, logprobs_fn=logprobs_fn)
     state = rl.init_rl_state(agents, opt)
     batches = {"reasoning": _batch(config)}
@@ -138,5 +154,6 @@ def test_weight_gradients_contract_one_token_axis(mode):
     for eqn, _ in _dots(_update_jaxpr(_config(True), mode, "dense")):
         (lc, rc), (lb, _) = eqn.params["dimension_numbers"]
         if not lb:
-            assert len(lc) == 1, (f"dot_general {eqn.invars[0].aval.shape} x {eqn.invars[1].aval.shape} "
-                                  f"contracts {lc}/{rc}")
+            assert len(lc) == 1, (
+                f"dot_general {eqn.invars[0].aval.shape} x {eqn.invars[1].aval.shape} contracts {lc}/{rc}"
+            )

@@ -1,4 +1,5 @@
 """Masked multi-agent update on a toy bigram policy: learning, frozen agents, NaN guard, jit."""
+
 import dataclasses
 import functools
 
@@ -23,7 +24,7 @@ def toy_tree(key):
 def toy_logits_fn(params, role, batch):
     TRACES["n"] += 1  # runs only when traced
     tree = params["shared"] if "shared" in params else params[role]
-    return tree["embed"][batch["tokens"]] @ tree["out"]
+    return tree["embed"][rl.as_train_batch(batch).tokens] @ tree["out"]
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -31,6 +32,7 @@ def _sample(tree, key, n):
     def step(tok, k):
         nxt = jax.random.categorical(k, tree["embed"][tok] @ tree["out"])
         return nxt, nxt
+
     _, gen = jax.lax.scan(step, jnp.zeros((n,), jnp.int32), jax.random.split(key, GEN))
     return jnp.concatenate([jnp.zeros((n, 1), jnp.int32), gen.T.astype(jnp.int32)], 1)
 
@@ -42,14 +44,24 @@ def rollout(tree, key, n=16, group=4):
     mask[:, 0] = 0
     tid = np.array([[-1, 0, 0, 1, 1, 1]] * n, np.int32)
     rewards = (tokens[:, 1:] == TARGET).mean(1).astype(np.float32)
-    return {"tokens": tokens, "attention_mask": np.ones_like(tokens), "loss_mask": mask,
-            "turn_ids": tid, "group_ids": np.arange(n) // group, "rewards": rewards}
+    return {
+        "tokens": tokens,
+        "attention_mask": np.ones_like(tokens),
+        "loss_mask": mask,
+        "turn_ids": tid,
+        "group_ids": np.arange(n) // group,
+        "rewards": rewards,
+    }
 
 
-def add_rl_fields(batch, params, role, logprob_fn, adv_cfg=rl.AdvantageConfig()):
+DEFAULT_ADVANTAGE = rl.AdvantageConfig()
+
+
+def add_rl_fields(batch, params, role, logprob_fn, adv_cfg=DEFAULT_ADVANTAGE):
     b = dict(batch)
-    b["advantages"] = np.asarray(rl.compute_advantages(
-        adv_cfg, rewards_n=b["rewards"], group_ids_n=b["group_ids"], loss_mask_nl=b["loss_mask"]))
+    b["advantages"] = np.asarray(
+        rl.compute_advantages(adv_cfg, rewards_n=b["rewards"], group_ids_n=b["group_ids"], loss_mask_nl=b["loss_mask"])
+    )
     b["old_logprobs"] = np.asarray(logprob_fn(params, role, b))
     return b
 
@@ -64,11 +76,9 @@ OPT = rl.OptimizerConfig(learning_rate=0.05, weight_decay=0.0)
 
 def test_alternating_phases_learn_and_frozen_agent_is_bit_identical():
     optimizer = rl.MultiAgentOptimizer(OPT)
-    update = rl.make_update_fn(toy_logits_fn, LOSS, optimizer,
-                               rl.UpdateConfig(num_mini_batches=2, num_micro_batches=2))
+    update = rl.make_update_fn(toy_logits_fn, LOSS, optimizer, rl.UpdateConfig(num_mini_batches=2, num_micro_batches=2))
     logprob_fn = rl.compute_logprobs_fn(toy_logits_fn)
-    params = {"meta_thinking": toy_tree(jax.random.PRNGKey(0)),
-              "reasoning": toy_tree(jax.random.PRNGKey(1))}
+    params = {"meta_thinking": toy_tree(jax.random.PRNGKey(0)), "reasoning": toy_tree(jax.random.PRNGKey(1))}
     state = rl.init_rl_state(params, optimizer)
     key = jax.random.PRNGKey(42)
     for role in ("reasoning", "meta_thinking"):
@@ -90,7 +100,7 @@ def test_alternating_phases_learn_and_frozen_agent_is_bit_identical():
         assert opt_mod.tree_bitwise_equal(state.params[other], frozen_params)
         assert opt_mod.tree_bitwise_equal(state.opt_state[other], frozen_opt)
         assert int(rl.agent_step_count(state.opt_state[role])) == 60  # 30 updates x 2 mini-batches
-    for k in (f"reasoning/clip_frac", "grad_norm", "lr", "loss", "reasoning/entropy"):
+    for k in ("reasoning/clip_frac", "grad_norm", "lr", "loss", "reasoning/entropy"):
         assert k in metrics or k.replace("reasoning", "meta_thinking") in metrics
 
 
@@ -103,8 +113,10 @@ def test_shared_simultaneous_learns():
     key = jax.random.PRNGKey(7)
     for _ in range(25):
         key, k1, k2 = jax.random.split(key, 3)
-        batches = {r: add_rl_fields(rollout(state.params["shared"], k), state.params, r, logprob_fn)
-                   for r, k in (("meta_thinking", k1), ("reasoning", k2))}
+        batches = {
+            r: add_rl_fields(rollout(state.params["shared"], k), state.params, r, logprob_fn)
+            for r, k in (("meta_thinking", k1), ("reasoning", k2))
+        }
         state, metrics = update(state, batches, trained=("shared",))
     assert expected_reward(state.params["shared"]) > before + 0.25
     assert "meta_thinking/pg_loss" in metrics and "reasoning/pg_loss" in metrics
@@ -112,8 +124,12 @@ def test_shared_simultaneous_learns():
 
 def _one_batch(seed=0):
     params = {"meta_thinking": toy_tree(jax.random.PRNGKey(seed)), "reasoning": toy_tree(jax.random.PRNGKey(9))}
-    batch = add_rl_fields(rollout(params["reasoning"], jax.random.PRNGKey(seed)), params, "reasoning",
-                          rl.compute_logprobs_fn(toy_logits_fn))
+    batch = add_rl_fields(
+        rollout(params["reasoning"], jax.random.PRNGKey(seed)),
+        params,
+        "reasoning",
+        rl.compute_logprobs_fn(toy_logits_fn),
+    )
     return params, batch
 
 
@@ -125,9 +141,11 @@ def _off_policy(batch, seed=0):
 
 def _adam_moments(agent_state):
     """(mu, nu) of one agent's AdamW state."""
-    adam, = [s for s in jax.tree_util.tree_leaves(
-        agent_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-        if isinstance(s, optax.ScaleByAdamState)]
+    (adam,) = [
+        s
+        for s in jax.tree_util.tree_leaves(agent_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+        if isinstance(s, optax.ScaleByAdamState)
+    ]
     return adam.mu, adam.nu
 
 
@@ -146,8 +164,9 @@ def test_micro_batching_matches_full_batch(mini):
     optimizer = rl.MultiAgentOptimizer(dataclasses.replace(OPT, max_grad_norm=1e9))
     outs = []
     for micro in (1, 4):
-        update = rl.make_update_fn(toy_logits_fn, LOSS, optimizer,
-                                   rl.UpdateConfig(num_mini_batches=mini, num_micro_batches=micro))
+        update = rl.make_update_fn(
+            toy_logits_fn, LOSS, optimizer, rl.UpdateConfig(num_mini_batches=mini, num_micro_batches=micro)
+        )
         state, metrics = update(rl.init_rl_state(params, optimizer), {"reasoning": batch}, trained=("reasoning",))
         assert bool(metrics["finite"])
         outs.append((state, metrics))
@@ -174,8 +193,7 @@ def test_micro_batching_keeps_role_loss_metrics():
         _, m = update(rl.init_rl_state(params, optimizer), {"reasoning": batch}, trained=("reasoning",))
         mets.append(m)
     np.testing.assert_allclose(float(mets[0]["reasoning/pg_loss"]), float(mets[0]["loss"]), rtol=1e-6)
-    np.testing.assert_allclose(float(mets[1]["reasoning/pg_loss"]), float(mets[0]["reasoning/pg_loss"]),
-                               rtol=1e-5)
+    np.testing.assert_allclose(float(mets[1]["reasoning/pg_loss"]), float(mets[0]["reasoning/pg_loss"]), rtol=1e-5)
 
 
 def test_non_finite_update_leaves_state_unchanged():
@@ -187,7 +205,7 @@ def test_non_finite_update_leaves_state_unchanged():
     snapshot = jax.tree_util.tree_map(np.array, state)
     bad = dict(batch)
     bad["advantages"] = batch["advantages"].copy()
-    bad["advantages"][-1, 2] = np.nan                     # only the 2nd mini-batch is bad
+    bad["advantages"][-1, 2] = np.nan  # only the 2nd mini-batch is bad
     new_state, metrics = update(state, {"reasoning": bad}, trained=("reasoning",))
     assert not bool(metrics["finite"])
     assert opt_mod.tree_bitwise_equal(new_state, snapshot)
@@ -212,19 +230,16 @@ def test_update_input_errors():
     with pytest.raises(ValueError, match="not in the trainable params"):
         update(state, {"reasoning": batch}, trained=("critic",))
     with pytest.raises(ValueError, match="missing \\['old_logprobs'\\]"):
-        update(state, {"reasoning": {k: v for k, v in batch.items() if k != "old_logprobs"}},
-               trained=("reasoning",))
+        update(state, {"reasoning": {k: v for k, v in batch.items() if k != "old_logprobs"}}, trained=("reasoning",))
     bad = dict(batch, turn_ids=batch["turn_ids"] + 5)
     with pytest.raises(ValueError, match="max_turns"):
         update(state, {"reasoning": bad}, trained=("reasoning",))
 
 
 def test_schedules_and_optimizer_config():
-    s = rl.make_schedule(rl.OptimizerConfig(learning_rate=1.0, schedule="cosine", warmup_steps=2,
-                                            decay_steps=10))
+    s = rl.make_schedule(rl.OptimizerConfig(learning_rate=1.0, schedule="cosine", warmup_steps=2, decay_steps=10))
     np.testing.assert_allclose([float(s(i)) for i in (0, 1, 2, 10)], [0, 0.5, 1.0, 0.0], atol=1e-6)
-    s = rl.make_schedule(rl.OptimizerConfig(learning_rate=1.0, schedule="linear", decay_steps=4,
-                                            end_lr_ratio=0.5))
+    s = rl.make_schedule(rl.OptimizerConfig(learning_rate=1.0, schedule="linear", decay_steps=4, end_lr_ratio=0.5))
     np.testing.assert_allclose([float(s(i)) for i in (0, 2, 4, 8)], [1.0, 0.75, 0.5, 0.5], atol=1e-6)
     s = rl.make_schedule(rl.OptimizerConfig(learning_rate=1.0, warmup_steps=4))
     np.testing.assert_allclose([float(s(i)) for i in (0, 2, 4, 100)], [0, 0.5, 1.0, 1.0], atol=1e-6)
@@ -244,7 +259,7 @@ def _numpy_adam(grads_by_step, p0, lr, b1=0.9, b2=0.999, eps=1e-8):
         g = np.asarray(g, np.float64)
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
-        p = p - lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+        p = p - lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
     return p
 
 
@@ -258,10 +273,13 @@ def test_gradient_clipping_is_global_over_trained_agents():
     frozen agent c (not trained) is neither clipped against nor moved.
     """
     lr = 0.1
-    optimizer = rl.MultiAgentOptimizer(rl.OptimizerConfig(learning_rate=lr, max_grad_norm=1.0,
-                                                          weight_decay=0.0))
-    params = {"a": {"w": jnp.array([1.0, 2.0])}, "b": {"w": jnp.array([-1.0, 0.5])},
-              "c": {"w": jnp.array([7.0])}, "d": None}
+    optimizer = rl.MultiAgentOptimizer(rl.OptimizerConfig(learning_rate=lr, max_grad_norm=1.0, weight_decay=0.0))
+    params = {
+        "a": {"w": jnp.array([1.0, 2.0])},
+        "b": {"w": jnp.array([-1.0, 0.5])},
+        "c": {"w": jnp.array([7.0])},
+        "d": None,
+    }
     state = optimizer.init(params)
     g1 = {"a": {"w": jnp.array([3.0, 0.0])}, "b": {"w": jnp.array([0.0, 4.0])}}
     g2 = {"a": {"w": jnp.array([0.3, -0.1])}, "b": {"w": jnp.array([-0.2, 0.1])}}
@@ -271,7 +289,7 @@ def test_gradient_clipping_is_global_over_trained_agents():
         mu, nu = _adam_moments(s1[agent])
         clipped = np.asarray(g1[agent]["w"]) / 5.0
         np.testing.assert_allclose(mu["w"], 0.1 * clipped, rtol=1e-6)
-        np.testing.assert_allclose(nu["w"], 0.001 * clipped ** 2, rtol=1e-6)
+        np.testing.assert_allclose(nu["w"], 0.001 * clipped**2, rtol=1e-6)
     p2, s2, met2 = optimizer.step(g2, s1, p1, ("a", "b"))
     assert float(met2["grad_norm"]) == pytest.approx(np.sqrt(0.15), rel=1e-6)
     for agent in ("a", "b"):
@@ -295,8 +313,7 @@ def test_update_applies_the_clipped_gradient():
     for max_norm in (1e9, 1e-3):
         optimizer = rl.MultiAgentOptimizer(dataclasses.replace(OPT, max_grad_norm=max_norm))
         update = rl.make_update_fn(toy_logits_fn, LOSS, optimizer, rl.UpdateConfig(num_micro_batches=2))
-        state, metrics = update(rl.init_rl_state(params, optimizer), {"reasoning": batch},
-                                trained=("reasoning",))
+        state, metrics = update(rl.init_rl_state(params, optimizer), {"reasoning": batch}, trained=("reasoning",))
         mu, _ = _adam_moments(state.opt_state["reasoning"])
         grads[max_norm] = jax.tree_util.tree_map(lambda x: np.asarray(x) / 0.1, mu)
         norm = float(metrics["grad_norm"])

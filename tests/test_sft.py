@@ -1,4 +1,5 @@
 """SFT warm-start: worked examples, alpaca parsing, role loss masks, batching, training, saving."""
+
 import json
 import os
 
@@ -17,13 +18,13 @@ from rema_jax.tasks.builtin import SEED_EXAMPLE, builtin_split
 from rema_jax.tasks.loaders import BadRecordError
 from rema_jax.tasks.types import Task
 
-TINY = {"num_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
-        "num_kv_heads": 2, "head_dim": 8}
+TINY = {"num_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8}
 
 
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_gguf):
     from rema_jax.models.tokenizer import load_tokenizer
+
     return load_tokenizer(os.path.dirname(smollm2_gguf), gguf_file=os.path.basename(smollm2_gguf))
 
 
@@ -46,8 +47,14 @@ def test_worked_examples_solve_every_builtin_cell():
 def test_worked_example_rejects_unknown_and_mismatching_tasks():
     with pytest.raises(WorkedExampleError, match="built-in tasks"):
         worked_example(Task(uid="x", question="What is 1+1?", answer="2", subject="algebra", source="math"))
-    bad = Task(uid="builtin/arithmetic/1/x", question="What is $2 + 5$?", answer="8", level=1,
-               subject="arithmetic", source="builtin")
+    bad = Task(
+        uid="builtin/arithmetic/1/x",
+        question="What is $2 + 5$?",
+        answer="8",
+        level=1,
+        subject="arithmetic",
+        source="builtin",
+    )
     with pytest.raises(WorkedExampleError, match="gold answer is 8"):
         worked_example(bad)
 
@@ -72,8 +79,10 @@ def test_builtin_vrp_conversations_are_the_same_solutions_for_one_agent():
     ps = prompts.get_prompts("vrp")
     for task, conv, ra in zip(train, vrp["single"], remas):
         assert conv.role == "single"
-        assert conv.messages[:2] == (("system", ps["single"].system),
-                                     ("user", ps["single"].user({"question": task.question})))
+        assert conv.messages[:2] == (
+            ("system", ps["single"].system),
+            ("user", ps["single"].user({"question": task.question})),
+        )
         assert conv.messages[2] == ra.messages[2]  # the very solution the reasoning agent learns
     with pytest.raises(ValueError, match="mode must be one of"):
         data_lib.builtin_conversations(train, mode="multi_turn")
@@ -81,26 +90,40 @@ def test_builtin_vrp_conversations_are_the_same_solutions_for_one_agent():
 
 # ------------------------------------------------------------------ alpaca files
 def _record(**over):
-    rec = {"instruction": "final user", "input": None, "output": "final answer [FINISH]", "system": "SYS",
-           "history": [["q1", "a1"], ["q2", "a2"]]}
+    rec = {
+        "instruction": "final user",
+        "input": None,
+        "output": "final answer [FINISH]",
+        "system": "SYS",
+        "history": [["q1", "a1"], ["q2", "a2"]],
+    }
     rec.update(over)
     return rec
 
 
 def test_alpaca_record_order():
     conv = data_lib.parse_alpaca_record(_record(input="extra"), "reasoning", "f.jsonl:1")
-    assert conv.messages == (("system", "SYS"), ("user", "q1"), ("assistant", "a1"), ("user", "q2"),
-                             ("assistant", "a2"), ("user", "final user\nextra"),
-                             ("assistant", "final answer [FINISH]"))
+    assert conv.messages == (
+        ("system", "SYS"),
+        ("user", "q1"),
+        ("assistant", "a1"),
+        ("user", "q2"),
+        ("assistant", "a2"),
+        ("user", "final user\nextra"),
+        ("assistant", "final answer [FINISH]"),
+    )
 
 
-@pytest.mark.parametrize("over, field", [
-    ({"history": [["q1"]]}, "history[0]"),
-    ({"history": "q1"}, "history"),
-    ({"output": ""}, "output"),
-    ({"instruction": 3}, "instruction"),
-    ({"history": [["q1", "  "]]}, "history[0][1]"),
-])
+@pytest.mark.parametrize(
+    "over, field",
+    [
+        ({"history": [["q1"]]}, "history[0]"),
+        ({"history": "q1"}, "history"),
+        ({"output": ""}, "output"),
+        ({"instruction": 3}, "instruction"),
+        ({"history": [["q1", "  "]]}, "history[0][1]"),
+    ],
+)
 def test_bad_records_name_file_line_and_field(tmp_path, over, field):
     path = tmp_path / "mta.jsonl"
     path.write_text(json.dumps(_record()) + "\n" + json.dumps(_record(**over)) + "\n", encoding="utf-8")
@@ -188,7 +211,9 @@ def test_batches_static_deterministic_and_complete(encoder):
     assert all(x["tokens"].shape[0] == 5 and x["tokens"].shape[1] in (64, 128, 256, 384) for x in a)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x["tokens"], y["tokens"])
-    assert any(not np.array_equal(x["tokens"], y["tokens"]) for x, y in zip(a, c) if x["tokens"].shape == y["tokens"].shape)
+    assert any(
+        not np.array_equal(x["tokens"], y["tokens"]) for x, y in zip(a, c) if x["tokens"].shape == y["tokens"].shape
+    )
     # every row appears exactly once per epoch; filler rows have no loss
     assert sum(float(x["loss_mask"].sum()) for x in a) == sum(float(r.loss_mask.sum()) for r in rows)
     assert sum(int(x["attention_mask"].any(1).sum()) for x in a) == len(rows)
@@ -196,12 +221,14 @@ def test_batches_static_deterministic_and_complete(encoder):
 
 # ------------------------------------------------------------------ training
 def _tiny_config(**sections):
-    cfg = {"model": {"source": "smollm2-135m", "random_init": TINY, "max_cache_len": 640},
-           "adapter": {"kind": "lora", "rank": 4, "alpha": 8.0},
-           "data": {"builtin": True, "levels": [1], "train_per_cell": 2, "test_per_cell": 1},
-           "optimizer": {"learning_rate": 3e-2, "warmup_steps": 1},
-           "loop": {"epochs": 4, "batch_size": 4, "max_seq_len": 256},
-           "eval": {"questions": 0}}
+    cfg = {
+        "model": {"source": "smollm2-135m", "random_init": TINY, "max_cache_len": 640},
+        "adapter": {"kind": "lora", "rank": 4, "alpha": 8.0},
+        "data": {"builtin": True, "levels": [1], "train_per_cell": 2, "test_per_cell": 1},
+        "optimizer": {"learning_rate": 3e-2, "warmup_steps": 1},
+        "loop": {"epochs": 4, "batch_size": 4, "max_seq_len": 256},
+        "eval": {"questions": 0},
+    }
     for name, values in sections.items():
         cfg[name] = {**cfg.get(name, {}), **values}
     return load_sft_config(cfg)
@@ -209,6 +236,7 @@ def _tiny_config(**sections):
 
 def test_config_errors_are_specific():
     from rema_jax.config_utils import ConfigError
+
     with pytest.raises(ConfigError, match="config.loop: unknown key"):
         load_sft_config({"loop": {"epoch": 2}})
     with pytest.raises(ConfigError, match="roles: unknown"):
@@ -232,20 +260,32 @@ def test_sft_loss_decreases_saves_and_reloads(smollm2_gguf, tmp_path):
     assert len(records) == s["steps"] == sum(s["steps_per_agent"].values())
     assert os.path.exists(tmp_path / "loss.png")
     # adapters load back and give the trained logits
-    batch = next(tok_lib.epoch_batches(
-        tok_lib.encode_all(data_lib.builtin_conversations(builtin_split(1, 0, levels=(1,))[0])["reasoning"],
-                           ChatEncoder(run.tokenizer), 256)[0], 2, 256, seed=0, epoch=0, pad_id=2))
+    batch = next(
+        tok_lib.epoch_batches(
+            tok_lib.encode_all(
+                data_lib.builtin_conversations(builtin_split(1, 0, levels=(1,))[0])["reasoning"],
+                ChatEncoder(run.tokenizer),
+                256,
+            )[0],
+            2,
+            256,
+            seed=0,
+            epoch=0,
+            pad_id=2,
+        )
+    )
     loaded = models.load_adapter(tmp_path / "adapters" / "reasoning")
     assert loaded.kind == "lora" and loaded.scale == 2.0
-    want = models.forward(run.model_config, run.base, batch["tokens"], run.adapters["reasoning"],
-                          attention_mask=batch["attention_mask"])
-    got = models.forward(run.model_config, run.base, batch["tokens"], loaded,
-                         attention_mask=batch["attention_mask"])
+    want = models.forward(
+        run.model_config, run.base, batch["tokens"], run.adapters["reasoning"], attention_mask=batch["attention_mask"]
+    )
+    got = models.forward(run.model_config, run.base, batch["tokens"], loaded, attention_mask=batch["attention_mask"])
     base = models.forward(run.model_config, run.base, batch["tokens"], attention_mask=batch["attention_mask"])
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
     assert np.abs(np.asarray(got) - np.asarray(base)).max() > 1e-2
     # the orbax checkpoint has the RL trainer's layout
     from rema_jax.training.checkpoint import CheckpointManager
+
     mgr = CheckpointManager(str(tmp_path / "checkpoints"))
     assert mgr.latest_step() == s["steps"]
     mgr.close()
@@ -260,8 +300,9 @@ def test_step_trains_only_the_named_agent_and_matches_a_dense_loss():
     cfg = tiny_config()
     base = random_params(cfg, jax.random.key(0))
     ac = AdapterConfig(rank=2, alpha=4.0)
-    params = {r: init_adapter(cfg, base, ac, jax.random.key(i)).weights
-              for i, r in enumerate(("meta_thinking", "reasoning"))}
+    params = {
+        r: init_adapter(cfg, base, ac, jax.random.key(i)).weights for i, r in enumerate(("meta_thinking", "reasoning"))
+    }
     opt = rl.MultiAgentOptimizer(rl.OptimizerConfig(learning_rate=1e-2))
     state = rl.init_rl_state(params, opt)
     rng = np.random.default_rng(0)
@@ -271,15 +312,19 @@ def test_step_trains_only_the_named_agent_and_matches_a_dense_loss():
     batch = {"tokens": tokens, "attention_mask": np.ones((2, 16), np.int32), "loss_mask": mask}
     # sparse (K = 8) loss == dense log-softmax loss
     import jax.numpy as jnp
+
     logits = models.forward(cfg, base, tokens)
     logp = jax.nn.log_softmax(logits[:, :-1], -1)
     dense = -np.take_along_axis(np.asarray(logp), tokens[:, 1:, None], -1)[..., 0]
     want = (dense * mask[:, 1:]).sum() / mask.sum()
-    got, count = masked_nll(lambda pos: models.forward(cfg, base, tokens, logits_at_bk=pos),
-                            jnp.asarray(tokens), None, jnp.asarray(mask), 8)
+    got, count = masked_nll(
+        lambda pos: models.forward(cfg, base, tokens, logits_at_bk=pos), jnp.asarray(tokens), None, jnp.asarray(mask), 8
+    )
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
     assert float(count) == 10
-    step = make_sft_step(cfg, opt, "lora", ac.scale)
+    from rema_jax.training.layout import AgentLayout
+
+    step = make_sft_step(cfg, opt, AgentLayout.for_roles(("meta_thinking", "reasoning"), ac))
     p, o, m = step(state.params, state.opt_state, base, batch, agent="reasoning", k=8)
     assert rl.tree_bitwise_equal(p["meta_thinking"], params["meta_thinking"])
     assert rl.tree_bitwise_equal(o["meta_thinking"], state.opt_state["meta_thinking"])

@@ -2,6 +2,7 @@
 
 The multi-device equivalence checks (8 simulated devices) live in tests/test_sharding_mesh8.py.
 """
+
 import logging
 import math
 
@@ -14,11 +15,28 @@ from jax.sharding import PartitionSpec as P
 from rema_jax.models import layers, param_shapes
 from rema_jax.models.adapters import AdapterConfig, init_adapter
 from rema_jax.models.testing import random_params, tiny_config
-from rema_jax.sharding import (DEFAULT_RULES, DistributedConfigError, MeshConfig, MeshConfigError, MemoryPlanError,
-                               ShardingPlan, ShardingRulesError, check_fits, device_memory_bytes,
-                               global_batch_from_host, host_rows, is_main_process, make_mesh, maybe_initialize,
-                               multiprocess_env, plan_memory, reduce_metrics, shard_shape, unknown_leaves,
-                               validate_rules)
+from rema_jax.sharding import (
+    DEFAULT_RULES,
+    DistributedConfigError,
+    MemoryPlanError,
+    MeshConfig,
+    MeshConfigError,
+    ShardingPlan,
+    ShardingRulesError,
+    check_fits,
+    device_memory_bytes,
+    global_batch_from_host,
+    host_rows,
+    is_main_process,
+    make_mesh,
+    maybe_initialize,
+    multiprocess_env,
+    plan_memory,
+    reduce_metrics,
+    shard_shape,
+    unknown_leaves,
+    validate_rules,
+)
 from rema_jax.sharding.memory import KV_CACHE_AXES
 
 CFG = tiny_config()  # hidden 32, ffn 64, vocab 128, 4 heads / 2 kv heads x 8, 2 layers
@@ -65,8 +83,9 @@ def test_param_specs_follow_the_rules():
 
 
 def param_shapes_arrays(config=CFG):
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, np.float32), param_shapes(config),
-                        is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s, np.float32), param_shapes(config), is_leaf=lambda x: isinstance(x, tuple)
+    )
 
 
 def test_indivisible_heads_fall_back_with_a_warning(caplog):
@@ -104,11 +123,10 @@ def test_adapter_and_optimizer_state_mirror_param_specs():
 
 def test_cache_specs_and_unknown_leaves():
     plan = ShardingPlan({"data": 2, "fsdp": 1, "tensor": 2}, CFG)
-    contract2 = np.zeros((4, 16, CFG.num_kv_heads, CFG.head_dim))  # [B, max_len, kv_heads, head_dim]
-    assert plan.cache_specs(({"k": contract2, "v": contract2},))[0]["k"] == P("data", None, "tensor")
-    # the sampler's cache ([B, kv_heads, C, head_dim]) under the memory plan's axes: same mesh axes per dim
-    shape = layers.kv_cache_shape(CFG, 4, 16)
-    assert plan.spec(KV_CACHE_AXES, shape, "kv_cache") == P("data", "tensor")
+    shape = layers.kv_cache_shape(CFG, 4, 16)  # the sampler's cache: [B, kv_heads, max_len, head_dim]
+    contract2 = np.zeros(shape)
+    assert plan.cache_specs(({"k": contract2, "v": contract2},))[0]["k"] == P("data", "tensor")
+    assert plan.spec(KV_CACHE_AXES, shape, "kv_cache") == P("data", "tensor")  # the memory plan's axes
     with pytest.raises(ShardingRulesError, match="Contract 2"):
         plan.cache_specs(({"k": np.zeros((4, 16)), "v": np.zeros((4, 16))},))
     odd = {"mystery": np.zeros((3, 5))}
@@ -143,9 +161,12 @@ def test_memory_plan_params_are_exact_per_device():
     one = plan_memory(CFG, {"data": 1, "fsdp": 1, "tensor": 1})
     assert one.rows["params (base)"] == total
     plan = ShardingPlan(SIZES, CFG)
-    expected = sum(math.prod(shard_shape(x.shape, s, SIZES)) * 4 for x, s in
-                   zip(jax.tree.leaves(params), jax.tree.leaves(plan.tree_specs(params),
-                                                                 is_leaf=lambda v: isinstance(v, P))))
+    expected = sum(
+        math.prod(shard_shape(x.shape, s, SIZES)) * 4
+        for x, s in zip(
+            jax.tree.leaves(params), jax.tree.leaves(plan.tree_specs(params), is_leaf=lambda v: isinstance(v, P))
+        )
+    )
     sharded = plan_memory(CFG, SIZES)
     assert sharded.rows["params (base)"] == expected < total
     # LoRA: 2 agents x (A [in, r] + B [r, out]) x 7 targets x 2 layers, fp32, unsharded on one device
@@ -155,6 +176,13 @@ def test_memory_plan_params_are_exact_per_device():
     assert one.rows["optimizer state"] == 2 * one.rows["adapters"]
     full = plan_memory(CFG, {"data": 1, "fsdp": 1, "tensor": 1}, adapter_kind="full")
     assert full.rows["adapters"] == 2 * total and full.rows["optimizer state"] == 4 * total
+    # the KL reference copy: none unless asked; the warm-start adapters, or the whole shared model
+    assert one.rows["reference copy (KL)"] == 0
+    with_ref = plan_memory(CFG, {"data": 1, "fsdp": 1, "tensor": 1}, reference_copy=True)
+    assert with_ref.rows["reference copy (KL)"] == one.rows["adapters"]
+    assert with_ref.update_bytes - one.update_bytes == one.rows["adapters"]
+    shared = plan_memory(CFG, {"data": 1, "fsdp": 1, "tensor": 1}, adapter_kind="shared", reference_copy=True)
+    assert shared.rows["reference copy (KL)"] == total
     # KV cache: 2 (k, v) x layers x B x kv_heads x len x head_dim x 4 bytes, split over data x tensor
     kv = plan_memory(CFG, {"data": 2, "fsdp": 1, "tensor": 2}, rollout_batch=8, cache_len=32).rows["kv cache"]
     assert kv == 2 * 2 * (8 // 2) * (2 // 2) * 32 * 8 * 4
@@ -169,7 +197,8 @@ def test_memory_plan_kv_cache_is_what_the_sampler_allocates(dtype):
     params = random_params(cfg, jax.random.key(0))
     b, p, cache_len = 4, 8, 24
     caches, _ = jax.jit(lambda f, t, pad: kernel.prefill(cfg, f, t, pad, cache_len))(
-        kernel.fuse_params(cfg, params, None), np.full((b, p), 5, np.int32), np.zeros((b,), np.int32))
+        kernel.fuse_params(cfg, params, None), np.full((b, p), 5, np.int32), np.zeros((b,), np.int32)
+    )
     allocated = sum(x.nbytes for x in jax.tree.leaves(caches))
     one = {"data": 1, "fsdp": 1, "tensor": 1}
     assert plan_memory(cfg, one, rollout_batch=b, cache_len=cache_len).rows["kv cache"] == allocated

@@ -11,6 +11,7 @@ Per mesh (data, fsdp, tensor) in (8,1,1), (2,4,1), (1,2,4):
   sharded params, vs one device: the tokens;
 - the per-device shard shapes of params, adapters, optimizer moments, cache and batch.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,10 +62,14 @@ def _worker() -> None:
         lengths = rng.integers(10, L + 1, n)
         attn = (np.arange(L)[None] < lengths[:, None]).astype(np.int32)
         loss = ((np.arange(L)[None] >= 4) & (attn > 0)).astype(np.float32)
-        return {"tokens": tokens, "attention_mask": attn, "loss_mask": loss,
-                "turn_ids": np.where(loss > 0, (np.arange(L)[None] >= 10).astype(np.int32), -1).astype(np.int32),
-                "advantages": (rng.standard_normal((n, L)) * loss).astype(np.float32),
-                "old_logprobs": (-5.0 + 0.3 * rng.standard_normal((n, L)) * loss).astype(np.float32)}
+        return {
+            "tokens": tokens,
+            "attention_mask": attn,
+            "loss_mask": loss,
+            "turn_ids": np.where(loss > 0, (np.arange(L)[None] >= 10).astype(np.int32), -1).astype(np.int32),
+            "advantages": (rng.standard_normal((n, L)) * loss).astype(np.float32),
+            "old_logprobs": (-5.0 + 0.3 * rng.standard_normal((n, L)) * loss).astype(np.float32),
+        }
 
     batches = {"meta_thinking": role_batch(), "reasoning": role_batch()}
     loss_cfg = LossConfig(max_turns=2)
@@ -73,16 +78,19 @@ def _worker() -> None:
     opt = MultiAgentOptimizer(OptimizerConfig(learning_rate=1e-3, eps=1e-4))
 
     def lora_logits(p, role, b):  # the frozen base comes in as the constant "base"
-        return forward(cfg, p["base"], b["tokens"], p[role], attention_mask=b["attention_mask"])
+        return forward(cfg, p["base"], b.tokens, p[role], attention_mask=b.attention_mask)
 
     def shared_logits(p, role, b):
-        return forward(cfg, p["shared"], b["tokens"], attention_mask=b["attention_mask"])
+        return forward(cfg, p["shared"], b.tokens, attention_mask=b.attention_mask)
 
     setups = {
-        "lora": (make_update_fn(lora_logits, loss_cfg, opt), init_rl_state(agents, opt), ("reasoning",),
-                 {"base": base}),
-        "full": (make_update_fn(shared_logits, loss_cfg, opt), init_rl_state({"shared": base}, opt), ("shared",),
-                 {}),
+        "lora": (
+            make_update_fn(lora_logits, loss_cfg, opt),
+            init_rl_state(agents, opt),
+            ("reasoning",),
+            {"base": base},
+        ),
+        "full": (make_update_fn(shared_logits, loss_cfg, opt), init_rl_state({"shared": base}, opt), ("shared",), {}),
     }
     ref_updates = {}
     for name, (fn, state, trained, consts) in setups.items():
@@ -110,6 +118,7 @@ def _worker() -> None:
                 return tok, out.at[:, i].set(tok), caches
 
             return jax.lax.fori_loop(1, steps, body, (tok, out, caches))[1]
+
         return greedy
 
     adapter = agents["reasoning"]
@@ -123,12 +132,15 @@ def _worker() -> None:
 
     greedy_sampling = SamplingParams(max_new_tokens=10, greedy=True, ignore_eos=True)
     prompt_rows = [list(map(int, r[: 3 + i])) for i, r in enumerate(prompts)]
-    ref_sampled = [g.token_ids for g in Sampler(cfg, Tok(), max_cache_len=64).generate(
-        base, adapter, prompt_rows, greedy_sampling)]
+    ref_sampled = [
+        g.token_ids for g in Sampler(cfg, Tok(), max_cache_len=64).generate(base, adapter, prompt_rows, greedy_sampling)
+    ]
 
     def max_diff(a, b):
-        return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-                   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+        return max(
+            float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+        )
 
     def shard_shape(x):
         return list(x.addressable_shards[0].data.shape)
@@ -157,7 +169,9 @@ def _worker() -> None:
                 p = new_state.params["shared"]
                 rec["q_kernel_shard"] = shard_shape(p["layers_0"]["self_attn"]["q_proj"]["kernel"])
                 rec["embed_shard"] = shard_shape(p["embed_tokens"]["embedding"])
-                rec["down_mu_shard"] = shard_shape(new_state.opt_state["shared"][0].mu["layers_0"]["mlp"]["down_proj"]["kernel"])
+                rec["down_mu_shard"] = shard_shape(
+                    new_state.opt_state["shared"][0].mu["layers_0"]["mlp"]["down_proj"]["kernel"]
+                )
                 rec["tokens_shard"] = shard_shape(s_batches["reasoning"]["tokens"])
 
         s_base, s_adapter = plan.put(base), plan.put(adapter)
@@ -166,14 +180,18 @@ def _worker() -> None:
         rec["cache_shard"] = list(cache_sh.shard_shape(cache_shape))
         tok_sh = plan.batch_shardings(prompts)
         # the cache inside `greedy` follows the memory plan's axes too: constrained where prefill creates it
-        g = jax.jit(make_greedy(cache_sh),
-                    in_shardings=(plan.tree_shardings(base), plan.tree_shardings(adapter), tok_sh),
-                    out_shardings=tok_sh)
+        g = jax.jit(
+            make_greedy(cache_sh),
+            in_shardings=(plan.tree_shardings(base), plan.tree_shardings(adapter), tok_sh),
+            out_shardings=tok_sh,
+        )
         sharded_tokens = g(s_base, s_adapter, jax.device_put(prompts, tok_sh))
         rec["greedy_equal"] = bool(np.array_equal(np.asarray(sharded_tokens), ref_greedy))
         rec["greedy_out_shard"] = shard_shape(sharded_tokens)
-        sampled = [g.token_ids for g in Sampler(cfg, Tok(), max_cache_len=64).generate(
-            s_base, s_adapter, prompt_rows, greedy_sampling)]
+        sampled = [
+            g.token_ids
+            for g in Sampler(cfg, Tok(), max_cache_len=64).generate(s_base, s_adapter, prompt_rows, greedy_sampling)
+        ]
         rec["sampler_equal"] = sampled == ref_sampled
         if mesh_shape == (1, 2, 4):  # sharded loading of a HF checkpoint dir straight into this layout
             import tempfile
@@ -197,11 +215,12 @@ def mesh8_results():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True, timeout=600
+    )
     if proc.returncode:
         pytest.fail(f"8-device worker failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    recs = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    recs = [json.loads(line[len("RESULT ") :]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     return {tuple(r["mesh"]): r for r in recs}
 
 

@@ -4,8 +4,8 @@ Covers: config validation before any compute, exact resume after a kill, the fro
 bit-identical, reward rising on a trivially learnable reward in each schedule, the NaN guard, and
 the files a run leaves behind (metrics, TensorBoard, checkpoints, plots, summary).
 """
+
 import copy
-import json
 import os
 
 import jax
@@ -14,20 +14,26 @@ import pytest
 
 from rema_jax.config_utils import ConfigError
 from rema_jax.rl import tree_bitwise_equal
+from rema_jax.training import layout as layout_lib
+from rema_jax.training import loop as loop_lib
 from rema_jax.training import trainer as trainer_lib
 from rema_jax.training.config import TrainConfig, load_train_config
 from rema_jax.training.metrics import read_jsonl
 
-TINY = {"num_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
-        "num_kv_heads": 2, "head_dim": 8}
+TINY = {"num_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8}
 
 
 def tiny_train_config(**sections) -> dict:
     cfg = {
         "model": {"source": "smollm2-135m", "random_init": TINY, "max_cache_len": 544},
         "adapter": {"kind": "lora", "rank": 4, "alpha": 8.0},
-        "rollout": {"mode": "single_turn", "num_samples": 4, "max_new_tokens": 8, "max_prompt_len": 287,
-                    "stop_when_truncated": False},
+        "rollout": {
+            "mode": "single_turn",
+            "num_samples": 4,
+            "max_new_tokens": 8,
+            "max_prompt_len": 287,
+            "stop_when_truncated": False,
+        },
         "reward": {"kind": "paper"},
         "grading": {"timeout_s": 5.0},
         "advantage": {"estimator": "grpo"},
@@ -36,8 +42,7 @@ def tiny_train_config(**sections) -> dict:
         "update": {"num_mini_batches": 1, "num_micro_batches": 1},
         "schedule": {"kind": "alternating", "reasoning_steps": 2, "meta_thinking_steps": 2},
         "data": {"source": "builtin", "levels": [1], "train_per_cell": 8, "test_per_cell": 2},
-        "loop": {"steps": 4, "questions_per_step": 2, "max_seq_len": 296, "eval_questions": 0,
-                 "eval_before": False},
+        "loop": {"steps": 4, "questions_per_step": 2, "max_seq_len": 296, "eval_questions": 0, "eval_before": False},
         "checkpoint": {"every": 1, "keep_last": 2},
     }
     for name, values in sections.items():
@@ -64,16 +69,19 @@ def first_token_reward(targets: dict):
     return override
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"loop": {"stepz": 3}}, "config.loop: unknown key(s) ['stepz']"),
-    ({"loop": {"steps": "3"}}, "config.loop.steps: expected an int"),
-    ({"rollout": {"mode": "three_agents"}}, "config.rollout"),
-    ({"adapter": {"kind": "shared"}}, "needs schedule.kind='simultaneous'"),
-    ({"reward": {"kind": "multi_turn"}}, "needs rollout.mode='multi_turn'"),
-    ({"loop": {"max_seq_len": 100}}, "a training sequence may not fit"),
-    ({"update": {"num_mini_batches": 3}}, "not divisible by num_mini_batches"),
-    ({"loss": {"temperature": 0.7}}, "must equal the rollout temperature"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"loop": {"stepz": 3}}, "config.loop: unknown key(s) ['stepz']"),
+        ({"loop": {"steps": "3"}}, "config.loop.steps: expected an int"),
+        ({"rollout": {"mode": "three_agents"}}, "config.rollout"),
+        ({"adapter": {"kind": "shared"}}, "needs schedule.kind='simultaneous'"),
+        ({"reward": {"kind": "multi_turn"}}, "needs rollout.mode='multi_turn'"),
+        ({"loop": {"max_seq_len": 100}}, "a training sequence may not fit"),
+        ({"update": {"num_mini_batches": 3}}, "not divisible by num_mini_batches"),
+        ({"loss": {"temperature": 0.7}}, "must equal the rollout temperature"),
+    ],
+)
 def test_config_errors_are_specific(override, message):
     with pytest.raises(ConfigError) as e:
         load_train_config(tiny_train_config(**override))
@@ -82,6 +90,7 @@ def test_config_errors_are_specific(override, message):
 
 def test_default_configs_validate():
     import importlib.util
+
     root = os.path.join(os.path.dirname(__file__), "..", "configs")
     for name in sorted(os.listdir(root)):
         if not name.endswith(".py") or name.startswith(("eval", "sft", "experiment")):
@@ -98,20 +107,19 @@ def test_default_configs_validate():
 def _strip_times(records):
     """Drops what legitimately differs between processes: timings and the sampler's compile count
     (cumulative per process, so a resumed run that never met steps 1-2's buckets counts fewer)."""
-    return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/", "sampler/"))}
-            for r in records]
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/", "sampler/"))} for r in records]
 
 
 @pytest.mark.real_model
 def test_kill_and_resume_is_exact(tmp_path, smollm2_gguf):
     cfg = load_train_config(tiny_train_config())
-    straight = trainer_lib.train(cfg, str(tmp_path / "straight"), progress=False)
-    trainer_lib.train(cfg, str(tmp_path / "resumed"), progress=False, max_steps=2)  # "killed" after 2
-    resumed = trainer_lib.train(cfg, str(tmp_path / "resumed"), progress=False)
+    straight = loop_lib.train(cfg, str(tmp_path / "straight"), progress=False)
+    loop_lib.train(cfg, str(tmp_path / "resumed"), progress=False, max_steps=2)  # "killed" after 2
+    resumed = loop_lib.train(cfg, str(tmp_path / "resumed"), progress=False)
     assert resumed["resumed_from_step"] == 2 and straight["steps"] == resumed["steps"] == 4
 
-    a = trainer_lib.Trainer(cfg, str(tmp_path / "straight"), progress=False)
-    b = trainer_lib.Trainer(cfg, str(tmp_path / "resumed"), progress=False)
+    a = trainer_lib.Trainer(cfg, str(tmp_path / "straight"))
+    b = trainer_lib.Trainer(cfg, str(tmp_path / "resumed"))
     assert a.restore() and b.restore()
     assert tree_bitwise_equal(a.state.params, b.state.params)
     assert tree_bitwise_equal(a.state.opt_state, b.state.opt_state)
@@ -125,9 +133,10 @@ def test_kill_and_resume_is_exact(tmp_path, smollm2_gguf):
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("schedule, adapter", [
-    ("alternating", "lora"), ("simultaneous", "shared"),
-    pytest.param("switch_every", "lora", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "schedule, adapter",
+    [("alternating", "lora"), ("simultaneous", "shared"), pytest.param("switch_every", "lora", marks=pytest.mark.slow)],
+)
 def test_reward_rises_and_only_trained_agent_moves(tmp_path, smollm2_gguf, schedule, adapter):
     """The meta-thinking agent (whose prompt is the fixed question) learns a first-token bandit.
 
@@ -136,16 +145,25 @@ def test_reward_rises_and_only_trained_agent_moves(tmp_path, smollm2_gguf, sched
     the meta-thinking agent from the first step; simultaneous: one shared model, both roles.
     """
     steps = 12
-    cfg = load_train_config(tiny_train_config(
-        model={"random_init": {**TINY, "init_std": 2.0}, "max_cache_len": 260},
-        adapter={"kind": adapter},
-        rollout={"num_samples": 8, "max_new_tokens": 2, "max_prompt_len": 160},
-        schedule={"kind": schedule, "reasoning_steps": 1, "meta_thinking_steps": steps,
-                  "switch_freq": steps + 2, "start_agent": "meta_thinking"},
-        optimizer={"learning_rate": 1e-2 if adapter == "lora" else 1e-3},
-        data={"families": ["arithmetic"], "train_per_cell": 1, "test_per_cell": 0},
-        loop={"steps": steps + 1, "questions_per_step": 1, "max_seq_len": 168}, checkpoint={"every": steps}))
-    trainer = trainer_lib.Trainer(cfg, str(tmp_path), reward_override=first_token_reward({}), progress=False)
+    cfg = load_train_config(
+        tiny_train_config(
+            model={"random_init": {**TINY, "init_std": 2.0}, "max_cache_len": 260},
+            adapter={"kind": adapter},
+            rollout={"num_samples": 8, "max_new_tokens": 2, "max_prompt_len": 160},
+            schedule={
+                "kind": schedule,
+                "reasoning_steps": 1,
+                "meta_thinking_steps": steps,
+                "switch_freq": steps + 2,
+                "start_agent": "meta_thinking",
+            },
+            optimizer={"learning_rate": 1e-2 if adapter == "lora" else 1e-3},
+            data={"families": ["arithmetic"], "train_per_cell": 1, "test_per_cell": 0},
+            loop={"steps": steps + 1, "questions_per_step": 1, "max_seq_len": 168},
+            checkpoint={"every": steps},
+        )
+    )
+    trainer = trainer_lib.Trainer(cfg, str(tmp_path), reward_override=first_token_reward({}))
     if schedule == "alternating":
         assert trainer.step()["phase/trained"] == "reasoning"
     frozen_before = jax.tree.map(np.asarray, trainer.state)
@@ -157,7 +175,7 @@ def test_reward_rises_and_only_trained_agent_moves(tmp_path, smollm2_gguf, sched
     first, last = np.mean(rewards[:3]), np.mean(rewards[-3:])
     assert last >= first + 0.25, (first, last, rewards)
     after = trainer.state
-    if adapter == "lora":   # the reasoning agent was frozen: params and AdamW state untouched
+    if adapter == "lora":  # the reasoning agent was frozen: params and AdamW state untouched
         assert tree_bitwise_equal(frozen_before.params["reasoning"], after.params["reasoning"])
         assert tree_bitwise_equal(frozen_before.opt_state["reasoning"], after.opt_state["reasoning"])
         assert not tree_bitwise_equal(frozen_before.params["meta_thinking"], after.params["meta_thinking"])
@@ -174,7 +192,7 @@ def test_non_finite_update_stops_with_clear_error(tmp_path, smollm2_gguf):
             exp.rewards[role] = np.full_like(exp.rewards[role], np.nan)
         return exp
 
-    trainer = trainer_lib.Trainer(cfg, str(tmp_path), reward_override=nan_reward, progress=False)
+    trainer = trainer_lib.Trainer(cfg, str(tmp_path), reward_override=nan_reward)
     before = copy.deepcopy(jax.tree.map(np.asarray, trainer.state.params))
     with pytest.raises(trainer_lib.NonFiniteUpdateError, match="NaN/inf"):
         trainer.step()
@@ -186,20 +204,28 @@ def test_rl_starts_from_sft_adapters(tmp_path, smollm2_gguf):
     from rema_jax.models import Adapter, save_adapter
 
     cfg = load_train_config(tiny_train_config())
-    fresh = trainer_lib.Trainer(cfg, str(tmp_path / "fresh"), progress=False)
+    fresh = trainer_lib.Trainer(cfg, str(tmp_path / "fresh"))
     for i, (agent, tree) in enumerate(fresh.state.params.items()):
         moved = jax.tree.map(lambda x: x + 0.01 * (i + 1), tree)
         save_adapter(str(tmp_path / "sft" / agent), Adapter(weights=moved, kind="lora", scale=cfg.adapter.scale))
-    warm = trainer_lib.Trainer(load_train_config(tiny_train_config(
-        model={"init_adapters_from": str(tmp_path / "sft")})), str(tmp_path / "warm"), progress=False)
+    warm = trainer_lib.Trainer(
+        load_train_config(tiny_train_config(model={"init_adapters_from": str(tmp_path / "sft")})),
+        str(tmp_path / "warm"),
+    )
     for i, agent in enumerate(fresh.state.params):
         expected = jax.tree.map(lambda x: np.asarray(x) + 0.01 * (i + 1), fresh.state.params[agent])
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-7),
-                     warm.state.params[agent], expected)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-7), warm.state.params[agent], expected
+        )
     with pytest.raises(ValueError, match="differ from the config's adapter"):
-        trainer_lib.Trainer(load_train_config(tiny_train_config(
-            adapter={"rank": 8, "alpha": 16.0}, model={"init_adapters_from": str(tmp_path / "sft")})),
-            str(tmp_path / "bad"), progress=False)
+        trainer_lib.Trainer(
+            load_train_config(
+                tiny_train_config(
+                    adapter={"rank": 8, "alpha": 16.0}, model={"init_adapters_from": str(tmp_path / "sft")}
+                )
+            ),
+            str(tmp_path / "bad"),
+        )
 
 
 @pytest.mark.real_model
@@ -207,60 +233,72 @@ def test_vrp_sft_warm_starts_the_single_agent_rl_run(smollm2_gguf, tmp_path):
     """VRP SFT trains one ``single`` adapter that a VRP_RL trainer starts from."""
     from rema_jax.sft.train import load_sft_config, run_sft
 
-    cfg = load_sft_config({
-        "model": {"source": "smollm2-135m", "random_init": TINY, "max_cache_len": 640},
-        "adapter": {"kind": "lora", "rank": 4, "alpha": 8.0},
-        "data": {"builtin": True, "mode": "vrp", "levels": [1], "train_per_cell": 2, "test_per_cell": 1},
-        "optimizer": {"learning_rate": 3e-2, "warmup_steps": 1},
-        "loop": {"epochs": 4, "batch_size": 4, "max_seq_len": 256, "roles": ["single"]},
-        "eval": {"questions": 1, "max_new_tokens": 8}})
+    cfg = load_sft_config(
+        {
+            "model": {"source": "smollm2-135m", "random_init": TINY, "max_cache_len": 640},
+            "adapter": {"kind": "lora", "rank": 4, "alpha": 8.0},
+            "data": {"builtin": True, "mode": "vrp", "levels": [1], "train_per_cell": 2, "test_per_cell": 1},
+            "optimizer": {"learning_rate": 3e-2, "warmup_steps": 1},
+            "loop": {"epochs": 4, "batch_size": 4, "max_seq_len": 256, "roles": ["single"]},
+            "eval": {"questions": 1, "max_new_tokens": 8},
+        }
+    )
     run = run_sft(cfg, str(tmp_path / "sft"), progress=False)
     s = run.summary
     assert list(s["steps_per_agent"]) == ["single"]
     assert s["single/loss_last"] < s["single/loss_first"] - 0.5, s
     assert set(s["eval_after"]) >= {"accuracy", "boxed_rate"}
-    rl_cfg = tiny_train_config(rollout={"mode": "vrp", "num_samples": 2},
-                               model={"init_adapters_from": str(tmp_path / "sft" / "adapters")})
+    rl_cfg = tiny_train_config(
+        rollout={"mode": "vrp", "num_samples": 2}, model={"init_adapters_from": str(tmp_path / "sft" / "adapters")}
+    )
     rl_cfg["schedule"] = {"kind": "alternating"}
     rl_cfg["loop"]["solutions_per_plan"] = 1
     rl_cfg["loop"]["seed"] = 3  # the random base is a function of model.random_init, not of the run's seed
-    warm = trainer_lib.Trainer(load_train_config(rl_cfg), str(tmp_path / "rl"), progress=False)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7),
-                 warm.state.params["single"], run.params["single"])
+    warm = trainer_lib.Trainer(load_train_config(rl_cfg), str(tmp_path / "rl"))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7),
+        warm.state.params["single"],
+        run.params["single"],
+    )
     # The adapters sit on the very base they were trained on (one model builder for SFT and RL).
-    assert tree_bitwise_equal(warm.constants[trainer_lib.BASE], run.base)
+    assert tree_bitwise_equal(warm.learner.constants[layout_lib.BASE], run.base)
 
 
 @pytest.mark.real_model
 def test_curriculum_keeps_questions_in_the_success_band_and_survives_resume(tmp_path, smollm2_gguf, monkeypatch):
     from rema_jax.training import experience as experience_lib
+    from rema_jax.training.curriculum import curriculum_pool
 
-    cfg = load_train_config(tiny_train_config(
-        curriculum={"enabled": True, "low": 0.2, "high": 0.8, "num_samples": 5, "pool_size": 8},
-        loop={"steps": 2}))
-    trainer = trainer_lib.Trainer(cfg, str(tmp_path), progress=False)
+    cfg = load_train_config(
+        tiny_train_config(
+            curriculum={"enabled": True, "low": 0.2, "high": 0.8, "num_samples": 5, "pool_size": 8}, loop={"steps": 2}
+        )
+    )
+    trainer = trainer_lib.Trainer(cfg, str(tmp_path))
     real_collect = experience_lib.collect
     seen = {}
 
     def fake_collect(policy, encoder, tasks, rollout, reward, grade_fn, **kw):
-        if rollout.num_samples != 5:          # a training rollout: the real thing
+        if rollout.num_samples != 5:  # a training rollout: the real thing
             return real_collect(policy, encoder, tasks, rollout, reward, grade_fn, **kw)
         seen["overrides"] = kw.get("sampling_overrides")
         # Question i is solved in (i % 6) of its 5 samples: rates 0, .2, .4, .6, .8, 1.0, 0, .2
         correct = [s < (i % 6) for i in range(len(tasks)) for s in range(5)]
         seen["rates"] = {t.uid: (i % 6) / 5 for i, t in enumerate(tasks)}
-        return experience_lib.Experience(trajectories=[], correct=correct, rows={}, rewards={},
-                                          group_ids={}, grade_stats={})
+        return experience_lib.Experience(
+            trajectories=[], correct=correct, rows={}, rewards={}, group_ids={}, grade_stats={}
+        )
 
     monkeypatch.setattr(experience_lib, "collect", fake_collect)
-    pool = trainer.curriculum_pool(trainer.phase(0), 0)
+    pool = curriculum_pool(
+        trainer.worker, trainer.sampling_view(), trainer.train_tasks, trainer.roles, trainer.phase(0), cfg
+    )
     assert {t.uid for t in pool} == {u for u, r in seen["rates"].items() if 0.2 <= r <= 0.8}
     # Phase agent (reasoning) samples at T=1; the frozen meta-thinking agent is greedy (Alg. 1).
-    assert seen["overrides"] == {"meta_thinking": {"greedy": True},
-                                 "reasoning": {"greedy": False, "temperature": 1.0}}
+    assert seen["overrides"] == {"meta_thinking": {"greedy": True}, "reasoning": {"greedy": False, "temperature": 1.0}}
     trainer.step()
     trainer.save()
-    resumed = trainer_lib.Trainer(cfg, str(tmp_path), progress=False)
+    resumed = trainer_lib.Trainer(cfg, str(tmp_path))
     assert resumed.restore()
     assert [t.uid for t in resumed.pool] == [t.uid for t in trainer.pool]
     assert resumed.iterator.position == trainer.iterator.position

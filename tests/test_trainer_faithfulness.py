@@ -6,12 +6,18 @@ reach the update against a plain numpy statement of the official verl code (item
 reference after an SFT warm start (3), a judge run with held-out evaluation (13) and the curriculum
 band edges (14). Item 6 (one base-model builder) is checked in ``test_trainer.py``'s VRP SFT → RL test.
 """
+
+import dataclasses
+
 import numpy as np
 import pytest
+from test_trainer import TINY, tiny_train_config
 
+from rema_jax import rl
+from rema_jax.training import layout as layout_lib
+from rema_jax.training import loop as loop_lib
 from rema_jax.training import trainer as trainer_lib
 from rema_jax.training.config import load_train_config
-from test_trainer import TINY, tiny_train_config
 
 
 def multi_turn_config(**sections) -> dict:
@@ -20,8 +26,14 @@ def multi_turn_config(**sections) -> dict:
     base = {
         "model": {"random_init": TINY, "max_cache_len": 260},
         "adapter": {"kind": "shared"},
-        "rollout": {"mode": "multi_turn", "num_samples": 2, "max_turns": 2, "max_new_tokens": 4,
-                    "max_prompt_len": 200, "stop_when_truncated": False},
+        "rollout": {
+            "mode": "multi_turn",
+            "num_samples": 2,
+            "max_turns": 2,
+            "max_new_tokens": 4,
+            "max_prompt_len": 200,
+            "stop_when_truncated": False,
+        },
         "reward": {"kind": "multi_turn"},
         "advantage": {"estimator": "reinforce_pp"},
         "loss": {"max_turns": 2},
@@ -42,17 +54,45 @@ def alternating_rewards(exp):
 
 
 def step_batches(trainer) -> dict:
-    """Runs one ``Trainer.step`` and returns the role batches it handed to the update."""
+    """Runs one ``Trainer.step`` and returns the role batches it handed to the update, as
+    ``{role: {field: array}}`` (the rollout sequences' fields and the ``TrainBatch``'s)."""
     seen = {}
-    update = trainer._update
+    real = trainer._role_batches
 
-    def spy(batches, trained_agents):
-        seen.update({role: {k: np.asarray(v) for k, v in b.items()} for role, b in batches.items()})
-        return update(batches, trained_agents)
+    def spy(*args, **kwargs):
+        seen.update(real(*args, **kwargs))
+        return seen
 
-    trainer._update = spy
+    trainer._role_batches = spy
     trainer.step()
-    return seen
+    return {
+        role: {
+            **{k: np.asarray(v) for k, v in b.sequences.as_dict().items()},
+            **{
+                f.name: np.asarray(getattr(b.train, f.name))
+                for f in dataclasses.fields(b.train)
+                if getattr(b.train, f.name) is not None
+            },
+        }
+        for role, b in seen.items()
+    }
+
+
+def as_role_batches(batches: dict) -> dict:
+    """``step_batches``' dicts as the ``RoleBatch`` records ``step_advantages`` reads."""
+    import types
+
+    from rema_jax.rl import TrainBatch
+    from rema_jax.training.role_batches import RoleBatch
+
+    fields = [f.name for f in dataclasses.fields(TrainBatch)]
+    return {
+        role: RoleBatch(
+            sequences=types.SimpleNamespace(rewards=b["rewards"], group_ids=b["group_ids"]),
+            train=TrainBatch(**{k: b[k] for k in fields if k in b}),
+        )
+        for role, b in batches.items()
+    }
 
 
 def official_reinforce_pp(batches: dict, roles, eps: float = 1e-8) -> dict:
@@ -103,8 +143,7 @@ def multi_turn_step(tmp_path_factory, smollm2_gguf):
     """(config, role batches) of one shared-weights multi-turn REINFORCE++ step: two trajectories
     per question, even ones correct."""
     cfg = load_train_config(multi_turn_config())
-    trainer = trainer_lib.Trainer(cfg, str(tmp_path_factory.mktemp("multi_turn")),
-                                  reward_override=alternating_rewards, progress=False)
+    trainer = trainer_lib.Trainer(cfg, str(tmp_path_factory.mktemp("multi_turn")), reward_override=alternating_rewards)
     return cfg, step_batches(trainer)
 
 
@@ -138,7 +177,7 @@ def test_shared_reinforce_pp_whitens_the_merged_two_role_batch(multi_turn_step):
     for role, b in batches.items():
         np.testing.assert_allclose(b["advantages"], merged[role], rtol=1e-4, atol=1e-5)
     per_role_cfg = load_train_config(multi_turn_config(advantage={"whiten_scope": "role"}))
-    per_role = trainer_lib.step_advantages(per_role_cfg, batches)
+    per_role = trainer_lib.step_advantages(per_role_cfg, as_role_batches(batches))
     for role, b in batches.items():
         expected = official_reinforce_pp(batches, (role,))[role]
         np.testing.assert_allclose(per_role[role], expected, rtol=1e-4, atol=1e-5)
@@ -147,45 +186,57 @@ def test_shared_reinforce_pp_whitens_the_merged_two_role_batch(multi_turn_step):
 
 def test_whiten_scope_is_validated():
     from rema_jax.config_utils import ConfigError
+
     with pytest.raises(ConfigError, match="config.advantage.whiten_scope: expected one of"):
         load_train_config(multi_turn_config(advantage={"whiten_scope": "group"}))
 
 
 # ------------------------------------------------------------------ item 14: curriculum band edges
 @pytest.fixture(scope="module")
-def curriculum_trainer(tmp_path_factory, smollm2_gguf):
-    cfg = load_train_config(tiny_train_config(
-        curriculum={"enabled": True, "num_samples": 5, "pool_size": 6},
-        data={"families": ["arithmetic", "word_problem", "linear_equation"], "train_per_cell": 2}))
-    return trainer_lib.Trainer(cfg, str(tmp_path_factory.mktemp("curriculum")), progress=False)
+def curriculum_trainer(tmp_path_factory):
+    """A trainer that only needs a tokenizer: the tiny in-process ChatML one, no model file."""
+    from tiny_tokenizer import chatml_bpe_tokenizer
+
+    cfg = load_train_config(
+        tiny_train_config(
+            curriculum={"enabled": True, "num_samples": 5, "pool_size": 6},
+            data={"families": ["arithmetic", "word_problem", "linear_equation"], "train_per_cell": 2},
+        )
+    )
+    return trainer_lib.Trainer(cfg, str(tmp_path_factory.mktemp("curriculum")), tokenizer=chatml_bpe_tokenizer(""))
 
 
-@pytest.mark.real_model
-@pytest.mark.parametrize("low, high, kept", [
-    (0.2, 0.8, {1, 2, 3, 4}),                 # both edges kept: 1/5 and 4/5 are in [0.2, 0.8]
-    (0.200000001, 0.799999999, {2, 3}),       # just inside: 1/5 and 4/5 are out (float32 says equal)
-    (0.0, 0.2, {0, 1}), (0.8, 1.0, {4, 5}),
-])
+@pytest.mark.parametrize(
+    "low, high, kept",
+    [
+        (0.2, 0.8, {1, 2, 3, 4}),  # both edges kept: 1/5 and 4/5 are in [0.2, 0.8]
+        (0.200000001, 0.799999999, {2, 3}),  # just inside: 1/5 and 4/5 are out (float32 says equal)
+        (0.0, 0.2, {0, 1}),
+        (0.8, 1.0, {4, 5}),
+    ],
+)
 def test_curriculum_band_edges_are_exact(curriculum_trainer, monkeypatch, low, high, kept):
     """Question i is solved in i of 5 samples (i = 0..5); it is kept iff low*5 <= i <= high*5,
     computed exactly on the decimal band edges, whatever NumPy's float promotion rules."""
-    import dataclasses
-
     from rema_jax.training import experience as experience_lib
+    from rema_jax.training.curriculum import curriculum_pool
 
     trainer = curriculum_trainer
     cur = dataclasses.replace(trainer.config.curriculum, low=low, high=high)
-    monkeypatch.setattr(trainer, "config", dataclasses.replace(trainer.config, curriculum=cur))
+    config = dataclasses.replace(trainer.config, curriculum=cur)
     order = []
 
     def fake_collect(policy, encoder, tasks, rollout, reward, grade_fn, **kw):
         order.extend(t.uid for t in tasks)
         correct = [s < i for i in range(len(tasks)) for s in range(rollout.num_samples)]
-        return experience_lib.Experience(trajectories=[], correct=correct, rows={}, rewards={},
-                                          group_ids={}, grade_stats={})
+        return experience_lib.Experience(
+            trajectories=[], correct=correct, rows={}, rewards={}, group_ids={}, grade_stats={}
+        )
 
     monkeypatch.setattr(experience_lib, "collect", fake_collect)
-    pool = trainer.curriculum_pool(trainer.phase(0), 0)
+    pool = curriculum_pool(
+        trainer.worker, trainer.sampling_view(), trainer.train_tasks, trainer.roles, trainer.phase(0), config
+    )
     assert len(order) == 6
     assert {order.index(t.uid) for t in pool} == kept
 
@@ -213,9 +264,12 @@ def _probe_batch(vocab: int) -> dict:
     n, length = 2, 24
     loss = np.zeros((n, length), np.float32)
     loss[:, 12:20] = 1
-    return {"tokens": rng.integers(0, vocab, (n, length)).astype(np.int32),
-            "attention_mask": np.ones((n, length), np.int32), "loss_mask": loss,
-            "turn_ids": np.where(loss > 0, 0, -1).astype(np.int32)}
+    return {
+        "tokens": rng.integers(0, vocab, (n, length)).astype(np.int32),
+        "attention_mask": np.ones((n, length), np.int32),
+        "loss_mask": loss,
+        "turn_ids": np.where(loss > 0, 0, -1).astype(np.int32),
+    }
 
 
 @pytest.mark.real_model
@@ -226,35 +280,39 @@ def test_kl_reference_is_the_policy_the_run_starts_from(tmp_path, smollm2_gguf, 
     the bare base does not. Without a warm start, LoRA keeps the base as reference (no copy)."""
     roles = ("meta_thinking", "reasoning")
     _save_sft_start(tmp_path / "sft", kind, roles)
-    sections = dict(adapter={"kind": kind}, loss={"kl_coef": 1e-2},
-                    model={"init_adapters_from": str(tmp_path / "sft")})
+    sections = dict(adapter={"kind": kind}, loss={"kl_coef": 1e-2}, model={"init_adapters_from": str(tmp_path / "sft")})
     if kind == "shared":
         sections["schedule"] = {"kind": "simultaneous"}
-    trainer = trainer_lib.Trainer(load_train_config(tiny_train_config(**sections)), str(tmp_path / "rl"),
-                                  progress=False)
-    batch = _probe_batch(trainer.model_config.vocab_size)
-    params = {**trainer.state.params, **trainer.constants}
-    bare = trainer_lib.rl.compute_logprobs_fn(
-        None, 1.0, logprobs_fn=trainer._sparse_logprobs(
-            lambda p, role: (p[trainer_lib.SHARED] if kind == "shared" else p[trainer_lib.BASE], None)))
+    trainer = trainer_lib.Trainer(load_train_config(tiny_train_config(**sections)), str(tmp_path / "rl"))
+    batch = rl.as_train_batch(_probe_batch(trainer.model_config.vocab_size))
+    learner = trainer.learner
+    params = learner.params
+    bare = rl.compute_logprobs_fn(
+        None,
+        1.0,
+        logprobs_fn=learner._sparse_logprobs(
+            lambda p, role: (p[layout_lib.SHARED] if kind == "shared" else p[layout_lib.BASE], None)
+        ),
+    )
     bare_params = dict(params)
     if kind == "shared":  # the pre-SFT model
         from rema_jax.training.base_model import build_base_model
-        bare_params[trainer_lib.SHARED] = build_base_model(trainer.config.model)[1]
+
+        bare_params[layout_lib.SHARED] = build_base_model(trainer.config.model)[1]
     for role in roles:
-        old = trainer._logprobs(trainer.logprob_fn, params, role, batch)
-        ref = trainer._logprobs(trainer.ref_logprob_fn, params, role, batch)
+        old = learner.old_logprobs(role, batch)
+        ref = learner.ref_logprobs(role, batch)
         base = np.asarray(bare(bare_params, role, batch))
         np.testing.assert_allclose(ref, old, rtol=0, atol=1e-6)
         assert np.abs(ref - base).max() > 1e-3, role
 
     if kind == "lora":
-        cold = trainer_lib.Trainer(load_train_config(tiny_train_config(loss={"kl_coef": 1e-2})),
-                                   str(tmp_path / "cold"), progress=False)
-        assert set(cold.constants) == {trainer_lib.BASE}  # no reference copy
-        params = {**cold.state.params, **cold.constants}
+        cold = trainer_lib.Trainer(load_train_config(tiny_train_config(loss={"kl_coef": 1e-2})), str(tmp_path / "cold"))
+        assert set(cold.learner.constants) == {layout_lib.BASE}  # no reference copy
+        assert cold.layout.needs_reference  # a KL term, but a fresh LoRA start is the base: no copy
+        params = cold.learner.params
         for role in roles:
-            ref = cold._logprobs(cold.ref_logprob_fn, params, role, batch)
+            ref = cold.learner.ref_logprobs(role, batch)
             np.testing.assert_allclose(ref, np.asarray(bare(params, role, batch)), rtol=0, atol=0)
 
 
@@ -272,20 +330,35 @@ def test_judge_run_trains_and_evaluates_end_to_end(tmp_path, smollm2_gguf):
             for i in range(n):
                 a, b = f"{i + offset + 2}", f"{i + offset + 3}"
                 good_first = i % 2 == 0
-                f.write(json.dumps({"id": f"p{i + offset}", "question": f"What is {i + offset} + 2?",
-                                    "response_A": a if good_first else b, "response_B": b if good_first else a,
-                                    "label": "A>B" if good_first else "B>A"}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "id": f"p{i + offset}",
+                            "question": f"What is {i + offset} + 2?",
+                            "response_A": a if good_first else b,
+                            "response_B": b if good_first else a,
+                            "label": "A>B" if good_first else "B>A",
+                        }
+                    )
+                    + "\n"
+                )
 
     pairs(tmp_path / "train.jsonl", 4, 0)
     pairs(tmp_path / "test.jsonl", 2, 10)
-    cfg = load_train_config(tiny_train_config(
-        rollout={"task": "judge", "num_samples": 2, "max_new_tokens": 4},
-        reward={"kind": "judge"},
-        data={"source": "benchmark", "benchmark": "judgebench", "train_path": str(tmp_path / "train.jsonl"),
-              "test_path": str(tmp_path / "test.jsonl")},
-        loop={"steps": 2, "questions_per_step": 2, "eval_before": True, "eval_every": 1,
-              "eval_questions": 2}))
-    summary = trainer_lib.train(cfg, str(tmp_path / "run"), progress=False)
+    cfg = load_train_config(
+        tiny_train_config(
+            rollout={"task": "judge", "num_samples": 2, "max_new_tokens": 4},
+            reward={"kind": "judge"},
+            data={
+                "source": "benchmark",
+                "benchmark": "judgebench",
+                "train_path": str(tmp_path / "train.jsonl"),
+                "test_path": str(tmp_path / "test.jsonl"),
+            },
+            loop={"steps": 2, "questions_per_step": 2, "eval_before": True, "eval_every": 1, "eval_questions": 2},
+        )
+    )
+    summary = loop_lib.train(cfg, str(tmp_path / "run"), progress=False)
     assert summary["steps"] == 2
     assert 0.0 <= summary["eval_before"] <= 1.0 and 0.0 <= summary["eval_after"] <= 1.0
     records = read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))

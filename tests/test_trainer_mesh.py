@@ -7,6 +7,7 @@ a script (`_worker`): one with a single CPU device (the unchanged single-device 
 random-weight model of `tests/test_trainer.py` and writes its parameters, optimizer state, metrics
 and per-device shard shapes; the tests compare them.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,14 @@ MESHES = [(2, 4, 1)]
 STEPS = 2
 TOL = 1e-6
 # metrics that must be identical: rollouts and rewards do not depend on the layout
-EXACT_METRICS = ("reasoning/reward_mean", "meta_thinking/reward_mean", "train/accuracy",
-                 "reasoning/loss_tokens", "meta_thinking/loss_tokens", "phase/trained")
+EXACT_METRICS = (
+    "reasoning/reward_mean",
+    "meta_thinking/reward_mean",
+    "train/accuracy",
+    "reasoning/loss_tokens",
+    "meta_thinking/loss_tokens",
+    "phase/trained",
+)
 
 
 def _config(mesh):
@@ -32,13 +39,16 @@ def _config(mesh):
 
     from rema_jax.training.config import load_train_config
 
-    return load_train_config(tiny_train_config(
-        schedule={"kind": "alternating", "reasoning_steps": 1, "meta_thinking_steps": 1},
-        # eps 1e-2: AdamW's first step is lr*g/(|g|+eps), so with eps 1e-8 a gradient entry of ~1e-7 turns
-        # fp32 summation-order noise (~1e-8: a sharded reduction adds in another order) into percent-level
-        # differences of that entry's step; eps bounds d(param)/d(g) by lr/eps = 3 (cf. test_sharding_mesh8.py).
-        optimizer={"eps": 1e-2},
-        mesh=dict(zip(("data", "fsdp", "tensor"), mesh)) if mesh else {}))
+    return load_train_config(
+        tiny_train_config(
+            schedule={"kind": "alternating", "reasoning_steps": 1, "meta_thinking_steps": 1},
+            # eps 1e-2: AdamW's first step is lr*g/(|g|+eps), so with eps 1e-8 a gradient entry of ~1e-7 turns
+            # fp32 summation-order noise (~1e-8: a sharded reduction adds in another order) into percent-level
+            # differences of that entry's step; eps bounds d(param)/d(g) by lr/eps = 3 (cf. test_sharding_mesh8.py).
+            optimizer={"eps": 1e-2},
+            mesh=dict(zip(("data", "fsdp", "tensor"), mesh)) if mesh else {},
+        )
+    )
 
 
 def even_token_reward(exp):
@@ -62,25 +72,29 @@ def _worker(out_dir: str, meshes: list) -> None:
         name = "x".join(map(str, mesh)) if mesh else "single"
         cfg = _config(mesh)
         t0 = time.perf_counter()
-        trainer = trainer_lib.Trainer(cfg, os.path.join(out_dir, name), reward_override=even_token_reward,
-                                      progress=False)
+        trainer = trainer_lib.Trainer(cfg, os.path.join(out_dir, name), reward_override=even_token_reward)
         metrics = [trainer.step() for _ in range(STEPS)]
         flat, _ = jax.tree_util.tree_flatten_with_path(
-            {"params": trainer.state.params, "opt_state": trainer.state.opt_state})
+            {"params": trainer.state.params, "opt_state": trainer.state.opt_state}
+        )
         arrays = {jax.tree_util.keystr(p): np.asarray(x) for p, x in flat}
         np.savez(os.path.join(out_dir, f"{name}.npz"), **arrays)
-        rec = {"mesh": name, "devices": jax.device_count(),
-               "metrics": [{k: v for k, v in m.items() if not k.startswith(("time/", "throughput/"))}
-                           for m in metrics],
-               "memory_peak": trainer.memory_plan.peak_bytes, "seconds": time.perf_counter() - t0}
+        rec = {
+            "mesh": name,
+            "devices": jax.device_count(),
+            "metrics": [{k: v for k, v in m.items() if not k.startswith(("time/", "throughput/"))} for m in metrics],
+            "memory_peak": trainer.memory_plan.peak_bytes,
+            "seconds": time.perf_counter() - t0,
+        }
         if mesh:
-            base_q = trainer.constants["base"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+            base_q = trainer.learner.constants["base"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
             lora = trainer.state.params["reasoning"]["layers_0"]["self_attn"]["q_proj"]
             mu = trainer.state.opt_state["reasoning"][0].mu["layers_0"]["self_attn"]["q_proj"]
             rec["shards"] = {
                 "base_q": list(base_q.addressable_shards[0].data.shape),
-                "base_embed": list(trainer.constants["base"]["embed_tokens"]["embedding"]
-                                   .addressable_shards[0].data.shape),
+                "base_embed": list(
+                    trainer.learner.constants["base"]["embed_tokens"]["embedding"].addressable_shards[0].data.shape
+                ),
                 "lora_a": list(lora["lora_a"].addressable_shards[0].data.shape),
                 "lora_a_mu": list(mu["lora_a"].addressable_shards[0].data.shape),
                 "n_base_q_shards": len(base_q.addressable_shards),
@@ -96,8 +110,13 @@ def _spawn(out_dir, devices: int, meshes: list) -> subprocess.Popen:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.Popen([sys.executable, os.path.abspath(__file__), str(out_dir), json.dumps(meshes)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), str(out_dir), json.dumps(meshes)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -181,9 +200,9 @@ def test_run_that_cannot_fit_is_refused_with_the_breakdown(tmp_path, smollm2_ggu
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from test_trainer import tiny_train_config
 
-    cfg = load_train_config(tiny_train_config(memory={"device_bytes": 2 ** 20}))
+    cfg = load_train_config(tiny_train_config(memory={"device_bytes": 2**20}))
     with pytest.raises(MemoryPlanError, match="needs .* GiB per device") as e:
-        trainer_lib.Trainer(cfg, str(tmp_path), progress=False)
+        trainer_lib.Trainer(cfg, str(tmp_path))
     assert "optimizer state" in str(e.value) and "kv cache" in str(e.value)
 
 

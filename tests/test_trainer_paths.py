@@ -12,6 +12,7 @@
   the sampler's behaviour log-probs and the trainer's recomputed old log-probs agree to ~1e-6,
   checked after an update has moved the sampled policy away from its initialisation.
 """
+
 import copy
 import dataclasses
 import hashlib
@@ -26,6 +27,7 @@ import pytest
 
 from rema_jax import rl
 from rema_jax.rl import agent_step_count, tree_bitwise_equal
+from rema_jax.training import loop as loop_lib
 from rema_jax.training import trainer as trainer_lib
 from rema_jax.training.checkpoint import CheckpointManager
 from rema_jax.training.config import load_train_config
@@ -34,8 +36,7 @@ from rema_jax.training.metrics import read_jsonl
 pytestmark = pytest.mark.real_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = {"num_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
-        "num_kv_heads": 2, "head_dim": 8}
+TINY = {"num_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8}
 GAP_TOL = 1e-5  # mean |behaviour - recomputed| log-prob per sampled token, T = 1, fp32
 _TOKENIZERS = {}
 
@@ -48,8 +49,12 @@ def _compilation_cache(tmp_path_factory):
 
     from rema_jax import compile_cache
 
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_enable_xla_caches", "jax_enable_compilation_cache")
+    keys = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_enable_xla_caches",
+        "jax_enable_compilation_cache",
+    )
     before = {k: getattr(jax.config, k) for k in keys if hasattr(jax.config, k)}
     applied = compile_cache._applied
     compile_cache.enable_compilation_cache(str(tmp_path_factory.mktemp("xla")), min_compile_time_secs=0.0)
@@ -87,8 +92,13 @@ def tiny_config(**sections) -> dict:
     cfg = {
         "model": {"source": "smollm2-135m", "random_init": TINY, "max_cache_len": 272},
         "adapter": {"kind": "lora", "rank": 4, "alpha": 8.0},
-        "rollout": {"mode": "single_turn", "num_samples": 2, "max_new_tokens": 6, "max_prompt_len": 191,
-                    "stop_when_truncated": False},
+        "rollout": {
+            "mode": "single_turn",
+            "num_samples": 2,
+            "max_new_tokens": 6,
+            "max_prompt_len": 191,
+            "stop_when_truncated": False,
+        },
         "reward": {"kind": "paper"},
         "grading": {"timeout_s": 5.0},
         "advantage": {"estimator": "grpo"},
@@ -97,8 +107,7 @@ def tiny_config(**sections) -> dict:
         "update": {"num_mini_batches": 1, "num_micro_batches": 1},
         "schedule": {"kind": "alternating", "reasoning_steps": 2, "meta_thinking_steps": 2},
         "data": {"source": "builtin", "levels": [1], "train_per_cell": 4, "test_per_cell": 2},
-        "loop": {"steps": 3, "questions_per_step": 2, "max_seq_len": 198, "eval_questions": 0,
-                 "eval_before": False},
+        "loop": {"steps": 3, "questions_per_step": 2, "max_seq_len": 198, "eval_questions": 0, "eval_before": False},
         "checkpoint": {"every": 1, "keep_last": 3},
     }
     return _merge(cfg, sections)
@@ -133,8 +142,11 @@ def _host(tree):
 
 
 def _files_digest(directory: pathlib.Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _assert_gap_small(metrics, roles):
@@ -172,9 +184,9 @@ def test_nan_step_in_train_keeps_last_checkpoint_and_a_rerun_resumes(tmp_path, m
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(trainer_lib, "Trainer", Recording)
+    monkeypatch.setattr(loop_lib, "Trainer", Recording)
     with pytest.raises(trainer_lib.NonFiniteUpdateError, match=r"checkpoint \(step 2\)"):
-        trainer_lib.train(cfg, str(wd), progress=False, reward_override=nan_on_third_step)
+        loop_lib.train(cfg, str(wd), progress=False, reward_override=nan_on_third_step)
     assert before_step_3["calls"] == [1, 2, 3]
     records = before_step_3["metrics"]
     assert [r["step"] for r in records] == [1, 2]
@@ -184,7 +196,7 @@ def test_nan_step_in_train_keeps_last_checkpoint_and_a_rerun_resumes(tmp_path, m
 
     (failed,) = made
     assert failed.step_index == 2
-    restored, meta = CheckpointManager(str(ckpts)).restore(2, failed._checkpoint_state())
+    restored, meta = CheckpointManager(str(ckpts)).restore(2, failed.learner.checkpoint_tree())
     assert meta["step"] == 2
     assert tree_bitwise_equal(_host(failed.state.params), _host(restored["params"]))
     assert tree_bitwise_equal(_host(failed.state.opt_state), _host(restored["opt_state"]))
@@ -194,7 +206,7 @@ def test_nan_step_in_train_keeps_last_checkpoint_and_a_rerun_resumes(tmp_path, m
     assert read_jsonl(str(wd / "metrics.jsonl")) == records
 
     made.clear()
-    resumed = trainer_lib.train(cfg, str(wd), progress=False, reward_override=alternating_rewards)
+    resumed = loop_lib.train(cfg, str(wd), progress=False, reward_override=alternating_rewards)
     assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 3
     after = read_jsonl(str(wd / "metrics.jsonl"))
     assert [r["step"] for r in after] == [1, 2, 3] and after[:2] == records
@@ -226,11 +238,13 @@ def test_train_writes_heldout_evals_before_every_and_after(tmp_path, monkeypatch
         return [GradeResult(correct=c) for c in next(verdicts)]
 
     monkeypatch.setattr(math_grading, "grade_batch", fake_grade_batch)
-    cfg = load_train_config(tiny_config(loop={"steps": 2, "eval_every": 1, "eval_questions": 2,
-                                              "eval_before": True},
-                                        checkpoint={"every": 2}))
+    cfg = load_train_config(
+        tiny_config(
+            loop={"steps": 2, "eval_every": 1, "eval_questions": 2, "eval_before": True}, checkpoint={"every": 2}
+        )
+    )
     wd = tmp_path / "run"
-    summary = trainer_lib.train(cfg, str(wd), progress=False)
+    summary = loop_lib.train(cfg, str(wd), progress=False)
     assert len(calls) == 3
 
     test_tasks = trainer_lib.load_tasks(cfg)[1]
@@ -261,8 +275,16 @@ def test_train_writes_heldout_evals_before_every_and_after(tmp_path, monkeypatch
 
 # ----------------------------------------------------------------------------- shipped setups, shrunk
 
-BUILTIN = {"source": "builtin", "benchmark": None, "train_path": None, "test_path": None,
-           "families": ["arithmetic", "word_problem"], "levels": [1], "train_per_cell": 2, "test_per_cell": 0}
+BUILTIN = {
+    "source": "builtin",
+    "benchmark": None,
+    "train_path": None,
+    "test_path": None,
+    "families": ["arithmetic", "word_problem"],
+    "levels": [1],
+    "train_per_cell": 2,
+    "test_per_cell": 0,
+}
 NO_EVAL = {"eval_questions": 0, "eval_before": False, "eval_every": 0}
 
 
@@ -286,15 +308,19 @@ def _finite_update(metrics, agent):
 
 def test_vrp_rl_baseline_config_steps(tmp_path):
     """configs/vrp_rl_default.py (one ``single`` agent, VRP prompt, GRPO), 2 steps."""
-    cfg = load_train_config(shipped_config(
-        "vrp_rl_default",
-        model={"random_init": TINY, "max_cache_len": 160},
-        rollout={"num_samples": 2, "max_new_tokens": 6, "max_prompt_len": 127},
-        optimizer={"learning_rate": 3e-2},
-        data=BUILTIN, loop={"steps": 2, "questions_per_step": 2, "max_seq_len": 134, **NO_EVAL}))
+    cfg = load_train_config(
+        shipped_config(
+            "vrp_rl_default",
+            model={"random_init": TINY, "max_cache_len": 160},
+            rollout={"num_samples": 2, "max_new_tokens": 6, "max_prompt_len": 127},
+            optimizer={"learning_rate": 3e-2},
+            data=BUILTIN,
+            loop={"steps": 2, "questions_per_step": 2, "max_seq_len": 134, **NO_EVAL},
+        )
+    )
     assert cfg.rollout.mode == "vrp" and cfg.update.num_micro_batches == 2  # the shipped values kept
     capture = Capture()
-    tr = trainer_lib.Trainer(cfg, str(tmp_path), reward_override=capture, progress=False)
+    tr = trainer_lib.Trainer(cfg, str(tmp_path), reward_override=capture)
     assert tr.roles == ("single",) and set(tr.state.params) == {"single"}
     init = _host(tr.state.params)
     m1 = tr.step()
@@ -302,8 +328,7 @@ def test_vrp_rl_baseline_config_steps(tmp_path):
     _finite_update(m1, "single")
     assert m1["single/loss_tokens"] > 0 and "single/pg_loss" in m1
     (exp,) = capture.experiences
-    assert len(exp.trajectories) == 4 and all(
-        [t.role for t in tr_.turns] == ["single"] for tr_ in exp.trajectories)
+    assert len(exp.trajectories) == 4 and all([t.role for t in tr_.turns] == ["single"] for tr_ in exp.trajectories)
     assert set(capture.real_rewards[0]) == {"single"}
     assert set(capture.real_rewards[0]["single"].tolist()) <= {1.0, -0.5, -1.0}
     assert not tree_bitwise_equal(init["single"], _host(tr.state.params["single"]))
@@ -319,20 +344,40 @@ def test_paper_multi_turn_config_steps(tmp_path):
     multi-turn conversations (GRPO per role, turn-level geometric ratio, 2 mini-batches). Shrunk:
     a tiny fp32 model, 2 rounds of 6 tokens; ``stop_when_truncated`` off so that a 6-token turn
     does not end every conversation after one message and both rounds are trained."""
-    cfg = load_train_config(shipped_config(
-        "paper_multi_turn",
-        model={"source": "smollm2-135m", "random_init": TINY, "dtype": "float32", "param_dtype": None,
-               "max_cache_len": 272},
-        rollout={"num_samples": 2, "max_turns": 2, "max_new_tokens": 6, "max_prompt_len": 255,
-                 "stop_when_truncated": False},
-        loss={"max_turns": 2}, grading={"workers": 1}, optimizer={"learning_rate": 1e-3},
-        update={"num_mini_batches": 2, "num_micro_batches": 1},
-        data=BUILTIN, loop={"steps": 2, "questions_per_step": 2, "max_seq_len": 262, **NO_EVAL}))
+    cfg = load_train_config(
+        shipped_config(
+            "paper_multi_turn",
+            model={
+                "source": "smollm2-135m",
+                "random_init": TINY,
+                "dtype": "float32",
+                "param_dtype": None,
+                "max_cache_len": 272,
+            },
+            rollout={
+                "num_samples": 2,
+                "max_turns": 2,
+                "max_new_tokens": 6,
+                "max_prompt_len": 255,
+                "stop_when_truncated": False,
+            },
+            loss={"max_turns": 2},
+            grading={"workers": 1},
+            optimizer={"learning_rate": 1e-3},
+            update={"num_mini_batches": 2, "num_micro_batches": 1},
+            data=BUILTIN,
+            loop={"steps": 2, "questions_per_step": 2, "max_seq_len": 262, **NO_EVAL},
+        )
+    )
     assert (cfg.adapter.kind, cfg.schedule.kind, cfg.rollout.mode, cfg.reward.kind) == (
-        "shared", "simultaneous", "multi_turn", "multi_turn")
+        "shared",
+        "simultaneous",
+        "multi_turn",
+        "multi_turn",
+    )
     capture = Capture()
-    tr = trainer_lib.Trainer(cfg, str(tmp_path), reward_override=capture, progress=False)
-    assert tr.shared and set(tr.state.params) == {"shared"}
+    tr = trainer_lib.Trainer(cfg, str(tmp_path), reward_override=capture)
+    assert tr.layout.shared and set(tr.state.params) == {"shared"}
     init = _host(tr.state.params["shared"])
     m1 = tr.step()
     assert m1["phase/trained"] == "meta_thinking+reasoning"
@@ -358,40 +403,61 @@ def test_paper_single_turn_config_steps(tmp_path):
     filter at each phase start, REINFORCE++ with the k1 KL to the initial model in the reward.
     Three steps (RA, MTA, RA): the frozen agent stays bit-identical, and the reference log-probs
     equal the policy's at the start and differ once the agent has moved."""
-    cfg = load_train_config(shipped_config(
-        "paper_single_turn",
-        model={"source": "smollm2-135m", "random_init": TINY, "dtype": "float32", "param_dtype": None, "max_cache_len": 272},
-        rollout={"num_samples": 2, "max_new_tokens": 6, "max_prompt_len": 191},
-        grading={"workers": 1}, optimizer={"learning_rate": 1e-3},
-        update={"num_mini_batches": 2, "num_micro_batches": 1},
-        schedule={"reasoning_steps": 1, "meta_thinking_steps": 1},
-        curriculum={"num_samples": 2, "pool_size": 4},
-        data=BUILTIN, loop={"steps": 3, "questions_per_step": 2, "max_seq_len": 198, **NO_EVAL}))
+    cfg = load_train_config(
+        shipped_config(
+            "paper_single_turn",
+            model={
+                "source": "smollm2-135m",
+                "random_init": TINY,
+                "dtype": "float32",
+                "param_dtype": None,
+                "max_cache_len": 272,
+            },
+            rollout={"num_samples": 2, "max_new_tokens": 6, "max_prompt_len": 191},
+            grading={"workers": 1},
+            optimizer={"learning_rate": 1e-3},
+            update={"num_mini_batches": 2, "num_micro_batches": 1},
+            schedule={"reasoning_steps": 1, "meta_thinking_steps": 1},
+            curriculum={"num_samples": 2, "pool_size": 4},
+            data=BUILTIN,
+            loop={"steps": 3, "questions_per_step": 2, "max_seq_len": 198, **NO_EVAL},
+        )
+    )
     assert (cfg.adapter.kind, cfg.advantage.estimator, cfg.curriculum.enabled) == ("full", "reinforce_pp", True)
     assert cfg.advantage.kl_coef > 0
     capture = Capture()
-    tr = trainer_lib.Trainer(cfg, str(tmp_path), reward_override=capture, progress=False)
+    tr = trainer_lib.Trainer(cfg, str(tmp_path), reward_override=capture)
     lp = {"old": [], "ref": []}
 
     def recording(fn, key):
         def wrapped(params, role, batch):
             out = fn(params, role, batch)
-            lp[key].append((role, np.asarray(out), np.asarray(batch["loss_mask"])))
+            lp[key].append((role, np.asarray(out), np.asarray(batch.loss_mask)))
             return out
+
         return wrapped
 
-    tr.logprob_fn = recording(tr.logprob_fn, "old")
-    tr.ref_logprob_fn = recording(tr.ref_logprob_fn, "ref")
+    tr.learner.logprob_fn = recording(tr.learner.logprob_fn, "old")
+    tr.learner.ref_logprob_fn = recording(tr.learner.ref_logprob_fn, "ref")
     updates = []
-    real_update = tr._update
+    real_role_batches = tr._role_batches
 
-    def recording_update(batches, trained_agents):
-        updates.append({r: dict(b) for r, b in batches.items()})
-        return real_update(batches, trained_agents)
+    def recording_role_batches(*args, **kwargs):
+        out = real_role_batches(*args, **kwargs)
+        updates.append(
+            {
+                r: {
+                    **b.sequences.as_dict(),
+                    **{k: getattr(b.train, k) for k in ("advantages", "old_logprobs", "ref_logprobs")},
+                }
+                for r, b in out.items()
+            }
+        )
+        return out
 
-    tr._update = recording_update
+    tr._role_batches = recording_role_batches
     init = _host(tr.state.params)
-    base_leaves = jax.tree.leaves(_host(tr.constants["base"]))
+    base_leaves = jax.tree.leaves(_host(tr.learner.constants["base"]))
     assert all(tree_bitwise_equal(jax.tree.leaves(init[r]), base_leaves) for r in tr.roles)  # full copies
 
     m0 = tr.step()
@@ -416,16 +482,21 @@ def test_paper_single_turn_config_steps(tmp_path):
     for i, (moved) in enumerate((False, False, True)):
         (_, old, mask), (_, ref, _) = lp["old"][i], lp["ref"][i]
         diff = np.abs(old - ref)[mask > 0]
-        if moved:   # step 2: the reasoning agent has moved away from the initial (reference) model
+        if moved:  # step 2: the reasoning agent has moved away from the initial (reference) model
             assert diff.mean() > 1e-4, diff.mean()
-        else:       # the trained agent still is the initial model
+        else:  # the trained agent still is the initial model
             assert diff.max() < 1e-5, diff.max()
     for m, role in ((m0, "reasoning"), (m1, "meta_thinking"), (m2, "reasoning")):
         _assert_gap_small(m, [role])
     # The update got REINFORCE++ advantages with the KL to the reference folded into the reward.
     (b,) = updates[2].values()
-    inputs = dict(rewards_n=b["rewards"], group_ids_n=b["group_ids"], loss_mask_nl=b["loss_mask"],
-                  turn_ids_nl=b["turn_ids"], old_logprobs_nl=b["old_logprobs"])
+    inputs = dict(
+        rewards_n=b["rewards"],
+        group_ids_n=b["group_ids"],
+        loss_mask_nl=b["loss_mask"],
+        turn_ids_nl=b["turn_ids"],
+        old_logprobs_nl=b["old_logprobs"],
+    )
     with_kl = np.asarray(rl.compute_advantages(cfg.advantage, **inputs, ref_logprobs_nl=b["ref_logprobs"]))
     without = np.asarray(rl.compute_advantages(dataclasses.replace(cfg.advantage, kl_coef=0.0), **inputs))
     np.testing.assert_allclose(b["advantages"], with_kl, rtol=1e-6, atol=1e-7)

@@ -1,4 +1,5 @@
 """RL core: advantages, turn-level PPO loss, masked multi-agent optax update (pure JAX)."""
+
 from rema_jax.rl.advantages import (
     AdvantageConfig,
     advantage_estimators,
@@ -12,6 +13,7 @@ from rema_jax.rl.advantages import (
     register_advantage_estimator,
     reinforce_pp_advantages,
 )
+from rema_jax.rl.batch import TrainBatch, as_train_batch
 from rema_jax.rl.losses import (
     AGG_MODES,
     KL_ESTIMATORS,
@@ -33,6 +35,7 @@ from rema_jax.rl.optimizer import (
 from rema_jax.rl.update import (
     RLState,
     UpdateConfig,
+    check_update_batch,
     compute_logprobs_fn,
     init_rl_state,
     make_update_fn,

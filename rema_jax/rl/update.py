@@ -1,16 +1,17 @@
 """One jitted RL update: mini-batches x micro-batches, gradient accumulation, masked step.
 
-`logits_fn(trainable, role, batch) -> logits_btv` is supplied by the caller (the trainer builds it
-from `rema_jax.models.forward`, picking the role's adapter); `role` is a static string and
-`batch` a dict with at least "tokens" [b, L] and "attention_mask" [b, L].
+`logprobs_fn(params, role, batch) -> (logp_bl, entropy_bl)` (or `logits_fn(params, role, batch) ->
+logits_btv`) is supplied by the caller (the learner builds it from `rema_jax.models.forward`, picking
+the role's adapter); `role` is a static string and `batch` a `TrainBatch` with its model fields.
 
-A rollout batch is `{role: {tokens, attention_mask, loss_mask, turn_ids, advantages,
-old_logprobs[, ref_logprobs]}}` with [N_role, L] arrays (Contract 4 + RL fields; other keys are
-ignored). Each role's rows are split into `num_mini_batches` optimizer steps, each into
+A rollout batch is `{role: TrainBatch}` (`rema_jax.rl.batch`; mappings with the same field names are
+accepted) with tokens, attention_mask, loss_mask, turn_ids, advantages, old_logprobs[, ref_logprobs],
+all [N_role, L]. Each role's rows are split into `num_mini_batches` optimizer steps, each into
 `num_micro_batches` accumulation steps (N_role must be divisible by their product). Loss
 denominators are counted over each whole mini-batch across all its roles, so the accumulated
 loss equals the loss of the merged mini-batch (the official shared-weights merge).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,17 +22,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from rema_jax.rl import losses
+from rema_jax.rl.batch import TrainBatch, as_train_batch
 from rema_jax.rl.optimizer import MultiAgentOptimizer, check_trained
 
-LogitsFn = Callable[[Mapping[str, Any], str, Mapping[str, jax.Array]], jax.Array]
-LogprobsFn = Callable[[Mapping[str, Any], str, Mapping[str, jax.Array]], tuple[jax.Array, jax.Array]]
+LogitsFn = Callable[[Mapping[str, Any], str, TrainBatch], jax.Array]
+LogprobsFn = Callable[[Mapping[str, Any], str, TrainBatch], tuple[jax.Array, jax.Array]]
 """`logprobs_fn(params, role, batch) -> (logp_bl, entropy_bl)`, Contract 4 aligned: an alternative
 to `logits_fn` for callers that compute log-probs more cheaply (e.g. only at loss positions with
 `losses.sparse_token_logprobs_and_entropy`)."""
 
 
-def _as_logprobs_fn(logits_fn: LogitsFn | None, logprobs_fn: LogprobsFn | None, temperature: float,
-                    chunk_size: int | None) -> LogprobsFn:
+def _as_logprobs_fn(
+    logits_fn: LogitsFn | None, logprobs_fn: LogprobsFn | None, temperature: float, chunk_size: int | None
+) -> LogprobsFn:
     if (logits_fn is None) == (logprobs_fn is None):
         raise ValueError("pass exactly one of logits_fn and logprobs_fn")
     if logprobs_fn is not None:
@@ -39,14 +42,9 @@ def _as_logprobs_fn(logits_fn: LogitsFn | None, logprobs_fn: LogprobsFn | None, 
 
     def from_logits(params, role, batch):
         logits = logits_fn(params, role, batch)
-        return losses.token_logprobs_and_entropy(logits, batch["tokens"], temperature,
-                                                 chunk_size=chunk_size)
+        return losses.token_logprobs_and_entropy(logits, batch.tokens, temperature, chunk_size=chunk_size)
 
     return from_logits
-
-MODEL_KEYS = ("tokens", "attention_mask", "loss_mask", "turn_ids")
-RL_KEYS = ("advantages", "old_logprobs")
-OPTIONAL_KEYS = ("ref_logprobs",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,22 +73,8 @@ def init_rl_state(params: Mapping[str, Any], optimizer: MultiAgentOptimizer) -> 
     return RLState(params=dict(params), opt_state=optimizer.init(params))
 
 
-def _select(batch: Mapping[str, Any], role: str, need_ref: bool) -> dict:
-    keys = MODEL_KEYS + RL_KEYS + (OPTIONAL_KEYS if need_ref else ())
-    missing = [k for k in keys if k not in batch]
-    if missing:
-        raise ValueError(f"batch for role {role!r} is missing {missing}; has {sorted(batch)}")
-    out = {k: batch[k] for k in keys}
-    shape = np.shape(out["tokens"])
-    for k, v in out.items():
-        if np.shape(v) != shape:
-            raise ValueError(f"batch[{role!r}][{k!r}] has shape {np.shape(v)}, expected {shape} "
-                             "(like 'tokens')")
-    return out
-
-
 def _check_turn_ids(batch: Mapping[str, Any], role: str, max_turns: int):
-    tid, mask = batch["turn_ids"], batch["loss_mask"]
+    tid, mask = batch.turn_ids, batch.loss_mask
     if isinstance(tid, jax.core.Tracer) or isinstance(mask, jax.core.Tracer):
         return
     tid, mask = np.asarray(tid), np.asarray(mask)
@@ -98,7 +82,8 @@ def _check_turn_ids(batch: Mapping[str, Any], role: str, max_turns: int):
     if bad.any():
         raise ValueError(
             f"batch[{role!r}]: {int(bad.sum())} loss tokens have turn_ids outside [0, max_turns="
-            f"{max_turns}) (max seen {int(tid.max())}); raise LossConfig.max_turns")
+            f"{max_turns}) (max seen {int(tid.max())}); raise LossConfig.max_turns"
+        )
 
 
 def _split(x, m: int, u: int):
@@ -117,6 +102,7 @@ _ADDITIVE_OVER_MICRO = ("pg_loss", "loss")
 def _merge_metrics(stacked: dict, *, micro: bool = False) -> dict:
     """Merge metrics over the leading axis: '_max' keys take the max; over micro-batches the
     per-role loss shares add up (``micro=True``); everything else is averaged."""
+
     def merge(k, v):
         if k.endswith("_max"):
             return jnp.max(v)
@@ -127,9 +113,15 @@ def _merge_metrics(stacked: dict, *, micro: bool = False) -> dict:
     return {k: merge(k, v) for k, v in stacked.items()}
 
 
-def make_update_fn(logits_fn: LogitsFn | None, loss_cfg: losses.LossConfig,
-                   optimizer: MultiAgentOptimizer, update_cfg: UpdateConfig = UpdateConfig(),
-                   *, donate_state: bool = False, logprobs_fn: LogprobsFn | None = None):
+def make_update_fn(
+    logits_fn: LogitsFn | None,
+    loss_cfg: losses.LossConfig,
+    optimizer: MultiAgentOptimizer,
+    update_cfg: UpdateConfig = UpdateConfig(),
+    *,
+    donate_state: bool = False,
+    logprobs_fn: LogprobsFn | None = None,
+):
     """Build `update(state, batches, trained) -> (new_state, metrics)`.
 
     `trained` (tuple of agent names, e.g. ("reasoning",) or ("shared",)) is static: one
@@ -144,17 +136,28 @@ def make_update_fn(logits_fn: LogitsFn | None, loss_cfg: losses.LossConfig,
 
     lp_fn = _as_logprobs_fn(logits_fn, logprobs_fn, loss_cfg.temperature, loss_cfg.logprob_chunk_size)
 
-    def role_loss(params, role, mb, norms):
-        logp, ent = lp_fn(params, role, {k: mb[k] for k in MODEL_KEYS})
-        return losses.ppo_loss(logp, mb["old_logprobs"], mb["advantages"], mb["loss_mask"],
-                               mb["turn_ids"], loss_cfg, entropy_bl=ent,
-                               ref_logp_bl=mb.get("ref_logprobs"), normalizers=norms)
+    def role_loss(params, role, mb: TrainBatch, norms):
+        logp, ent = lp_fn(params, role, mb.model_inputs())
+        return losses.ppo_loss(
+            logp,
+            mb.old_logprobs,
+            mb.advantages,
+            mb.loss_mask,
+            mb.turn_ids,
+            loss_cfg,
+            entropy_bl=ent,
+            ref_logp_bl=mb.ref_logprobs,
+            normalizers=norms,
+        )
 
     def core(state: RLState, batches: dict, trained: tuple, constants: dict):
+        # {role: TrainBatch} (mappings accepted, e.g. from the mesh helpers); no ref without a KL term
+        batches = {r: as_train_batch(b) for r, b in batches.items()}
+        if not need_ref:
+            batches = {r: b.replace(ref_logprobs=None) for r, b in batches.items()}
         roles = tuple(sorted(batches))
         frozen = {**constants, **{a: p for a, p in state.params.items() if a not in trained}}
-        split = {r: jax.tree_util.tree_map(lambda x: _split(jnp.asarray(x), m, u), b)
-                 for r, b in batches.items()}
+        split = {r: jax.tree_util.tree_map(lambda x: _split(jnp.asarray(x), m, u), b) for r, b in batches.items()}
 
         def micro_loss(trained_params, micro, norms):
             params = {**frozen, **trained_params}
@@ -172,7 +175,7 @@ def make_update_fn(logits_fn: LogitsFn | None, loss_cfg: losses.LossConfig,
             norms = {"tokens": 0.0, "turns": 0.0, "seqs": 0.0}
             for r in roles:  # denominators over the whole mini-batch, all roles
                 flat = jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), mini[r])
-                n_r = losses.loss_normalizers(flat["loss_mask"], flat["turn_ids"], loss_cfg.max_turns)
+                n_r = losses.loss_normalizers(flat.loss_mask, flat.turn_ids, loss_cfg.max_turns)
                 norms = {k: norms[k] + n_r[k] for k in norms}
             trained_params = {a: params[a] for a in trained}
 
@@ -183,36 +186,40 @@ def make_update_fn(logits_fn: LogitsFn | None, loss_cfg: losses.LossConfig,
                 return (acc_g, acc_loss + loss), met
 
             zeros = jax.tree_util.tree_map(jnp.zeros_like, trained_params)
-            (grads, loss), met = jax.lax.scan(micro_step, (zeros, jnp.zeros((), jnp.float32)),
-                                              mini)  # scans the micro axis of [u, b, L]
+            (grads, loss), met = jax.lax.scan(
+                micro_step, (zeros, jnp.zeros((), jnp.float32)), mini
+            )  # scans the micro axis of [u, b, L]
             new_params, new_opt, step_met = optimizer.step(grads, opt_state, params, trained)
             finite = jnp.isfinite(loss) & jnp.isfinite(step_met["grad_norm"])
             keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
-                lambda a, b: jnp.where(finite, a, b), new, old)
-            params_out = {**params, **keep({a: new_params[a] for a in trained},
-                                           {a: params[a] for a in trained})}
-            opt_out = {**opt_state, **keep({a: new_opt[a] for a in trained},
-                                           {a: opt_state[a] for a in trained})}
+                lambda a, b: jnp.where(finite, a, b), new, old
+            )
+            params_out = {**params, **keep({a: new_params[a] for a in trained}, {a: params[a] for a in trained})}
+            opt_out = {**opt_state, **keep({a: new_opt[a] for a in trained}, {a: opt_state[a] for a in trained})}
             met = _merge_metrics(met, micro=True)
             met.update(loss=loss, finite=finite.astype(jnp.float32), **step_met)
             return (params_out, opt_out), met
 
-        (params, opt_state), mets = jax.lax.scan(mini_step, (state.params, state.opt_state),
-                                                 split)  # scans the mini axis of [m, u, b, L]
+        (params, opt_state), mets = jax.lax.scan(
+            mini_step, (state.params, state.opt_state), split
+        )  # scans the mini axis of [m, u, b, L]
         all_finite = jnp.all(mets["finite"] > 0)
         revert = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
-            lambda a, b: jnp.where(all_finite, a, b), new, old)
-        new_state = RLState(params=revert(params, state.params),
-                            opt_state=revert(opt_state, state.opt_state))
+            lambda a, b: jnp.where(all_finite, a, b), new, old
+        )
+        new_state = RLState(params=revert(params, state.params), opt_state=revert(opt_state, state.opt_state))
         metrics = _merge_metrics({k: v for k, v in mets.items() if k != "finite"})
         metrics["finite"] = all_finite
         return new_state, metrics
 
-    jitted = jax.jit(core, static_argnames=("trained",),
-                     donate_argnums=(0,) if donate_state else ())
+    jitted = jax.jit(core, static_argnames=("trained",), donate_argnums=(0,) if donate_state else ())
 
-    def update(state: RLState, batches: Mapping[str, Mapping[str, Any]],
-               trained: Sequence[str], constants: Mapping[str, Any] | None = None):
+    def update(
+        state: RLState,
+        batches: Mapping[str, TrainBatch | Mapping[str, Any]],
+        trained: Sequence[str],
+        constants: Mapping[str, Any] | None = None,
+    ):
         trained = check_trained(state.params, trained)
         constants = dict(constants or {})
         clash = sorted(set(constants) & set(state.params))
@@ -220,23 +227,38 @@ def make_update_fn(logits_fn: LogitsFn | None, loss_cfg: losses.LossConfig,
             raise ValueError(f"update: constants {clash} clash with agent names in state.params")
         if not batches:
             raise ValueError("update: batches is empty; pass {role: batch}")
-        sel = {}
-        for role, b in batches.items():
-            sel[role] = _select(b, role, need_ref)
-            _check_turn_ids(sel[role], role, loss_cfg.max_turns)
-            n = np.shape(sel[role]["tokens"])[0]
-            if n % (m * u):
-                raise ValueError(f"batch[{role!r}] has {n} rows, not divisible by num_mini_batches"
-                                 f" * num_micro_batches = {m} * {u}")
+        sel = {role: check_update_batch(b, role, loss_cfg, update_cfg) for role, b in batches.items()}
         return jitted(state, sel, trained, constants)
 
     update.jitted = jitted
     return update
 
 
-def compute_logprobs_fn(logits_fn: LogitsFn | None, temperature: float = 1.0, *,
-                        num_micro_batches: int = 1, chunk_size: int | None = None,
-                        logprobs_fn: LogprobsFn | None = None):
+def check_update_batch(
+    batch: TrainBatch | Mapping[str, Any], role: str, loss_cfg: losses.LossConfig, update_cfg: UpdateConfig
+) -> TrainBatch:
+    """The batch an update of ``role`` reads, checked on the host (every path runs this): the RL
+    fields present and ``[N, L]``, ``ref_logprobs`` kept only for a KL term, loss tokens' turn ids in
+    ``[0, max_turns)``, and N divisible by the mini × micro split."""
+    b = as_train_batch(batch).checked(role, rl_fields=True, ref=loss_cfg.kl_coef > 0)
+    _check_turn_ids(b, role, loss_cfg.max_turns)
+    m, u = update_cfg.num_mini_batches, update_cfg.num_micro_batches
+    n = b.shape[0]
+    if n % (m * u):
+        raise ValueError(
+            f"batch[{role!r}] has {n} rows, not divisible by num_mini_batches * num_micro_batches = {m} * {u}"
+        )
+    return b
+
+
+def compute_logprobs_fn(
+    logits_fn: LogitsFn | None,
+    temperature: float = 1.0,
+    *,
+    num_micro_batches: int = 1,
+    chunk_size: int | None = None,
+    logprobs_fn: LogprobsFn | None = None,
+):
     """Jitted `fn(params, role, batch) -> logp_nl [N, L] float32` (0 outside loss_mask).
 
     Used after the rollout to recompute old log-probs under the training graph (and reference
@@ -248,28 +270,35 @@ def compute_logprobs_fn(logits_fn: LogitsFn | None, temperature: float = 1.0, *,
     lp_fn = _as_logprobs_fn(logits_fn, logprobs_fn, temperature, chunk_size)
 
     def core(params, role, batch):
+        batch = as_train_batch(batch).model_inputs()
+
         def one(mb):
             logp, _ = lp_fn(params, role, mb)
-            return logp * (mb["loss_mask"] > 0)
+            return logp * (mb.loss_mask > 0)
 
-        split = jax.tree_util.tree_map(
-            lambda x: x.reshape((num_micro_batches, -1) + x.shape[1:]), batch)
+        split = jax.tree_util.tree_map(lambda x: x.reshape((num_micro_batches, -1) + x.shape[1:]), batch)
         out = jax.lax.map(one, split)
         return out.reshape((-1,) + out.shape[2:])
 
     jitted = jax.jit(core, static_argnums=(1,))
 
-    def fn(params, role: str, batch: Mapping[str, Any]):
-        sel = {k: batch[k] for k in MODEL_KEYS if k in batch}
-        for k in ("tokens", "attention_mask", "loss_mask"):
-            if k not in sel:
-                raise ValueError(f"compute_logprobs: batch for role {role!r} is missing {k!r}")
-        if "turn_ids" not in sel:
-            sel["turn_ids"] = np.where(np.asarray(sel["loss_mask"]) > 0, 0, -1).astype(np.int32)
-        n = np.shape(sel["tokens"])[0]
+    def fn(params, role: str, batch: TrainBatch | Mapping[str, Any]):
+        sel = logprob_inputs(batch, role)
+        n = sel.shape[0]
         if n % num_micro_batches:
             raise ValueError(f"compute_logprobs: {n} rows not divisible by {num_micro_batches}")
         return jitted(params, role, sel)
 
     fn.jitted = jitted
     return fn
+
+
+def logprob_inputs(batch: TrainBatch | Mapping[str, Any], role: str) -> TrainBatch:
+    """The model fields of ``batch`` a log-prob pass reads (``turn_ids`` defaults to 0 on loss tokens)."""
+    try:
+        b = as_train_batch(batch)
+    except ValueError as e:
+        raise ValueError(f"compute_logprobs: batch for role {role!r}: {e}") from None
+    if b.turn_ids is None:
+        b = b.replace(turn_ids=np.where(np.asarray(b.loss_mask) > 0, 0, -1).astype(np.int32))
+    return b.model_inputs().checked(role, rl_fields=False, ref=False)

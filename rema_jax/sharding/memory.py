@@ -8,6 +8,7 @@ do not overlap: rollout (resident state + fused weights + KV cache) and update (
 gradients + activations); the peak is the larger. `check_fits` refuses a plan whose peak exceeds
 the device memory, printing the whole breakdown, instead of letting XLA fail with an OOM later.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,11 +25,10 @@ from rema_jax.models.config import ModelConfig
 from rema_jax.models.layers import ATTENTION_PROJS
 from rema_jax.models.transformer import param_shapes
 from rema_jax.sharding.mesh import mesh_sizes
-from rema_jax.sharding.rules import DEFAULT_RULES, Rules, ShardingPlan, iter_param_specs, shard_shape
+from rema_jax.sharding.rules import CACHE_AXES, DEFAULT_RULES, Rules, ShardingPlan, iter_param_specs, shard_shape
 
-GiB = 1024 ** 3
-# Logical axes of the sampler's cache (`layers.KVCache`, `[B, kv_heads, C, head_dim]`), named as the rules name them.
-KV_CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_seq", "head_dim")
+GiB = 1024**3
+KV_CACHE_AXES = CACHE_AXES  # the sampler's cache (`layers.KVCache`, `[B, kv_heads, C, head_dim]`)
 
 
 class MemoryPlanError(RuntimeError, UserError):
@@ -55,8 +55,11 @@ class MemoryPlan:
         for name, b in self.rows.items():
             lines.append(f"{name:<28}{b / 2**20:>12.1f}{b / GiB:>10.3f}")
         lines.append("-" * 50)
-        for name, b in (("rollout phase total", self.rollout_bytes), ("update phase total", self.update_bytes),
-                        ("peak", self.peak_bytes)):
+        for name, b in (
+            ("rollout phase total", self.rollout_bytes),
+            ("update phase total", self.update_bytes),
+            ("peak", self.peak_bytes),
+        ):
             lines.append(f"{name:<28}{b / 2**20:>12.1f}{b / GiB:>10.3f}")
         if device_memory_bytes:
             lines.append(f"{'device memory':<28}{device_memory_bytes / 2**20:>12.1f}{device_memory_bytes / GiB:>10.3f}")
@@ -64,8 +67,13 @@ class MemoryPlan:
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"rows": dict(self.rows), "rollout_bytes": self.rollout_bytes, "update_bytes": self.update_bytes,
-                "peak_bytes": self.peak_bytes, "mesh": dict(self.mesh)}
+        return {
+            "rows": dict(self.rows),
+            "rollout_bytes": self.rollout_bytes,
+            "update_bytes": self.update_bytes,
+            "peak_bytes": self.peak_bytes,
+            "mesh": dict(self.mesh),
+        }
 
 
 def _itemsize(dtype: Any) -> int:
@@ -79,8 +87,9 @@ def _tree_bytes(rows: Sequence[tuple[tuple[str, ...], tuple[int, ...]]], plan: S
     return total
 
 
-def lora_shapes(config: ModelConfig, rank: int, targets: Sequence[str] = ALL_TARGETS
-                ) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+def lora_shapes(
+    config: ModelConfig, rank: int, targets: Sequence[str] = ALL_TARGETS
+) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
     """(path, shape) of every LoRA factor of one agent (Contract 1 adapter layout)."""
     shapes = param_shapes(config)
     out = []
@@ -93,8 +102,7 @@ def lora_shapes(config: ModelConfig, rank: int, targets: Sequence[str] = ALL_TAR
     return out
 
 
-def activation_bytes_per_token(config: ModelConfig, seq_len: int, sizes: dict[str, int],
-                               lora_rank: int = 0) -> float:
+def activation_bytes_per_token(config: ModelConfig, seq_len: int, sizes: dict[str, int], lora_rank: int = 0) -> float:
     """Estimated bytes one training token keeps alive for the backward pass (no rematerialisation).
 
     Per layer, in the compute dtype: the residual input and the two norm outputs plus the post-
@@ -110,16 +118,33 @@ def activation_bytes_per_token(config: ModelConfig, seq_len: int, sizes: dict[st
     tv = t if config.vocab_size % t == 0 else 1
     c = _itemsize(config.compute_dtype)
     hd, nh, nkv = config.head_dim, config.num_heads, config.num_kv_heads
-    per_layer = (4 * config.hidden_size + 7 * lora_rank) * c + (2 * nh * hd / th + 2 * nkv * hd / tkv) * c \
-        + 3 * config.intermediate_size / tf * c + nh * seq_len / th * (c + 4)
+    per_layer = (
+        (4 * config.hidden_size + 7 * lora_rank) * c
+        + (2 * nh * hd / th + 2 * nkv * hd / tkv) * c
+        + 3 * config.intermediate_size / tf * c
+        + nh * seq_len / th * (c + 4)
+    )
     return config.num_layers * per_layer + 3 * config.vocab_size / tv * 4
 
 
-def plan_memory(config: ModelConfig, mesh: Any, *, rules: Rules = DEFAULT_RULES, adapter_kind: str = "lora",
-                lora_rank: int = 8, lora_targets: Sequence[str] = ALL_TARGETS, num_agents: int = 2,
-                optimizer_moments: int = 2, train_batch: int = 8, train_seq: int = 1024,
-                rollout_batch: int = 64, cache_len: int = 2048, fused_copies: int = 2,
-                lora_dtype: str = "float32") -> MemoryPlan:
+def plan_memory(
+    config: ModelConfig,
+    mesh: Any,
+    *,
+    rules: Rules = DEFAULT_RULES,
+    adapter_kind: str = "lora",
+    lora_rank: int = 8,
+    lora_targets: Sequence[str] = ALL_TARGETS,
+    num_agents: int = 2,
+    optimizer_moments: int = 2,
+    train_batch: int = 8,
+    train_seq: int = 1024,
+    rollout_batch: int = 64,
+    cache_len: int = 2048,
+    fused_copies: int = 2,
+    lora_dtype: str = "float32",
+    reference_copy: bool = False,
+) -> MemoryPlan:
     """Per-device memory of a ReMA run on `mesh` (a `Mesh` or a dict of axis sizes).
 
     `adapter_kind`: `lora` (each agent trains LoRA factors in `lora_dtype`), `full` (each agent has
@@ -128,6 +153,9 @@ def plan_memory(config: ModelConfig, mesh: Any, *, rules: Rules = DEFAULT_RULES,
     rows and length of one update micro-batch; `rollout_batch`/`cache_len`: the sampler's KV cache
     (`layers.KVCache` per layer, batch bucket x cache slots, compute dtype);
     `fused_copies`: agents whose decode-ready fused weights the sampler keeps (compute dtype).
+    `reference_copy`: a frozen copy of the starting trainable trees is kept for a KL term
+    (`AgentLayout.copies_reference`): the shared model, or every agent's warm-start adapter.
+    The optimizer state is updated in place (the learner donates it), so it is counted once.
     """
     if adapter_kind not in ("lora", "full", "shared"):
         raise ValueError(f"plan_memory: adapter_kind={adapter_kind!r}; expected 'lora', 'full' or 'shared'")
@@ -153,17 +181,31 @@ def plan_memory(config: ModelConfig, mesh: Any, *, rules: Rules = DEFAULT_RULES,
     kv_b = 2 * config.num_layers * math.prod(cache_block) * _itemsize(layers.kv_cache_dtype(config))
 
     batch_block = shard_shape((train_batch,), plan.batch_spec((train_batch,)), sizes)[0]
-    act_b = int(batch_block * train_seq * activation_bytes_per_token(
-        config, train_seq, sizes, lora_rank if adapter_kind == "lora" else 0))
+    act_b = int(
+        batch_block
+        * train_seq
+        * activation_bytes_per_token(config, train_seq, sizes, lora_rank if adapter_kind == "lora" else 0)
+    )
 
-    rows = {"params (base)": params_b, "adapters": adapters_b, "optimizer state": opt_b,
-            "gradients": grads_b, "sampler fused weights": fused_b, "kv cache": kv_b,
-            "activations (estimate)": act_b}
-    resident = params_b + adapters_b + opt_b
-    notes = (f"{adapter_kind} x{num_agents} agents, {optimizer_moments} optimizer moments per trainable value",
-             f"update micro-batch {train_batch}x{train_seq} ({batch_block} rows/device); rollout batch "
-             f"{rollout_batch}, cache {cache_len}",
-             "rollout = params+adapters+optimizer+fused+kv; update = params+adapters+optimizer+grads+activations")
+    reference_b = trainable_b if reference_copy else 0  # the shared model or the agents' adapters
+    rows = {
+        "params (base)": params_b,
+        "adapters": adapters_b,
+        "reference copy (KL)": reference_b,
+        "optimizer state": opt_b,
+        "gradients": grads_b,
+        "sampler fused weights": fused_b,
+        "kv cache": kv_b,
+        "activations (estimate)": act_b,
+    }
+    resident = params_b + adapters_b + reference_b + opt_b
+    notes = (
+        f"{adapter_kind} x{num_agents} agents, {optimizer_moments} optimizer moments per trainable value",
+        f"update micro-batch {train_batch}x{train_seq} ({batch_block} rows/device); rollout batch "
+        f"{rollout_batch}, cache {cache_len}",
+        "rollout = params+adapters+reference+optimizer+fused+kv; "
+        "update = params+adapters+reference+optimizer+grads+activations",
+    )
     return MemoryPlan(rows, resident + fused_b + kv_b, resident + grads_b + act_b, sizes, notes)
 
 
@@ -193,4 +235,5 @@ def check_fits(plan: MemoryPlan, device_memory: Optional[int], headroom: float =
             f"this configuration needs {plan.peak_bytes / GiB:.2f} GiB per device at its peak but only "
             f"{budget / GiB:.2f} GiB ({headroom:.0%} of {device_memory / GiB:.2f} GiB) is usable; largest item: "
             f"{worst}. Shard more (fsdp/tensor), shrink the batch / cache length, or use LoRA.\n"
-            + plan.table(device_memory))
+            + plan.table(device_memory)
+        )

@@ -10,6 +10,7 @@ A dimension whose size does not divide over its mesh axes is not sharded over th
 axes are dropped until it divides, or the dimension is replicated), with one logged warning per
 (parameter kind, axis) — e.g. SmolLM2's 9 heads on `tensor=4`. A shape is never silently padded.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,7 +21,8 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from rema_jax.errors import UserError
 from rema_jax.models.config import ModelConfig
@@ -58,12 +60,16 @@ DEFAULT_RULES: Rules = (
 
 # Contract-1 projection → logical axes of its kernel [in, out].
 KERNEL_AXES: dict[str, tuple[str, str]] = {
-    "q_proj": ("embed", "q_heads"), "k_proj": ("embed", "kv_heads"), "v_proj": ("embed", "kv_heads"),
+    "q_proj": ("embed", "q_heads"),
+    "k_proj": ("embed", "kv_heads"),
+    "v_proj": ("embed", "kv_heads"),
     "o_proj": ("q_heads", "embed"),
-    "gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp"), "down_proj": ("mlp", "embed"),
+    "gate_proj": ("embed", "mlp"),
+    "up_proj": ("embed", "mlp"),
+    "down_proj": ("mlp", "embed"),
     "lm_head": ("embed", "vocab"),
 }
-CACHE_AXES = ("cache_batch", "cache_seq", "cache_kv_heads", "head_dim")
+CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_seq", "head_dim")  # layers.KVCache: [B, kv, C, hd]
 _HEAD_AXES = ("q_heads", "kv_heads", "cache_kv_heads", "act_heads")
 _warned: set[tuple] = set()
 
@@ -82,8 +88,9 @@ def validate_rules(rules: Rules) -> dict[str, tuple[str, ...]]:
         axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
         unknown = [a for a in axes if a not in MESH_AXES]
         if unknown:
-            raise ShardingRulesError(f"sharding rule {name!r} → {axes}: unknown mesh axes {unknown}; "
-                                     f"mesh axes are {MESH_AXES}")
+            raise ShardingRulesError(
+                f"sharding rule {name!r} → {axes}: unknown mesh axes {unknown}; mesh axes are {MESH_AXES}"
+            )
         if name in out:
             raise ShardingRulesError(f"sharding rules name {name!r} twice")
         out[name] = axes
@@ -92,15 +99,7 @@ def validate_rules(rules: Rules) -> dict[str, tuple[str, ...]]:
 
 def path_keys(path: Sequence[Any]) -> tuple[str, ...]:
     """A jax key path as plain strings (dict keys, attribute names, sequence indices)."""
-    out = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                out.append(str(getattr(k, attr)))
-                break
-        else:
-            out.append(str(k))
-    return tuple(out)
+    return tuple(jax.tree_util.keystr((k,), simple=True) for k in path)
 
 
 def param_logical_axes(keys: Sequence[str], ndim: int) -> Optional[tuple[Optional[str], ...]]:
@@ -141,21 +140,35 @@ def _warn_once(what: str, logical: str, dropped: tuple[str, ...], units: int, si
     key = (re.sub(r"layers_\d+", "layers_*", what), logical, dropped)
     if key not in _warned:
         _warned.add(key)
-        log.warning("sharding: %s dim %r (%d units) does not divide over mesh axes %s (sizes %s); "
-                    "not sharding it over %s", what, logical, units, dropped,
-                    {a: sizes[a] for a in dropped}, dropped)
+        log.warning(
+            "sharding: %s dim %r (%d units) does not divide over mesh axes %s (sizes %s); not sharding it over %s",
+            what,
+            logical,
+            units,
+            dropped,
+            {a: sizes[a] for a in dropped},
+            dropped,
+        )
 
 
-def logical_to_spec(logical_axes: Sequence[Optional[str]], shape: Sequence[int], sizes: dict[str, int],
-                    rules: Rules = DEFAULT_RULES, config: Optional[ModelConfig] = None, what: str = "array") -> P:
+def logical_to_spec(
+    logical_axes: Sequence[Optional[str]],
+    shape: Sequence[int],
+    sizes: dict[str, int],
+    rules: Rules = DEFAULT_RULES,
+    config: Optional[ModelConfig] = None,
+    what: str = "array",
+) -> P:
     """The `PartitionSpec` of an array of `shape` whose dims have `logical_axes`.
 
     Mesh axes of size 1 are left out; a mesh axis already used by an earlier dim is not reused;
     trailing mesh axes are dropped (with a warning) until the dim's units divide their product.
     """
     if len(logical_axes) != len(shape):
-        raise ShardingRulesError(f"{what}: {len(logical_axes)} logical axes {tuple(logical_axes)} for a "
-                                 f"rank-{len(shape)} array {tuple(shape)}")
+        raise ShardingRulesError(
+            f"{what}: {len(logical_axes)} logical axes {tuple(logical_axes)} for a "
+            f"rank-{len(shape)} array {tuple(shape)}"
+        )
     table = validate_rules(rules)
     used: set[str] = set()
     spec = []
@@ -164,15 +177,16 @@ def logical_to_spec(logical_axes: Sequence[Optional[str]], shape: Sequence[int],
             spec.append(None)
             continue
         if logical not in table:
-            raise ShardingRulesError(f"{what}: logical axis {logical!r} has no sharding rule; "
-                                     f"rules define {sorted(table)}")
+            raise ShardingRulesError(
+                f"{what}: logical axis {logical!r} has no sharding rule; rules define {sorted(table)}"
+            )
         axes = tuple(a for a in table[logical] if sizes.get(a, 1) > 1 and a not in used)
         units = _units(logical, int(size), config)
         kept = axes
         while kept and (units % math.prod(sizes[a] for a in kept) or int(size) % math.prod(sizes[a] for a in kept)):
             kept = kept[:-1]
         if kept != axes:
-            _warn_once(what, logical, axes[len(kept):], units, sizes)
+            _warn_once(what, logical, axes[len(kept) :], units, sizes)
         used.update(kept)
         spec.append(None if not kept else (kept[0] if len(kept) == 1 else kept))
     while spec and spec[-1] is None:
@@ -213,8 +227,10 @@ class ShardingPlan:
 
     def _named(self, spec: P) -> NamedSharding:
         if not isinstance(self.mesh, Mesh):
-            raise ShardingRulesError("this ShardingPlan was built from axis sizes, not a Mesh: it can compute "
-                                     "PartitionSpecs (for memory planning) but not shardings")
+            raise ShardingRulesError(
+                "this ShardingPlan was built from axis sizes, not a Mesh: it can compute "
+                "PartitionSpecs (for memory planning) but not shardings"
+            )
         return NamedSharding(self.mesh, spec)
 
     # ------------------------------------------------------------------ specs
@@ -227,8 +243,10 @@ class ShardingPlan:
         axes = param_logical_axes(keys, len(shape))
         if axes is None:
             if len(shape) and self.strict:
-                raise ShardingRulesError(f"{what}: shape {tuple(shape)} is not a known parameter kind "
-                                         "(Contract 1 path suffix); cannot choose its sharding")
+                raise ShardingRulesError(
+                    f"{what}: shape {tuple(shape)} is not a known parameter kind "
+                    "(Contract 1 path suffix); cannot choose its sharding"
+                )
             if len(shape):
                 log.debug("sharding: %s %s is not a known parameter kind; replicated", what, tuple(shape))
             return P()
@@ -243,12 +261,17 @@ class ShardingPlan:
         return self.spec(("batch",) + (None,) * (len(shape) - 1), shape, what)
 
     def cache_specs(self, cache: Any) -> Any:
-        """Specs of a Contract-2 KV cache (a tuple of `{"k","v": [B, max_len, kv_heads, head_dim]}`)."""
+        """Specs of the sampler's KV cache (Contract 2: per layer `layers.KVCache` with k, v of
+        `[B, kv_heads, max_len, head_dim]`)."""
+
         def one(p, x):
             if np.ndim(x) != 4:
-                raise ShardingRulesError(f"KV cache leaf {'/'.join(path_keys(p))} has shape {np.shape(x)}; "
-                                         "Contract 2 expects [B, max_len, kv_heads, head_dim]")
+                raise ShardingRulesError(
+                    f"KV cache leaf {'/'.join(path_keys(p))} has shape {np.shape(x)}; "
+                    "Contract 2 expects [B, kv_heads, max_len, head_dim]"
+                )
             return self.spec(CACHE_AXES, np.shape(x), "kv_cache")
+
         return jax.tree_util.tree_map_with_path(one, cache)
 
     # ------------------------------------------------------------------ shardings
@@ -260,7 +283,8 @@ class ShardingPlan:
 
     def batch_shardings(self, tree: Any) -> Any:
         return jax.tree_util.tree_map_with_path(
-            lambda p, x: self._named(self.batch_spec(np.shape(x), "/".join(path_keys(p)) or "batch")), tree)
+            lambda p, x: self._named(self.batch_spec(np.shape(x), "/".join(path_keys(p)) or "batch")), tree
+        )
 
     def cache_shardings(self, cache: Any) -> Any:
         return jax.tree.map(self._named, self.cache_specs(cache), is_leaf=lambda x: isinstance(x, P))
@@ -299,8 +323,9 @@ def describe(tree: Any, shardings: Any) -> list[tuple[str, tuple[int, ...], str]
 def unknown_leaves(tree: Any) -> list[str]:
     """Paths of non-scalar leaves that no rule recognises (they would be replicated)."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return ["/".join(path_keys(p)) for p, x in flat
-            if np.ndim(x) and param_logical_axes(path_keys(p), np.ndim(x)) is None]
+    return [
+        "/".join(path_keys(p)) for p, x in flat if np.ndim(x) and param_logical_axes(path_keys(p), np.ndim(x)) is None
+    ]
 
 
 def iter_param_specs(shapes: Any, plan: ShardingPlan) -> Iterable[tuple[tuple[str, ...], tuple[int, ...], P]]:

@@ -5,6 +5,7 @@
 and their AdamW states) keeps its rule-given layout across steps, the rollout batch is split over
 `data`×`fsdp`, metrics come back replicated. The inner jit is inlined, so this is one executable.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -14,9 +15,16 @@ import jax
 from rema_jax.sharding.rules import ShardingPlan
 
 
-def shard_update_fn(update_fn: Callable, plan: ShardingPlan, state: Any, batches: Mapping[str, Any],
-                    trained: Sequence[str], constants: Optional[Mapping[str, Any]] = None, *,
-                    donate_state: bool = False):
+def shard_update_fn(
+    update_fn: Callable,
+    plan: ShardingPlan,
+    state: Any,
+    batches: Mapping[str, Any],
+    trained: Sequence[str],
+    constants: Optional[Mapping[str, Any]] = None,
+    *,
+    donate_state: bool = False,
+):
     """`step(state, batches, constants) -> (new_state, metrics)` for one phase (`trained` agents),
     compiled for the shapes of `state`/`batches`/`constants` with the plan's shardings.
 
@@ -30,8 +38,10 @@ def shard_update_fn(update_fn: Callable, plan: ShardingPlan, state: Any, batches
     """
     core = getattr(update_fn, "jitted", None)
     if core is None:
-        raise TypeError("shard_update_fn needs the function returned by rema_jax.rl.make_update_fn "
-                        "(it exposes the jitted core as `.jitted`)")
+        raise TypeError(
+            "shard_update_fn needs the function returned by rema_jax.rl.make_update_fn "
+            "(it exposes the jitted core as `.jitted`)"
+        )
     trained = tuple(trained)
     state_sh = plan.tree_shardings(state)
     batch_sh = plan.batch_shardings(batches)
@@ -40,8 +50,12 @@ def shard_update_fn(update_fn: Callable, plan: ShardingPlan, state: Any, batches
     def step(s, b, c):
         return core(s, b, trained, c)
 
-    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh, const_sh), out_shardings=(state_sh, plan.replicated()),
-                     donate_argnums=(0,) if donate_state else ())
+    jitted = jax.jit(
+        step,
+        in_shardings=(state_sh, batch_sh, const_sh),
+        out_shardings=(state_sh, plan.replicated()),
+        donate_argnums=(0,) if donate_state else (),
+    )
 
     def run(s, b, c=None):
         return jitted(s, b, dict(c or {}))
@@ -50,24 +64,28 @@ def shard_update_fn(update_fn: Callable, plan: ShardingPlan, state: Any, batches
     return run
 
 
-def shard_logprobs_fn(logprobs_fn: Callable, plan: ShardingPlan, params: Any, batch: Mapping[str, Any],
-                      role: str):
+def shard_logprobs_fn(logprobs_fn: Callable, plan: ShardingPlan, params: Any, batch: Mapping[str, Any], role: str):
     """`fn(params, batch) -> logp_nl [N, L]` for one `role`: `rema_jax.rl.compute_logprobs_fn`'s jitted
     core under the mesh, params laid out by the rules, batch rows and the output split over `data`×`fsdp`.
 
-    Compiled for the shapes of `params`/`batch` (pass the placed trees; `batch` holds the Contract-4
-    keys `tokens, attention_mask, loss_mask, turn_ids`).
+    Compiled for the shapes of `params`/`batch` (pass the placed trees; `batch` is a `TrainBatch` with
+    the Contract-4 fields `tokens, attention_mask, loss_mask, turn_ids`).
     """
     core = getattr(logprobs_fn, "jitted", None)
     if core is None:
-        raise TypeError("shard_logprobs_fn needs the function returned by rema_jax.rl.compute_logprobs_fn "
-                        "(it exposes the jitted core as `.jitted`)")
-    if "tokens" not in batch:
-        raise ValueError(f"shard_logprobs_fn: batch for role {role!r} has no 'tokens'; has {sorted(batch)}")
-    out_sh = plan._named(plan.batch_spec(batch["tokens"].shape, f"{role}/logprobs"))
-    jitted = jax.jit(lambda p, b: core(p, role, b), in_shardings=(plan.tree_shardings(params),
-                                                                  plan.batch_shardings(batch)),
-                     out_shardings=out_sh)
+        raise TypeError(
+            "shard_logprobs_fn needs the function returned by rema_jax.rl.compute_logprobs_fn "
+            "(it exposes the jitted core as `.jitted`)"
+        )
+    tokens = batch.tokens if hasattr(batch, "tokens") else batch.get("tokens")
+    if tokens is None:
+        raise ValueError(f"shard_logprobs_fn: batch for role {role!r} has no 'tokens'")
+    out_sh = plan._named(plan.batch_spec(tokens.shape, f"{role}/logprobs"))
+    jitted = jax.jit(
+        lambda p, b: core(p, role, b),
+        in_shardings=(plan.tree_shardings(params), plan.batch_shardings(batch)),
+        out_shardings=out_sh,
+    )
 
     def run(p, b):
         return jitted(p, b)

@@ -1,0 +1,87 @@
+"""The typed batch of one role's rows that the log-prob passes and the RL update read.
+
+Every array field is ``[N, L]`` over the same N rows and L positions, aligned as Contract 4 (docs/
+architecture.md): position t of ``loss_mask``/``turn_ids``/``advantages``/``*_logprobs`` scores token t
+given tokens < t. A ``TrainBatch`` is a pytree (``flax.struct.dataclass``), so it goes through
+``jax.jit``, ``tree_map`` (mini/micro-batch splits) and sharding rules as it is; fields left ``None``
+are absent from the tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import flax
+import jax
+import numpy as np
+
+Array = Any  # jax.Array or np.ndarray (host batches before they are placed)
+
+MODEL_FIELDS = ("tokens", "attention_mask", "loss_mask", "turn_ids")
+RL_FIELDS = ("advantages", "old_logprobs")
+
+
+@flax.struct.dataclass
+class TrainBatch:
+    """One role's rows.
+
+    tokens:         int32   [N, L]  token ids, right-padded
+    attention_mask: int32   [N, L]  1 on real tokens
+    loss_mask:      float32 [N, L]  1 where the token is the role's own output (trained)
+    turn_ids:       int32   [N, L]  the turn of each loss token (0 .. max_turns-1), -1 elsewhere
+    advantages:     float32 [N, L]  per-token advantages (the update only)
+    old_logprobs:   float32 [N, L]  log π_old of each token, 0 outside loss_mask (the update only)
+    ref_logprobs:   float32 [N, L]  log π_ref, when a KL term reads it
+    """
+
+    tokens: Array
+    attention_mask: Array
+    loss_mask: Array
+    turn_ids: Array
+    advantages: Optional[Array] = None
+    old_logprobs: Optional[Array] = None
+    ref_logprobs: Optional[Array] = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(N, L)``."""
+        return tuple(np.shape(self.tokens))
+
+    def model_inputs(self) -> "TrainBatch":
+        """The four fields a forward / log-prob pass reads (the RL fields dropped)."""
+        return self.replace(advantages=None, old_logprobs=None, ref_logprobs=None)
+
+    def checked(self, role: str, *, rl_fields: bool, ref: bool) -> "TrainBatch":
+        """This batch with exactly the fields a pass needs (``ref_logprobs`` dropped when ``ref`` is
+        False), after checking they are present and all ``[N, L]`` like ``tokens``."""
+        need = MODEL_FIELDS + (RL_FIELDS if rl_fields else ()) + (("ref_logprobs",) if ref else ())
+        missing = [k for k in need if getattr(self, k) is None]
+        if missing:
+            have = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+            raise ValueError(f"batch for role {role!r} is missing {missing}; has {have}")
+        out = self.replace(**{f.name: None for f in dataclasses.fields(self) if f.name not in need})
+        for k in need:
+            if np.shape(getattr(out, k)) != self.shape:
+                raise ValueError(
+                    f"batch[{role!r}].{k} has shape {np.shape(getattr(out, k))}, expected {self.shape} (like 'tokens')"
+                )
+        return out
+
+
+def as_train_batch(batch: TrainBatch | Mapping[str, Array]) -> TrainBatch:
+    """A ``TrainBatch`` from itself or from a mapping with its field names (other keys are ignored)."""
+    if isinstance(batch, TrainBatch):
+        return batch
+    names = [f.name for f in dataclasses.fields(TrainBatch)]
+    missing = [k for k in MODEL_FIELDS if k not in batch and k != "turn_ids"]
+    if missing:
+        raise ValueError(f"batch is missing {missing}; has {sorted(batch)}")
+    values = {k: batch[k] for k in names if k in batch}
+    values.setdefault("turn_ids", None)
+    return TrainBatch(**values)
+
+
+def host_rows(batch: TrainBatch) -> TrainBatch:
+    """Every field as a host numpy array of its canonical jax dtype (what the mesh path places)."""
+    return jax.tree.map(lambda v: np.asarray(v, jax.dtypes.canonicalize_dtype(np.asarray(v).dtype)), batch)

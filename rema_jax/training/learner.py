@@ -1,0 +1,170 @@
+"""The learner: the RL state and everything that reads or writes it.
+
+It owns the agents' trainable trees and their AdamW states (``rl.RLState``), the frozen constants
+(base, reference), the optimizer, the old / reference log-prob passes and one jitted update whose
+input state is donated. On one device these are plain ``jax.jit`` functions; with a ``ShardingPlan``
+the same cores are compiled with explicit in/out shardings (``sharding.shard_update_fn`` /
+``shard_logprobs_fn``), once per (phase, shapes). Both paths run the same host-side batch checks
+(``rl.check_update_batch``).
+
+Log-probs are needed at response tokens only, so the passes project to the vocabulary there alone
+(``rl.sparse_token_logprobs_and_entropy`` with ``max_loss_tokens`` gathered positions per row).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from rema_jax import models, rl, sharding
+from rema_jax.rl.batch import TrainBatch, host_rows
+from rema_jax.training.layout import AgentLayout
+
+
+class NonFiniteUpdateError(FloatingPointError):
+    """The loss or a gradient was NaN/inf; the update was not applied (see ``Learner.update``)."""
+
+
+class Learner:
+    """RL state + optimizer + log-prob passes + the update, for one ``AgentLayout``."""
+
+    def __init__(
+        self,
+        config,
+        layout: AgentLayout,
+        model_config,
+        trainable: Mapping[str, Any],
+        constants: Mapping[str, Any],
+        plan: sharding.ShardingPlan | None = None,
+    ):
+        self.config, self.layout, self.model_config, self.plan = config, layout, model_config, plan
+        self.optimizer = rl.MultiAgentOptimizer(config.optimizer)
+        self.state = rl.init_rl_state(trainable, self.optimizer)
+        self.constants = dict(constants)
+        if plan is not None:  # adapters / trained params and their AdamW moments by the rules
+            self.state, self.constants = plan.put(self.state), plan.put(self.constants)
+        rounds = config.rollout.max_turns if config.rollout.mode == "multi_turn" else 1
+        self.max_loss_tokens = min(rounds * (config.rollout.max_new_tokens + 1), config.loop.max_seq_len)
+        micro = config.update.num_micro_batches
+        self.update_fn = rl.make_update_fn(
+            None,
+            config.loss,
+            self.optimizer,
+            config.update,
+            donate_state=True,
+            logprobs_fn=self._sparse_logprobs(layout.policy_view),
+        )
+        self.logprob_fn = rl.compute_logprobs_fn(
+            None,
+            config.loss.temperature,
+            num_micro_batches=micro,
+            logprobs_fn=self._sparse_logprobs(layout.policy_view),
+        )
+        self.ref_logprob_fn = rl.compute_logprobs_fn(
+            None,
+            config.loss.temperature,
+            num_micro_batches=micro,
+            logprobs_fn=self._sparse_logprobs(layout.reference_view),
+        )
+        self._mesh_steps: dict[tuple, Any] = {}
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The agents' trees and the constants: what the policy / reference views read."""
+        return {**self.state.params, **self.constants}
+
+    def _sparse_logprobs(self, view):
+        """``logprobs_fn(params, role, batch)``: the role's policy (``view``) at loss positions only."""
+        temperature, k = self.config.loss.temperature, self.max_loss_tokens
+
+        def logprobs_fn(params, role, batch: TrainBatch):
+            base, adapter = view(params, role)
+
+            def logits_at(pos_bk):
+                return models.forward(
+                    self.model_config,
+                    base,
+                    batch.tokens,
+                    adapter=adapter,
+                    attention_mask=batch.attention_mask,
+                    logits_at_bk=pos_bk,
+                )
+
+            return rl.sparse_token_logprobs_and_entropy(logits_at, batch.tokens, batch.loss_mask, k, temperature)
+
+        return logprobs_fn
+
+    # ------------------------------------------------------------------ log-prob passes
+    def old_logprobs(self, role: str, batch: TrainBatch) -> np.ndarray:
+        """log π_θ ``[N, L]`` of ``role``'s rows under the current agents (0 outside the loss mask)."""
+        return self._logprobs(self.logprob_fn, role, batch)
+
+    def ref_logprobs(self, role: str, batch: TrainBatch) -> np.ndarray:
+        """log π_ref ``[N, L]`` under the reference policy (``AgentLayout.reference_view``)."""
+        return self._logprobs(self.ref_logprob_fn, role, batch)
+
+    def _logprobs(self, fn, role: str, batch: TrainBatch) -> np.ndarray:
+        params = self.params
+        if self.plan is None:
+            return np.asarray(fn(params, role, batch))
+        gb = self._global(rl.update.logprob_inputs(batch, role))
+        key = (id(fn), role, gb.shape)
+        if key not in self._mesh_steps:
+            self._mesh_steps[key] = sharding.shard_logprobs_fn(fn, self.plan, params, gb, role)
+        return _host_values(self._mesh_steps[key](params, gb))
+
+    # ------------------------------------------------------------------ the update
+    def update(self, batches: Mapping[str, TrainBatch], trained_agents: tuple[str, ...]) -> dict[str, float]:
+        """One RL update of ``trained_agents`` on ``batches`` ({role: TrainBatch with RL fields}).
+
+        The frozen agents' trees and optimizer states pass through bit-identical. When the loss or a
+        gradient is not finite, the state is left as it was and ``NonFiniteUpdateError`` is raised.
+        Returns the update's scalar metrics ("<role>/<loss metric>", "loss", "grad_norm", "lr")."""
+        if self.plan is None:
+            new_state, metrics = self.update_fn(self.state, batches, trained_agents, constants=self.constants)
+        else:
+            checked = {r: rl.check_update_batch(b, r, self.config.loss, self.config.update) for r, b in batches.items()}
+            placed = {r: self._global(b) for r, b in checked.items()}
+            key = (trained_agents, tuple((r, b.shape) for r, b in sorted(placed.items())))
+            if key not in self._mesh_steps:
+                self._mesh_steps[key] = sharding.shard_update_fn(
+                    self.update_fn, self.plan, self.state, placed, trained_agents, self.constants, donate_state=True
+                )
+            new_state, metrics = self._mesh_steps[key](self.state, placed, self.constants)
+        self.state = new_state  # the input state was donated; a non-finite update returns it unchanged
+        metrics = jax.device_get(metrics)
+        if not bool(metrics.pop("finite")):
+            raise NonFiniteUpdateError(
+                f"the loss or a gradient is NaN/inf (loss={metrics.get('loss')}, "
+                f"grad_norm={metrics.get('grad_norm')}); the update was not applied"
+            )
+        return {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+    # ------------------------------------------------------------------ mesh plumbing
+    def _global(self, batch: TrainBatch) -> TrainBatch:
+        """This host's rows → global arrays with rows over data × fsdp (the batch spec of the global shape)."""
+        host = host_rows(batch)
+        n_proc = jax.process_count()
+        shapes = jax.tree.map(
+            lambda v: np.broadcast_to(np.zeros((), v.dtype), (v.shape[0] * n_proc,) + v.shape[1:]), host
+        )
+        return sharding.global_batch_from_host(host, self.plan.batch_shardings(shapes))
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_tree(self) -> dict[str, Any]:
+        return {"params": self.state.params, "opt_state": self.state.opt_state}
+
+    def load_checkpoint_tree(self, tree: Mapping[str, Any]) -> None:
+        self.state = rl.RLState(params=tree["params"], opt_state=tree["opt_state"])
+
+
+def _host_values(x: jax.Array) -> np.ndarray:
+    """This host's rows of a global batch-sharded array."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    full = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return full[sharding.host_rows(full.shape[0])]
