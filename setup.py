@@ -1,4 +1,5 @@
 """rema_jax: ReMA (Reinforced Meta-thinking Agents) in JAX/Flax."""
+
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
@@ -10,19 +11,19 @@ INSTALL_REQUIRES = [
     "transformers>=4.45",
     "safetensors>=0.4",
     "tokenizers>=0.19",
-    "jinja2>=3.1",           # chat templates (apply_chat_template)
-    "gguf>=0.10",            # reading GGUF weights (the embedded default model)
+    "jinja2>=3.1",  # chat templates (apply_chat_template)
+    "gguf>=0.10",  # reading GGUF weights (the embedded default model)
     "huggingface_hub>=0.24",
     "tensorflow-datasets>=4.9",
     "math-verify>=0.7.0",
-    "pebble>=5.0",           # killable worker processes for grading timeouts
+    "pebble>=5.0",  # killable worker processes for grading timeouts
     "ml_collections>=0.1.1",
     "absl-py>=2.0",
     "tqdm>=4.66",
     "rich>=13.0",
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
-    "pyarrow>=14",           # verl parquet task files
+    "pyarrow>=14",  # verl parquet task files
 ]
 
 EXTRAS = {
@@ -30,11 +31,12 @@ EXTRAS = {
     # torch==2.13.0 is a CPU build already on the project's machines.
     "test": [
         "torch==2.13.0",
-        "accelerate>=0.30",   # transformers' GGUF loading
+        "accelerate>=0.30",  # transformers' GGUF loading
         "pytest>=8.0",
         "nbclient>=0.10",
         "nbformat>=5.10",
         "ipykernel>=6.29",
+        "ruff==0.17.6",  # formatting and lint (pyproject.toml; .ci/run checks both); pinned: styles change
     ],
 }
 

@@ -16,6 +16,7 @@ sampler's compile seconds ``time/rollout_compile_s``, and what the cache holds a
     python benchmarks/compile_cache.py --config=configs/rl_from_base.py --set loop.questions_per_step=2
 The last line printed is one JSON object with every figure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,9 +48,15 @@ def cache_stats(directory: str) -> dict:
 
 
 def run_once(args, workdir: str, cache_dir: str, log_path: str) -> dict:
-    cmd = [sys.executable, os.path.join(REPO_ROOT, "launch", "train.py"), f"--config={args.config}",
-           "--config.loop.steps=1", "--config.loop.eval_before=False", f"--workdir={workdir}",
-           f"--compilation_cache={cache_dir}"] + [f"--config.{kv}" for kv in args.set]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO_ROOT, "launch", "train.py"),
+        f"--config={args.config}",
+        "--config.loop.steps=1",
+        "--config.loop.eval_before=False",
+        f"--workdir={workdir}",
+        f"--compilation_cache={cache_dir}",
+    ] + [f"--config.{kv}" for kv in args.set]
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     first_step_s = None
     with open(log_path, "w") as log:
@@ -64,16 +71,20 @@ def run_once(args, workdir: str, cache_dir: str, log_path: str) -> dict:
         sys.exit(f"run failed (exit {proc.returncode}); see {log_path}:\n" + open(log_path).read()[-3000:])
     with open(metrics_path) as f:
         m = json.loads(f.readline())
-    return {"first_step_s": round(first_step_s if first_step_s is not None else wall_s, 2),
-            "process_wall_s": round(wall_s, 2), "step_s": round(m["time/step_s"], 2),
-            "rollout_compile_s": round(m["time/rollout_compile_s"], 2)}
+    return {
+        "first_step_s": round(first_step_s if first_step_s is not None else wall_s, 2),
+        "process_wall_s": round(wall_s, 2),
+        "step_s": round(m["time/step_s"], 2),
+        "rollout_compile_s": round(m["time/rollout_compile_s"], 2),
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/rl_from_base.py")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra --config.KEY=VALUE for both runs")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="extra --config.KEY=VALUE for both runs"
+    )
     p.add_argument("--keep", action="store_true", help="keep the work and cache directories")
     args = p.parse_args()
 
@@ -84,19 +95,27 @@ def main() -> None:
         results[name] = run_once(args, os.path.join(root, name), cache_dir, os.path.join(root, f"{name}.log"))
         if name == "cold":
             results["cache_after_cold"] = cache_stats(cache_dir)
-        print(f"{name}: first step at {results[name]['first_step_s']:.1f}s from process start "
-              f"(step {results[name]['step_s']:.1f}s, sampler compile {results[name]['rollout_compile_s']:.1f}s, "
-              f"process {results[name]['process_wall_s']:.1f}s)", flush=True)
+        print(
+            f"{name}: first step at {results[name]['first_step_s']:.1f}s from process start "
+            f"(step {results[name]['step_s']:.1f}s, sampler compile {results[name]['rollout_compile_s']:.1f}s, "
+            f"process {results[name]['process_wall_s']:.1f}s)",
+            flush=True,
+        )
     cold, warm = results["cold"]["first_step_s"], results["warm"]["first_step_s"]
-    results.update(ratio=round(cold / warm, 2), cpu=cpu_model(), cpus=os.cpu_count(),
-                   config=args.config, overrides=args.set)
+    results.update(
+        ratio=round(cold / warm, 2), cpu=cpu_model(), cpus=os.cpu_count(), config=args.config, overrides=args.set
+    )
     import jax  # only for the versions; the runs above are separate processes
 
     results.update(jax=jax.__version__, backend=os.environ.get("JAX_PLATFORMS") or "default")
-    print(f"cache after the cold run: {results['cache_after_cold']['entries']} entries, "
-          f"{results['cache_after_cold']['bytes'] / 2**20:.1f} MiB")
-    print(f"cold {cold:.1f}s, warm {warm:.1f}s to the end of step 1: {cold / warm:.2f}x ({results['cpu']}, "
-          f"{os.cpu_count()} CPUs)")
+    print(
+        f"cache after the cold run: {results['cache_after_cold']['entries']} entries, "
+        f"{results['cache_after_cold']['bytes'] / 2**20:.1f} MiB"
+    )
+    print(
+        f"cold {cold:.1f}s, warm {warm:.1f}s to the end of step 1: {cold / warm:.2f}x ({results['cpu']}, "
+        f"{os.cpu_count()} CPUs)"
+    )
     if args.keep:
         results["dir"] = root
     else:

@@ -20,6 +20,7 @@ ids (`rollout.prefix_reuse_stats`), and the prefill seconds that share stands fo
 
 The last line printed is one JSON object with everything.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--max_new_tokens", type=int, default=96)
     ap.add_argument("--max_prompt_len", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no_share_prefix", action="store_true",
-                    help="prefill every row's whole prompt (off: the agents' shared system prompt once per call)")
+    ap.add_argument(
+        "--no_share_prefix",
+        action="store_true",
+        help="prefill every row's whole prompt (off: the agents' shared system prompt once per call)",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.questions, args.samples, args.max_turns, args.max_new_tokens = 2, 2, 2, 32
@@ -57,12 +61,21 @@ def main(argv=None) -> dict:
     model = load("smollm2-135m")
     tasks = builtin_split(args.questions, 0, seed=0)[0]
     tasks = [tasks[i * len(tasks) // args.questions] for i in range(args.questions)]  # spread over families
-    cfg = R.RolloutConfig(mode="multi_turn", num_samples=args.samples, max_turns=args.max_turns,
-                          max_new_tokens=args.max_new_tokens, max_prompt_len=args.max_prompt_len,
-                          stop_when_truncated=False, temperature=1.0)
-    sampler = Sampler(model.config, model.tokenizer,
-                      max_cache_len=next_pow2(args.max_prompt_len) + next_pow2(args.max_new_tokens),
-                      share_prefix=not args.no_share_prefix)
+    cfg = R.RolloutConfig(
+        mode="multi_turn",
+        num_samples=args.samples,
+        max_turns=args.max_turns,
+        max_new_tokens=args.max_new_tokens,
+        max_prompt_len=args.max_prompt_len,
+        stop_when_truncated=False,
+        temperature=1.0,
+    )
+    sampler = Sampler(
+        model.config,
+        model.tokenizer,
+        max_cache_len=next_pow2(args.max_prompt_len) + next_pow2(args.max_new_tokens),
+        share_prefix=not args.no_share_prefix,
+    )
     adapters = {role: None for role in cfg.agent_roles}
     encoder = R.ChatEncoder(model.tokenizer)
     questions = [t.question for t in tasks]
@@ -86,27 +99,46 @@ def main(argv=None) -> dict:
     for tr in trajs:
         finish[tr.finish_reason] = finish.get(tr.finish_reason, 0) + 1
     out = {
-        "device": str(jax.devices()[0]), "share_prefix": not args.no_share_prefix, "questions": args.questions, "samples": args.samples,
-        "trajectories": len(trajs), "max_turns": args.max_turns, "max_new_tokens": args.max_new_tokens,
-        "rounds_mean": sum(tr.num_turns for tr in trajs) / len(trajs), "finish_reasons": finish,
-        "warmup_s": round(warm_s, 2), "warmup_compile_s": round(warm.compile_s, 2),
+        "device": str(jax.devices()[0]),
+        "share_prefix": not args.no_share_prefix,
+        "questions": args.questions,
+        "samples": args.samples,
+        "trajectories": len(trajs),
+        "max_turns": args.max_turns,
+        "max_new_tokens": args.max_new_tokens,
+        "rounds_mean": sum(tr.num_turns for tr in trajs) / len(trajs),
+        "finish_reasons": finish,
+        "warmup_s": round(warm_s, 2),
+        "warmup_compile_s": round(warm.compile_s, 2),
         "compile_count": sampler.compile_count,
-        "wall_s": round(wall_s, 3), "kernel_s": round(st.kernel_s, 3), "prefill_s": round(st.prefill_s, 3),
-        "decode_s": round(st.decode_s, 3), "fuse_s": round(st.fuse_s, 3), "compile_s": round(st.compile_s, 3),
-        "python_s": round(python_s, 3), "kernel_share": round(st.kernel_s / wall_s, 4),
-        "sampler_calls": st.calls, "new_tokens": st.new_tokens, "prompt_tokens": st.prompt_tokens,
-        "prefill_slots": st.prefill_slots, "new_tokens_per_s": round(st.new_tokens / wall_s, 1),
+        "wall_s": round(wall_s, 3),
+        "kernel_s": round(st.kernel_s, 3),
+        "prefill_s": round(st.prefill_s, 3),
+        "decode_s": round(st.decode_s, 3),
+        "fuse_s": round(st.fuse_s, 3),
+        "compile_s": round(st.compile_s, 3),
+        "python_s": round(python_s, 3),
+        "kernel_share": round(st.kernel_s / wall_s, 4),
+        "sampler_calls": st.calls,
+        "new_tokens": st.new_tokens,
+        "prompt_tokens": st.prompt_tokens,
+        "prefill_slots": st.prefill_slots,
+        "new_tokens_per_s": round(st.new_tokens / wall_s, 1),
         "reusable_prefix_fraction": round(reuse["reusable_fraction"], 4),
         "prefix_reuse_saving_s_upper_bound": round(reuse_saving_s, 3),
         "prefix_reuse_saving_share_upper_bound": round(reuse_saving_s / wall_s, 4),
     }
-    print(f"rollout of {len(trajs)} trajectories ({out['rounds_mean']:.1f} rounds mean, {st.calls} sampler calls, "
-          f"{st.new_tokens} new tokens): {wall_s:.2f} s; in the kernel {st.kernel_s:.2f} s "
-          f"({100 * out['kernel_share']:.1f}%: prefill {st.prefill_s:.2f}, decode {st.decode_s:.2f}, "
-          f"fuse {st.fuse_s:.2f}), compiling {st.compile_s:.2f} s, Python {python_s:.2f} s")
-    print(f"prefix reuse: {100 * reuse['reusable_fraction']:.0f}% of prompt tokens are the same agent's previous "
-          f"prompt + output; skipping their prefill would save at most {reuse_saving_s:.2f} s "
-          f"({100 * out['prefix_reuse_saving_share_upper_bound']:.1f}% of the rollout)")
+    print(
+        f"rollout of {len(trajs)} trajectories ({out['rounds_mean']:.1f} rounds mean, {st.calls} sampler calls, "
+        f"{st.new_tokens} new tokens): {wall_s:.2f} s; in the kernel {st.kernel_s:.2f} s "
+        f"({100 * out['kernel_share']:.1f}%: prefill {st.prefill_s:.2f}, decode {st.decode_s:.2f}, "
+        f"fuse {st.fuse_s:.2f}), compiling {st.compile_s:.2f} s, Python {python_s:.2f} s"
+    )
+    print(
+        f"prefix reuse: {100 * reuse['reusable_fraction']:.0f}% of prompt tokens are the same agent's previous "
+        f"prompt + output; skipping their prefill would save at most {reuse_saving_s:.2f} s "
+        f"({100 * out['prefix_reuse_saving_share_upper_bound']:.1f}% of the rollout)"
+    )
     print(json.dumps(out))
     return out
 

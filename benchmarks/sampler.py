@@ -13,6 +13,7 @@ JSON object with everything.
     python benchmarks/sampler.py            # batch 1, 8, 32
     python benchmarks/sampler.py --quick    # batch 1 and 8, 32 new tokens, 1 repeat
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,11 @@ import time
 SYSTEM = "You are a helpful assistant."
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-USER = ("Solve the following problem step by step and put the final answer in a box. "
-        "Solve (3t^2+5t+a)(4t^2+bt-2) = 12t^4+26t^3-8t^2-16t+6; find a+b. "
-        "Explain each step of the expansion, compare the coefficients and check the result carefully.")
+USER = (
+    "Solve the following problem step by step and put the final answer in a box. "
+    "Solve (3t^2+5t+a)(4t^2+bt-2) = 12t^4+26t^3-8t^2-16t+6; find a+b. "
+    "Explain each step of the expansion, compare the coefficients and check the result carefully."
+)
 
 
 def _peak_rss_mb() -> float:
@@ -54,8 +57,12 @@ def run_ours(args) -> dict:
     model = load("smollm2-135m")
     load_s = time.perf_counter() - t0
     prompt = _prompt_ids(model.tokenizer, args.prompt_len)
-    sampler = Sampler(model.config, model.tokenizer, max_cache_len=args.prompt_len + args.new_tokens + 64,
-                      share_prefix=args.share_prefix)
+    sampler = Sampler(
+        model.config,
+        model.tokenizer,
+        max_cache_len=args.prompt_len + args.new_tokens + 64,
+        share_prefix=args.share_prefix,
+    )
     sp = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, ignore_eos=True)
     out = {"load_s": round(load_s, 2), "device": str(jax.devices()[0]), "batches": {}}
     for b in args.batches:
@@ -73,10 +80,14 @@ def run_ours(args) -> dict:
             cpus.append(time.process_time() - cpu0)
         med = statistics.median(times)
         out["batches"][str(b)] = {
-            "tokens_per_s": round(b * args.new_tokens / med, 2), "median_s": round(med, 4),
+            "tokens_per_s": round(b * args.new_tokens / med, 2),
+            "median_s": round(med, 4),
             "median_cpu_s": round(statistics.median(cpus), 4),
-            "times_s": [round(t, 4) for t in times], "first_call_s": round(first_s, 2),
-            "compile_s": round(sampler.compile_seconds - c0, 2), "compiles": sampler.compile_count - n0}
+            "times_s": [round(t, 4) for t in times],
+            "first_call_s": round(first_s, 2),
+            "compile_s": round(sampler.compile_seconds - c0, 2),
+            "compiles": sampler.compile_count - n0,
+        }
         print(f"[ours] batch {b}: {out['batches'][str(b)]}", file=sys.stderr, flush=True)
     out["compile_count"] = sampler.compile_count
     out["compile_s"] = round(sampler.compile_seconds, 2)
@@ -99,8 +110,15 @@ def run_hf(args) -> dict:
     load_s = time.perf_counter() - t0
     prompt = _prompt_ids(tok, args.prompt_len)
     out = {"load_s": round(load_s, 2), "torch_threads": torch.get_num_threads(), "batches": {}}
-    kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.new_tokens,
-              min_new_tokens=args.new_tokens, pad_token_id=tok.eos_token_id)
+    kw = dict(
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        pad_token_id=tok.eos_token_id,
+    )
     for b in args.batches:
         ids = torch.tensor([prompt] * b, dtype=torch.long)
         mask = torch.ones_like(ids)
@@ -115,9 +133,12 @@ def run_hf(args) -> dict:
                 cpus.append(time.process_time() - c0)
         assert res.shape[1] == args.prompt_len + args.new_tokens
         med = statistics.median(times)
-        out["batches"][str(b)] = {"tokens_per_s": round(b * args.new_tokens / med, 2), "median_s": round(med, 4),
-                                  "median_cpu_s": round(statistics.median(cpus), 4),
-                                  "times_s": [round(t, 4) for t in times]}
+        out["batches"][str(b)] = {
+            "tokens_per_s": round(b * args.new_tokens / med, 2),
+            "median_s": round(med, 4),
+            "median_cpu_s": round(statistics.median(cpus), 4),
+            "times_s": [round(t, 4) for t in times],
+        }
         print(f"[hf] batch {b}: {out['batches'][str(b)]}", file=sys.stderr, flush=True)
     out["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     return out
@@ -138,8 +159,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--torch-threads", type=int, default=2)
     ap.add_argument("--skip-hf", action="store_true", help="only measure our sampler")
-    ap.add_argument("--share-prefix", action="store_true",
-                    help="let our sampler prefill the (identical) prompts once (off: a per-row kernel comparison)")
+    ap.add_argument(
+        "--share-prefix",
+        action="store_true",
+        help="let our sampler prefill the (identical) prompts once (off: a per-row kernel comparison)",
+    )
     ap.add_argument("--side", choices=("ours", "hf"), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.batches = [int(b) for b in (args.batches or ("1,8" if args.quick else "1,8,32")).split(",")]
@@ -151,26 +175,48 @@ def main() -> None:
     if args.side == "hf":
         print(json.dumps(run_hf(args)))
         return
-    argv = ["--batches", ",".join(map(str, args.batches)), "--prompt-len", str(args.prompt_len),
-            "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
-            "--torch-threads", str(args.torch_threads)] + (["--share-prefix"] if args.share_prefix else [])
+    argv = [
+        "--batches",
+        ",".join(map(str, args.batches)),
+        "--prompt-len",
+        str(args.prompt_len),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--repeats",
+        str(args.repeats),
+        "--torch-threads",
+        str(args.torch_threads),
+    ] + (["--share-prefix"] if args.share_prefix else [])
     ours = _child("ours", argv)
     hf = None if args.skip_hf else _child("hf", argv)
-    result = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised, fp32)", "prompt_len": args.prompt_len,
-              "new_tokens": args.new_tokens, "temperature": 1.0, "repeats": args.repeats,
-              "share_prefix": args.share_prefix,
-              "ours": ours, "transformers": hf, "ratio": {}, "ratio_cpu_time": {}}
+    result = {
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised, fp32)",
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "temperature": 1.0,
+        "repeats": args.repeats,
+        "share_prefix": args.share_prefix,
+        "ours": ours,
+        "transformers": hf,
+        "ratio": {},
+        "ratio_cpu_time": {},
+    }
     for b in map(str, args.batches):
         ours_tps = ours["batches"][b]["tokens_per_s"]
         hf_tps = hf["batches"][b]["tokens_per_s"] if hf else None
         result["ratio"][b] = round(ours_tps / hf_tps, 2) if hf_tps else None
         # CPU seconds per run: less sensitive to other processes sharing the cores than wall time.
-        result["ratio_cpu_time"][b] = (round(hf["batches"][b]["median_cpu_s"] / ours["batches"][b]["median_cpu_s"], 2)
-                                       if hf else None)
-        print(f"batch {b:>3}: ours {ours_tps:8.1f} tok/s   transformers {hf_tps if hf_tps else float('nan'):8.1f} tok/s"
-              f"   ratio {result['ratio'][b]} (CPU-time ratio {result['ratio_cpu_time'][b]})")
-    print(f"compile: {ours['compile_count']} executables, {ours['compile_s']} s; peak RSS ours "
-          f"{ours['peak_rss_mb']} MB, transformers {hf['peak_rss_mb'] if hf else 'n/a'} MB")
+        result["ratio_cpu_time"][b] = (
+            round(hf["batches"][b]["median_cpu_s"] / ours["batches"][b]["median_cpu_s"], 2) if hf else None
+        )
+        print(
+            f"batch {b:>3}: ours {ours_tps:8.1f} tok/s   transformers {hf_tps if hf_tps else float('nan'):8.1f} tok/s"
+            f"   ratio {result['ratio'][b]} (CPU-time ratio {result['ratio_cpu_time'][b]})"
+        )
+    print(
+        f"compile: {ours['compile_count']} executables, {ours['compile_s']} s; peak RSS ours "
+        f"{ours['peak_rss_mb']} MB, transformers {hf['peak_rss_mb'] if hf else 'n/a'} MB"
+    )
     print(json.dumps(result))
 
 

@@ -14,6 +14,7 @@ Sized for a 2-core CPU (the README quotes the measured time). Writes ``summary.j
 
 RL from the base model without the warm start is ``configs/rl_from_base.py``.
 """
+
 import ml_collections
 
 from configs import rema_from_sft, sft_default  # noqa: F401  (resolved by launch/*.py's sys.path)

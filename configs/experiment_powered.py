@@ -46,14 +46,15 @@ fewer seeds, never fewer held-out questions, and the report says which seeds wer
 prints this estimate (with measured costs once stages have finished). One seed group ≈ 39 min.
 The untrained-model column (VRP, the paper's first Table-1 column) costs ≈ 5 min more: ``--base_eval``.
 """
+
 import ml_collections
 
 from configs import rema_from_sft, sft_default, sft_vrp, vrp_rl_from_sft  # noqa: F401
 
 LEVELS = (1, 2, 3)
-TEST_PER_CELL = 10     # 4 families × 3 levels × 10 = 120 held-out questions (30 per family)
+TEST_PER_CELL = 10  # 4 families × 3 levels × 10 = 120 held-out questions (30 per family)
 RL_STEPS = 6
-PHASE_STEPS = 3        # RA phase (steps 0-2), then MTA phase (steps 3-5)
+PHASE_STEPS = 3  # RA phase (steps 0-2), then MTA phase (steps 3-5)
 
 
 def _split(section):

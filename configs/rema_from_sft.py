@@ -11,6 +11,7 @@ measured ways:
     python launch/train.py --config=configs/rema_from_sft.py --workdir=runs/rema_from_sft \
         --config.model.init_adapters_from=runs/sft/adapters
 """
+
 import ml_collections
 
 from configs import rl_from_base  # noqa: F401  (resolved by launch/*.py's sys.path)

@@ -4,6 +4,7 @@ configs/sft_default.py's reasoning agent, under the VRP prompt (question → sol
 
     python launch/sft.py --config=configs/sft_vrp.py --workdir=runs/sft_vrp
 """
+
 import ml_collections
 
 from configs import sft_default  # noqa: F401  (resolved by launch/*.py's sys.path)

@@ -4,6 +4,7 @@ budget, learning rate and turn length as configs/rema_from_sft.py, so the two co
     python launch/train.py --config=configs/vrp_rl_from_sft.py --workdir=runs/vrp_rl_from_sft \
         --config.model.init_adapters_from=runs/sft_vrp/adapters
 """
+
 import ml_collections
 
 from configs import rema_from_sft, vrp_rl_default  # noqa: F401

@@ -5,6 +5,7 @@
 
 Writes <workdir>/samples/<mode>/<benchmark>.jsonl (resumable), summary.json and table.md.
 """
+
 import os
 import sys
 
@@ -21,11 +22,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumes from 
 
 
 def main(argv):
-  del argv
-  summary = runner.run(_CONFIG.value, _WORKDIR.value)
-  print(summary["table"])
-  logging.info("wrote %s", os.path.join(_WORKDIR.value, "summary.json"))
+    del argv
+    summary = runner.run(_CONFIG.value, _WORKDIR.value)
+    print(summary["table"])
+    logging.info("wrote %s", os.path.join(_WORKDIR.value, "summary.json"))
 
 
 if __name__ == "__main__":
-  run_main(main)
+    run_main(main)

@@ -6,6 +6,7 @@ Writes ``adapters/<agent>/`` (load with ``rema_jax.models.load_adapter``; the RL
 from them), ``checkpoints/`` (the RL checkpoint layout), ``metrics.jsonl``, ``loss.png``,
 ``eval_{before,after}.jsonl`` and ``summary.json`` under ``--workdir``.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,6 +30,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     from absl import logging as absl_logging
+
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     from rema_jax.config_utils import ConfigError
     from rema_jax.sft.train import load_sft_config, run_sft
@@ -40,8 +42,12 @@ def main(argv):
     run = run_sft(config, FLAGS.workdir)
     s = run.summary
     keys = ("steps", "wall_s", "eval_before", "eval_after", "adapters", "plot")
-    print(json.dumps({k: s[k] for k in keys if k in s} |
-                     {k: v for k, v in s.items() if k.endswith(("loss_first", "loss_last"))}, indent=2))
+    print(
+        json.dumps(
+            {k: s[k] for k in keys if k in s} | {k: v for k, v in s.items() if k.endswith(("loss_first", "loss_last"))},
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

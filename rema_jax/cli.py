@@ -14,6 +14,7 @@ before any device use (and before ``jax.distributed`` is initialised; enabling i
 Default: ``$REMA_JAX_COMPILATION_CACHE``, else ``~/.cache/rema_jax/xla``. A plain (argparse) entry
 point adds `COMPILATION_CACHE_HELP`'s flag itself and calls `enable_compilation_cache` first thing.
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,8 +45,7 @@ def _unknown_field(error: BaseException) -> str:
         error = error.args[0]
     first, *hints = (str(error.args[0]) if error.args else "").splitlines() or [""]
     name = first.strip("'\"")
-    return ((name if " " in name else f"{name!r} is unknown")
-            + "".join(f". {h.strip()}" for h in hints if h.strip()))
+    return (name if " " in name else f"{name!r} is unknown") + "".join(f". {h.strip()}" for h in hints if h.strip())
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -80,7 +80,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
 COMPILATION_CACHE_HELP = (
     "Persistent XLA compilation cache directory, or 'off'. Default: $REMA_JAX_COMPILATION_CACHE, "
     "else $XDG_CACHE_HOME/rema_jax/xla (~/.cache/rema_jax/xla). A second identical run reuses the "
-    "compiled programs (and, on GPU, the autotuning results).")
+    "compiled programs (and, on GPU, the autotuning results)."
+)
 
 
 def _define_common_flags() -> None:
@@ -140,12 +141,10 @@ def apply_overrides(config, overrides: Sequence[str], flag: str = "override"):
         argv = [flag] + [f"--config.{item}" for item in items]
         values = flags.FlagValues()
         try:
-            config_flags.DEFINE_config_dict("config", config, flag_values=values, lock_config=False,
-                                            sys_argv=argv)
+            config_flags.DEFINE_config_dict("config", config, flag_values=values, lock_config=False, sys_argv=argv)
             values(argv)
         except (AttributeError, KeyError) as e:  # ConfigDict: no such field (with a "Did you mean")
-            raise ConfigError(f"--{flag}={items[-1]}: the config has no field {key!r} "
-                              f"({_unknown_field(e)})") from None
+            raise ConfigError(f"--{flag}={items[-1]}: the config has no field {key!r} ({_unknown_field(e)})") from None
         except (flags.Error, ValueError, TypeError) as e:
             raise ConfigError(f"--{flag}={items[-1]}: {e}") from None
     return config

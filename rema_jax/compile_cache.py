@@ -26,6 +26,7 @@ touches a device itself, so it may also run before ``jax.distributed.initialize`
 switches the directory for the compiles that follow. It never raises: a directory that cannot be
 created or written is a `CompilationCacheWarning` and no cache.
 """
+
 from __future__ import annotations
 
 import os
@@ -83,7 +84,6 @@ def _check_writable(path: str) -> str | None:
 
 def _configure_jax(path: str | None, min_compile_time_secs: float) -> None:
     import jax
-
     from jax._src import compilation_cache as jax_cc  # private: only to drop an initialised cache
 
     def drop_open_cache():  # a cache opened by an earlier compile keeps its old path otherwise
@@ -103,8 +103,9 @@ def _configure_jax(path: str | None, min_compile_time_secs: float) -> None:
     if hasattr(jax.config, "jax_persistent_cache_enable_xla_caches"):  # jax >= 0.4.31
         enabled = jax.config.jax_persistent_cache_enable_xla_caches or ""
         if enabled != "all" and AUTOTUNE_FLAG not in enabled:
-            jax.config.update("jax_persistent_cache_enable_xla_caches",
-                              ",".join(x for x in (enabled, AUTOTUNE_FLAG) if x))
+            jax.config.update(
+                "jax_persistent_cache_enable_xla_caches", ",".join(x for x in (enabled, AUTOTUNE_FLAG) if x)
+            )
         return
     from jax._src import xla_bridge
 
@@ -112,15 +113,19 @@ def _configure_jax(path: str | None, min_compile_time_secs: float) -> None:
     if AUTOTUNE_FLAG in xla_flags:
         return
     if xla_bridge.backends_are_initialized():
-        warnings.warn("the XLA backend is already running: GPU autotuning results are not cached "
-                      "(call enable_compilation_cache before the first device use)",
-                      CompilationCacheWarning, stacklevel=3)
+        warnings.warn(
+            "the XLA backend is already running: GPU autotuning results are not cached "
+            "(call enable_compilation_cache before the first device use)",
+            CompilationCacheWarning,
+            stacklevel=3,
+        )
         return
     os.environ["XLA_FLAGS"] = f"{xla_flags} --{AUTOTUNE_FLAG}={os.path.join(path, AUTOTUNE_FLAG)}".strip()
 
 
-def enable_compilation_cache(directory: str | None = None, *,
-                             min_compile_time_secs: float = MIN_COMPILE_TIME_SECS) -> str | None:
+def enable_compilation_cache(
+    directory: str | None = None, *, min_compile_time_secs: float = MIN_COMPILE_TIME_SECS
+) -> str | None:
     """Points jax's persistent compilation cache at ``directory`` (resolved as the module says).
 
     Returns the directory in use, or None when the cache is off or could not be set up (then a
@@ -134,16 +139,22 @@ def enable_compilation_cache(directory: str | None = None, *,
         if path is not None:
             problem = _check_writable(path)
             if problem is not None:
-                warnings.warn(f"compilation cache {path!r} is not writable ({problem}); running without "
-                              f"a persistent compilation cache (set --compilation_cache or ${ENV_VAR})",
-                              CompilationCacheWarning, stacklevel=2)
+                warnings.warn(
+                    f"compilation cache {path!r} is not writable ({problem}); running without "
+                    f"a persistent compilation cache (set --compilation_cache or ${ENV_VAR})",
+                    CompilationCacheWarning,
+                    stacklevel=2,
+                )
                 path = None
         _configure_jax(path, min_compile_time_secs)
         _applied = path
         return path
     except Exception as e:  # noqa: BLE001 -- a cache problem must never stop a run
-        warnings.warn(f"could not set up the compilation cache ({type(e).__name__}: {e}); running "
-                      "without it", CompilationCacheWarning, stacklevel=2)
+        warnings.warn(
+            f"could not set up the compilation cache ({type(e).__name__}: {e}); running without it",
+            CompilationCacheWarning,
+            stacklevel=2,
+        )
         try:
             import jax
 

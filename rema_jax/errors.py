@@ -6,6 +6,7 @@ subclasses `UserError` as well as its usual built-in base, so callers can still 
 ``ValueError`` etc. The entry points (`rema_jax.cli.run_main`) print a `UserError` as one
 ``error: <message>`` line and exit 2; any other exception keeps its traceback.
 """
+
 from __future__ import annotations
 
 

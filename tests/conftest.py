@@ -1,5 +1,6 @@
 """Shared pytest fixtures: CPU-only JAX by default, full-precision fp32 matmuls, the embedded
 SmolLM2 GGUF, shared data paths."""
+
 import os
 import pathlib
 
@@ -61,12 +62,15 @@ def _session_compilation_cache(tmp_path_factory):
 
     from rema_jax import compile_cache
 
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_enable_xla_caches", "jax_enable_compilation_cache")
+    keys = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_enable_xla_caches",
+        "jax_enable_compilation_cache",
+    )
     before = {k: getattr(jax.config, k) for k in keys if hasattr(jax.config, k)}
     applied = compile_cache._applied
-    compile_cache.enable_compilation_cache(str(tmp_path_factory.mktemp("xla_session")),
-                                           min_compile_time_secs=0.0)
+    compile_cache.enable_compilation_cache(str(tmp_path_factory.mktemp("xla_session")), min_compile_time_secs=0.0)
     yield
     for k, v in before.items():
         jax.config.update(k, v)

@@ -1,4 +1,5 @@
 """Adapters: LoRA identity at init, LoRA == merged weights, full copies, no recompilation."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,8 +21,7 @@ TOKENS = jnp.array([[5, 9, 17, 33, 2, 70]], jnp.int32)
 def _with_random_b(adapter, key):
     leaves, treedef = jax.tree.flatten_with_path(adapter.weights)
     keys = jax.random.split(key, len(leaves))
-    new = [0.1 * jax.random.normal(k, x.shape) if path[-1].key == "lora_b" else x
-           for (path, x), k in zip(leaves, keys)]
+    new = [0.1 * jax.random.normal(k, x.shape) if path[-1].key == "lora_b" else x for (path, x), k in zip(leaves, keys)]
     return adapter.replace(weights=jax.tree.unflatten(treedef, new))
 
 
@@ -36,8 +36,12 @@ def test_lora_at_init_equals_base_exactly(model):
 
 def test_lora_forward_equals_merged_params(model):
     config, params = model
-    adapter = init_adapter(config, params, AdapterConfig("lora", rank=4, alpha=8, targets=("q_proj", "v_proj", "up_proj")),
-                           jax.random.key(1))
+    adapter = init_adapter(
+        config,
+        params,
+        AdapterConfig("lora", rank=4, alpha=8, targets=("q_proj", "v_proj", "up_proj")),
+        jax.random.key(1),
+    )
     adapter = _with_random_b(adapter, jax.random.key(2))
     assert set(adapter.weights["layers_0"]) == {"self_attn", "mlp"}
     lora_logits = forward(config, params, TOKENS, adapter)
@@ -49,9 +53,10 @@ def test_lora_forward_equals_merged_params(model):
     np.testing.assert_array_equal(forward(config, params, TOKENS), base_logits)
 
 
-
-@pytest.mark.parametrize("targets", [("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-                                     ("q_proj", "v_proj", "up_proj")])
+@pytest.mark.parametrize(
+    "targets",
+    [("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), ("q_proj", "v_proj", "up_proj")],
+)
 def test_lora_gradients_equal_merged_params_gradients(model, targets):
     """d loss / d(A, B) through the low-rank path (shared `x @ A` for q/k/v and gate/up, scale folded
     into B) equals the gradient through the merged kernels `W + scale * A @ B`."""
@@ -71,6 +76,7 @@ def test_lora_gradients_equal_merged_params_gradients(model, targets):
     np.testing.assert_allclose(v1, v2, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+
 
 def test_full_adapter_is_a_copy_and_replaces_base(model):
     config, params = model
@@ -116,9 +122,15 @@ def test_adapter_is_pytree_with_static_fields():
     assert jax.tree.unflatten(treedef, leaves).scale == 2.0
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(kind="qlora"), "kind"), (dict(kind="lora", rank=0), "rank"), (dict(kind="lora", alpha=0), "alpha"),
-    (dict(kind="lora", targets=("q_proj", "w_proj")), "w_proj")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(kind="qlora"), "kind"),
+        (dict(kind="lora", rank=0), "rank"),
+        (dict(kind="lora", alpha=0), "alpha"),
+        (dict(kind="lora", targets=("q_proj", "w_proj")), "w_proj"),
+    ],
+)
 def test_adapter_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AdapterConfig(**kwargs)

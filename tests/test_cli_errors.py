@@ -3,6 +3,7 @@
 
 The subprocess tests stop on errors that fire before any model is loaded, so they take seconds.
 """
+
 import importlib
 import pathlib
 import subprocess
@@ -20,9 +21,14 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run(script: str, *args: str, cwd=REPO_ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO_ROOT / "launch" / script), *map(str, args)],
-                          cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "launch" / script), *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"},
+    )
 
 
 def _assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
@@ -37,21 +43,24 @@ def _assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
 
 
 # ------------------------------------------------------------------ the shared base class
-@pytest.mark.parametrize("module,name", [
-    ("rema_jax.config_utils", "ConfigError"),
-    ("rema_jax.models.config", "ModelConfigError"),
-    ("rema_jax.models.config", "CheckpointError"),
-    ("rema_jax.models.hub", "ModelSourceError"),
-    ("rema_jax.tasks.loaders", "BadRecordError"),
-    ("rema_jax.tasks.tfds_loader", "TFDSUnavailableError"),
-    ("rema_jax.sharding.memory", "MemoryPlanError"),
-    ("rema_jax.sharding.mesh", "MeshConfigError"),
-    ("rema_jax.sharding.rules", "ShardingRulesError"),
-    ("rema_jax.sharding.distributed", "DistributedConfigError"),
-    ("rema_jax.sft.worked", "WorkedExampleError"),
-    ("rema_jax.training.trainer", "NonFiniteUpdateError"),
-    ("rema_jax.rewards.math_grading", "GradingError"),
-])
+@pytest.mark.parametrize(
+    "module,name",
+    [
+        ("rema_jax.config_utils", "ConfigError"),
+        ("rema_jax.models.config", "ModelConfigError"),
+        ("rema_jax.models.config", "CheckpointError"),
+        ("rema_jax.models.hub", "ModelSourceError"),
+        ("rema_jax.tasks.loaders", "BadRecordError"),
+        ("rema_jax.tasks.tfds_loader", "TFDSUnavailableError"),
+        ("rema_jax.sharding.memory", "MemoryPlanError"),
+        ("rema_jax.sharding.mesh", "MeshConfigError"),
+        ("rema_jax.sharding.rules", "ShardingRulesError"),
+        ("rema_jax.sharding.distributed", "DistributedConfigError"),
+        ("rema_jax.sft.worked", "WorkedExampleError"),
+        ("rema_jax.training.trainer", "NonFiniteUpdateError"),
+        ("rema_jax.rewards.math_grading", "GradingError"),
+    ],
+)
 def test_user_facing_errors_share_the_base_class(module, name):
     cls = getattr(importlib.import_module(module), name)
     assert issubclass(cls, UserError), cls.__mro__
@@ -82,25 +91,30 @@ def test_run_main_prints_user_errors_and_keeps_other_tracebacks(capsys):
 
 # ------------------------------------------------------------------ item 7: typed overrides
 def _config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({
-        "adapter": {"kind": "lora", "rank": 16, "alpha": 32.0, "targets": ("q_proj", "k_proj")},
-        "model": {"source": "smollm2-135m", "init_adapters_from": ml_collections.config_dict.placeholder(str)},
-        "loop": {"seed": 0, "eval_before": True, "steps": 8},
-        "reward": {"kind": "paper"},
-    })
+    return ml_collections.ConfigDict(
+        {
+            "adapter": {"kind": "lora", "rank": 16, "alpha": 32.0, "targets": ("q_proj", "k_proj")},
+            "model": {"source": "smollm2-135m", "init_adapters_from": ml_collections.config_dict.placeholder(str)},
+            "loop": {"seed": 0, "eval_before": True, "steps": 8},
+            "reward": {"kind": "paper"},
+        }
+    )
 
 
 def test_overrides_parse_by_field_type():
-    c = cli.apply_overrides(_config(), [
-        "adapter.kind=full",                      # strings starting with t/f/n stay strings
-        "model.source=facebook/opt-125m",
-        "reward.kind=none",
-        "model.init_adapters_from=/runs/sft/adapters",
-        "loop.eval_before=false",                 # bool
-        "loop.seed=3",                            # int
-        "adapter.alpha=8",                        # float field: "8" -> 8.0
-        "adapter.rank=4",
-    ])
+    c = cli.apply_overrides(
+        _config(),
+        [
+            "adapter.kind=full",  # strings starting with t/f/n stay strings
+            "model.source=facebook/opt-125m",
+            "reward.kind=none",
+            "model.init_adapters_from=/runs/sft/adapters",
+            "loop.eval_before=false",  # bool
+            "loop.seed=3",  # int
+            "adapter.alpha=8",  # float field: "8" -> 8.0
+            "adapter.rank=4",
+        ],
+    )
     assert c.adapter.kind == "full" and c.model.source == "facebook/opt-125m" and c.reward.kind == "none"
     assert c.model.init_adapters_from == "/runs/sft/adapters"
     assert c.loop.eval_before is False
@@ -109,19 +123,26 @@ def test_overrides_parse_by_field_type():
     assert c.adapter.targets == ("q_proj", "k_proj")  # untouched
     # tuples: a Python literal, or the key repeated (as --config.x does)
     assert cli.apply_overrides(_config(), ["adapter.targets=('q_proj', 'v_proj')"]).adapter.targets == (
-        "q_proj", "v_proj")
-    assert cli.apply_overrides(_config(), ["adapter.targets=o_proj", "adapter.targets=up_proj"]
-                               ).adapter.targets == ("o_proj", "up_proj")
+        "q_proj",
+        "v_proj",
+    )
+    assert cli.apply_overrides(_config(), ["adapter.targets=o_proj", "adapter.targets=up_proj"]).adapter.targets == (
+        "o_proj",
+        "up_proj",
+    )
 
 
-@pytest.mark.parametrize("item,needles", [
-    ("loop.sed=3", ["--override=loop.sed=3", "sed", 'Did you mean "seed"']),
-    ("optim.seed=3", ["--override=optim.seed=3", "optim"]),
-    ("loop.seed=abc", ["--override=loop.seed=abc", "loop.seed", "abc"]),
-    ("loop.eval_before=maybe", ["--override=loop.eval_before=maybe", "loop.eval_before"]),
-    ("adapter.alpha=x", ["--override=adapter.alpha=x", "adapter.alpha"]),
-    ("=3", ["--override==3"]),
-])
+@pytest.mark.parametrize(
+    "item,needles",
+    [
+        ("loop.sed=3", ["--override=loop.sed=3", "sed", 'Did you mean "seed"']),
+        ("optim.seed=3", ["--override=optim.seed=3", "optim"]),
+        ("loop.seed=abc", ["--override=loop.seed=abc", "loop.seed", "abc"]),
+        ("loop.eval_before=maybe", ["--override=loop.eval_before=maybe", "loop.eval_before"]),
+        ("adapter.alpha=x", ["--override=adapter.alpha=x", "adapter.alpha"]),
+        ("=3", ["--override==3"]),
+    ],
+)
 def test_bad_override_names_the_key(item, needles):
     with pytest.raises(ConfigError) as e:
         cli.apply_overrides(_config(), ["loop.steps=2", item])
@@ -138,50 +159,71 @@ def _config_file(tmp_path, body: str) -> pathlib.Path:
 
 
 def test_experiment_overrides_strings_and_rejects_a_bad_key(tmp_path):
-    proc = _run("experiment.py", f"--workdir={tmp_path / 'exp'}", "--nosft",
-                "--override=adapter.kind=full", "--override=model.source=facebook/opt-125m",
-                "--override=loop.sed=3")
+    proc = _run(
+        "experiment.py",
+        f"--workdir={tmp_path / 'exp'}",
+        "--nosft",
+        "--override=adapter.kind=full",
+        "--override=model.source=facebook/opt-125m",
+        "--override=loop.sed=3",
+    )
     _assert_user_error(proc, "--override=loop.sed=3", 'Did you mean "seed"')
     # string overrides reach the run: it stops where the overridden model source is loaded
-    proc = _run("experiment.py", f"--workdir={tmp_path / 'exp'}", "--nosft", "--override=adapter.kind=full",
-                "--override=model.source=/nonexistent/model_dir", "--override=loop.eval_before=false")
+    proc = _run(
+        "experiment.py",
+        f"--workdir={tmp_path / 'exp'}",
+        "--nosft",
+        "--override=adapter.kind=full",
+        "--override=model.source=/nonexistent/model_dir",
+        "--override=loop.eval_before=false",
+    )
     _assert_user_error(proc, "/nonexistent/model_dir")
 
 
 def test_experiment_checks_every_stage_config_before_loading_a_model(tmp_path):
-    proc = _run("experiment.py", f"--workdir={tmp_path / 'exp'}",
-                "--override=adapter.kind=full", "--sft_override=loop.epochz=1")
+    proc = _run(
+        "experiment.py", f"--workdir={tmp_path / 'exp'}", "--override=adapter.kind=full", "--sft_override=loop.epochz=1"
+    )
     _assert_user_error(proc, "--sft_override=loop.epochz=1")
     proc = _run("experiment.py", f"--workdir={tmp_path / 'exp'}", "--nosft", "--override=loop.steps=0")
     _assert_user_error(proc, "run VRP_RL", "config.loop: steps must be >= 1")
 
 
 def test_train_bad_config_and_bad_model_source(tmp_path):
-    cfg = _config_file(tmp_path, """\
+    cfg = _config_file(
+        tmp_path,
+        """\
         import ml_collections
         def get_config():
             return ml_collections.ConfigDict({"loop": {"stepz": 3}})
-        """)
+        """,
+    )
     proc = _run("train.py", f"--config={cfg}", f"--workdir={tmp_path / 'run'}")
     _assert_user_error(proc, str(cfg), "config.loop", "stepz")
 
-    cfg = _config_file(tmp_path, """\
+    cfg = _config_file(
+        tmp_path,
+        """\
         import ml_collections
         def get_config():
             return ml_collections.ConfigDict({
                 "model": {"source": "/nonexistent/model_dir"},
                 "rollout": {"max_prompt_len": 200, "max_new_tokens": 32, "num_samples": 2}})
-        """)
+        """,
+    )
     proc = _run("train.py", f"--config={cfg}", f"--workdir={tmp_path / 'run'}")
     _assert_user_error(proc, "/nonexistent/model_dir")
 
 
 def test_train_bad_command_line_flags(tmp_path):
-    cfg = _config_file(tmp_path, """\
+    cfg = _config_file(
+        tmp_path,
+        """\
         import ml_collections
         def get_config():
             return ml_collections.ConfigDict({"loop": {"steps": 3}})
-        """)
+        """,
+    )
     workdir = f"--workdir={tmp_path / 'run'}"
     proc = _run("train.py", f"--config={cfg}", "--config.loop.stepz=4", workdir)
     _assert_user_error(proc, "--config.loop.stepz=4", "'stepz' is unknown", 'Did you mean "steps"')
@@ -192,11 +234,14 @@ def test_train_bad_command_line_flags(tmp_path):
 
 
 def test_sft_bad_config(tmp_path):
-    cfg = _config_file(tmp_path, """\
+    cfg = _config_file(
+        tmp_path,
+        """\
         import ml_collections
         def get_config():
             return ml_collections.ConfigDict({"loop": {"epochs": "two"}})
-        """)
+        """,
+    )
     proc = _run("sft.py", f"--config={cfg}", f"--workdir={tmp_path / 'run'}")
     _assert_user_error(proc, str(cfg), "loop.epochs")
 

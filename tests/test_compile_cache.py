@@ -5,6 +5,7 @@ The cache is process-wide jax state, so everything that compiles runs in a subpr
 temporary directory; nothing here writes to ~/.cache (conftest turns the cache off for the suite's
 other subprocesses).
 """
+
 import json
 import os
 import pathlib
@@ -51,9 +52,14 @@ def test_off_disables_whichever_source_says_it(off):
 def fresh_module_state(monkeypatch):
     import jax
 
-    before = {k: getattr(jax.config, k) for k in (
-        "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_enable_xla_caches")}
+    before = {
+        k: getattr(jax.config, k)
+        for k in (
+            "jax_compilation_cache_dir",
+            "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_enable_xla_caches",
+        )
+    }
     monkeypatch.setattr(cc, "_applied", cc._UNSET)
     yield
     for k, v in before.items():
@@ -107,11 +113,15 @@ _COMPILE = textwrap.dedent("""
 
 
 def _run_python(code: str, *args: str, env_extra=None) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", cc.ENV_VAR))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", cc.ENV_VAR))
+    }
     env.update({"JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO_ROOT)}, **(env_extra or {}))
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          env=env, cwd=REPO_ROOT, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -151,7 +161,10 @@ _CLI = textwrap.dedent("""
 def test_entry_points_apply_the_flag_before_main_without_starting_a_backend(tmp_path):
     d, from_env = str(tmp_path / "flag"), str(tmp_path / "env")
     assert _run_python(_CLI, f"--compilation_cache={d}") == {
-        "dir": d, "min_compile_s": cc.MIN_COMPILE_TIME_SECS, "backend_started": False}
+        "dir": d,
+        "min_compile_s": cc.MIN_COMPILE_TIME_SECS,
+        "backend_started": False,
+    }
     assert _run_python(_CLI, env_extra={cc.ENV_VAR: from_env})["dir"] == from_env
     assert _run_python(_CLI, f"--compilation_cache={d}", env_extra={cc.ENV_VAR: from_env})["dir"] == d
     assert _run_python(_CLI, "--compilation_cache=off", env_extra={cc.ENV_VAR: from_env})["dir"] is None

@@ -1,4 +1,5 @@
 """The two-level bootstrap (seeds × questions) of rema_jax.eval.stats against known answers."""
+
 import math
 
 import numpy as np
@@ -19,7 +20,7 @@ def test_constant_matrix_has_a_zero_width_interval():
 def test_one_seed_matches_the_binomial_normal_approximation():
     p, q = 0.3, 400
     x = np.zeros(q)
-    x[:int(p * q)] = 1.0
+    x[: int(p * q)] = 1.0
     reps = stats.bootstrap_replicates(x, n_boot=20_000, seed=1)
     se = math.sqrt(p * (1 - p) / q)  # the plug-in bootstrap's standard error, exactly
     assert reps.std() == pytest.approx(se, rel=0.03)

@@ -6,10 +6,12 @@ answer is correct), so every reward is known exactly: the single-turn plan fan-o
 with its \\boxed penalty, the consistency and judge rewards, the multi-turn [FINISH]-masked reward
 and the group ids GRPO groups by. The tokenizer is a tiny byte-level BPE trained in-test.
 """
+
 import re
 
 import numpy as np
 import pytest
+from tiny_tokenizer import chatml_bpe_tokenizer
 
 from rema_jax import rewards as rewards_lib
 from rema_jax import rollout as R
@@ -17,7 +19,6 @@ from rema_jax.rollout import prompts as P
 from rema_jax.sampling import Generation
 from rema_jax.tasks.types import Task, judge_task
 from rema_jax.training import experience as E
-from tiny_tokenizer import chatml_bpe_tokenizer
 
 MTA, RA, SINGLE = P.META_THINKING, P.REASONING, P.SINGLE
 
@@ -67,8 +68,11 @@ def fake_grade(predictions, tasks):
     out = []
     for text, task in zip(predictions, tasks):
         boxed = rewards_lib.extract_boxed(text)
-        out.append(rewards_lib.GradeResult(
-            correct=boxed is not None and re.sub(r"\s", "", boxed) == task.answer, extracted=boxed))
+        out.append(
+            rewards_lib.GradeResult(
+                correct=boxed is not None and re.sub(r"\s", "", boxed) == task.answer, extracted=boxed
+            )
+        )
     return out
 
 
@@ -77,8 +81,7 @@ def no_grading(predictions, tasks):
 
 
 def _tasks(*answers):
-    return [Task(uid=f"q{i}", question=f"What is {a} + 0? (question {i})", answer=a)
-            for i, a in enumerate(answers)]
+    return [Task(uid=f"q{i}", question=f"What is {a} + 0? (question {i})", answer=a) for i, a in enumerate(answers)]
 
 
 def _single_turn(**kw):
@@ -110,24 +113,33 @@ def test_plan_fan_out_block_rewards_and_group_ids(tok, enc):
     plan's reward is the mean correctness of ITS two solutions (−1 when the plan boxes)."""
     tasks = _tasks("3", "5")
     plans = ["Plan 0: add.", "Plan 1: count.", "Plan 2: the answer is \\boxed{5}.", "Plan 3: sum."]
-    solutions = [["So \\boxed{3}.", "So \\boxed{4}."],       # correct, wrong but boxed
-                 ["\\boxed{3}", "It is \\boxed{ 3 }"],       # both correct
-                 ["\\boxed{5}", "\\boxed{5}"],                # both correct, but the plan boxes
-                 ["\\boxed{5}", "It is 5."]]                 # correct, no box
+    solutions = [
+        ["So \\boxed{3}.", "So \\boxed{4}."],  # correct, wrong but boxed
+        ["\\boxed{3}", "It is \\boxed{ 3 }"],  # both correct
+        ["\\boxed{5}", "\\boxed{5}"],  # both correct, but the plan boxes
+        ["\\boxed{5}", "It is 5."],
+    ]  # correct, no box
     pol = ScriptedPolicy(tok, _plan_responder(plans, solutions))
-    exp = E.collect(pol, enc, tasks, _single_turn(num_samples=2), rewards_lib.RewardConfig(kind="paper"),
-                    fake_grade, solutions_per_plan=2)
+    exp = E.collect(
+        pol,
+        enc,
+        tasks,
+        _single_turn(num_samples=2),
+        rewards_lib.RewardConfig(kind="paper"),
+        fake_grade,
+        solutions_per_plan=2,
+    )
 
-    (role, mta_prompts, _), = pol.calls_of(MTA)
-    assert len(mta_prompts) == 4                              # one plan per block, not per row
+    ((role, mta_prompts, _),) = pol.calls_of(MTA)
+    assert len(mta_prompts) == 4  # one plan per block, not per row
     assert mta_prompts[0] == mta_prompts[1] != mta_prompts[2] == mta_prompts[3]
-    (_, ra_prompts, _), = pol.calls_of(RA)
+    ((_, ra_prompts, _),) = pol.calls_of(RA)
     assert len(ra_prompts) == 8
 
     trajs = exp.trajectories
     assert [t.question_index for t in trajs] == [0] * 4 + [1] * 4
     assert [t.sample_index for t in trajs] == [0, 1, 2, 3] * 2
-    for i, tr in enumerate(trajs):                            # row i answers plan i // 2
+    for i, tr in enumerate(trajs):  # row i answers plan i // 2
         assert tr.turns_of(MTA)[0].text == plans[i // 2]
         assert tr.turns_of(MTA)[0].token_ids == trajs[2 * (i // 2)].turns_of(MTA)[0].token_ids
         assert tr.final_answer == solutions[i // 2][i % 2]
@@ -170,11 +182,17 @@ def test_consistency_reward_uses_answer_agreement_not_correctness(tok, enc):
     half unanswered (0) and a boxing plan (−1)."""
     tasks = _tasks("8")
     plans = ["Plan 0: add.", "Plan 1: \\boxed{8}"]
-    solutions = [["\\boxed{7}", "so \\boxed{ 7 }", "\\boxed{8}"],
-                 ["no answer", "still none", "\\boxed{8}"]]
+    solutions = [["\\boxed{7}", "so \\boxed{ 7 }", "\\boxed{8}"], ["no answer", "still none", "\\boxed{8}"]]
     pol = ScriptedPolicy(tok, _plan_responder(plans, solutions))
-    exp = E.collect(pol, enc, tasks, _single_turn(num_samples=2), rewards_lib.RewardConfig(kind="consistency"),
-                    fake_grade, solutions_per_plan=3)
+    exp = E.collect(
+        pol,
+        enc,
+        tasks,
+        _single_turn(num_samples=2),
+        rewards_lib.RewardConfig(kind="consistency"),
+        fake_grade,
+        solutions_per_plan=3,
+    )
     assert len(pol.calls_of(MTA)[0][1]) == 2 and len(pol.calls_of(RA)[0][1]) == 6
     np.testing.assert_allclose(exp.rewards[MTA], [2 / 3, -1.0], rtol=1e-6)
     # the reasoning agent keeps the paper's low-level reward
@@ -183,15 +201,18 @@ def test_consistency_reward_uses_answer_agreement_not_correctness(tok, enc):
 
 
 def test_judge_rewards_from_verdicts_without_the_math_grader(tok, enc):
-    tasks = [judge_task("j0", "Which is right?", "2+2=4", "2+2=5", "A>B"),
-             judge_task("j1", "Which is right?", "3+3=7", "3+3=6", "B>A")]
+    tasks = [
+        judge_task("j0", "Which is right?", "2+2=4", "2+2=5", "A>B"),
+        judge_task("j1", "Which is right?", "3+3=7", "3+3=6", "B>A"),
+    ]
     plans = ["Plan 0: check A.", "Plan 1: check B."]
-    solutions = [["[[A]]", "I pick [[A]]."],  # both right
-                 ["[[B]]", "[[A]] or [[B]]"]]  # right, no single verdict
+    solutions = [
+        ["[[A]]", "I pick [[A]]."],  # both right
+        ["[[B]]", "[[A]] or [[B]]"],
+    ]  # right, no single verdict
     pol = ScriptedPolicy(tok, _plan_responder(plans, solutions))
     cfg = _single_turn(num_samples=1, task="judge")
-    exp = E.collect(pol, enc, tasks, cfg, rewards_lib.RewardConfig(kind="judge"), no_grading,
-                    solutions_per_plan=2)
+    exp = E.collect(pol, enc, tasks, cfg, rewards_lib.RewardConfig(kind="judge"), no_grading, solutions_per_plan=2)
     ra_texts = [tok.decode(p) for p in pol.calls_of(RA)[0][1]]
     assert all("2+2=5" in t for t in ra_texts[:2]) and all("3+3=7" in t for t in ra_texts[2:])
     assert exp.correct == [True, True, True, False]
@@ -216,8 +237,7 @@ def test_multi_turn_reward_needs_finish_and_correctness_for_both_roles(tok, enc)
         return ra[row], "eos"
 
     pol = ScriptedPolicy(tok, answer)
-    cfg = R.RolloutConfig(mode="multi_turn", num_samples=3, max_turns=1, max_new_tokens=64,
-                          max_prompt_len=2048)
+    cfg = R.RolloutConfig(mode="multi_turn", num_samples=3, max_turns=1, max_new_tokens=64, max_prompt_len=2048)
     exp = E.collect(pol, enc, tasks, cfg, rewards_lib.RewardConfig(kind="multi_turn"), fake_grade)
     assert [t.finish_reason for t in exp.trajectories] == ["finished", "finished", "out_of_turns"]
     assert exp.correct == [True, False, True]
@@ -232,8 +252,7 @@ def test_single_agent_low_level_reward_and_groups(tok, enc, mode):
     tasks = _tasks("3", "5")
     answers = ["\\boxed{3}", "\\boxed{2}", "no box", "\\boxed{5}"]
     pol = ScriptedPolicy(tok, lambda role, text, row: (answers[row], "eos"))
-    exp = E.collect(pol, enc, tasks, _single_turn(mode=mode, num_samples=2), rewards_lib.RewardConfig(),
-                    fake_grade)
+    exp = E.collect(pol, enc, tasks, _single_turn(mode=mode, num_samples=2), rewards_lib.RewardConfig(), fake_grade)
     assert set(exp.rewards) == {SINGLE} and [c[0] for c in pol.calls] == [SINGLE]
     np.testing.assert_array_equal(exp.rewards[SINGLE], [1.0, -0.5, -1.0, 1.0])
     np.testing.assert_array_equal(exp.group_ids[SINGLE], [0, 0, 1, 1])
@@ -242,11 +261,18 @@ def test_single_agent_low_level_reward_and_groups(tok, enc, mode):
 def test_sampling_overrides_reach_each_role(tok, enc):
     plans = ["Plan 0: add.", "Plan 1: count."]
     pol = ScriptedPolicy(tok, _plan_responder(plans, [["\\boxed{3}"] * 2, ["\\boxed{3}"] * 2]))
-    E.collect(pol, enc, _tasks("3"), _single_turn(num_samples=2, temperature=0.7),
-              rewards_lib.RewardConfig(), fake_grade, solutions_per_plan=2,
-              sampling_overrides={MTA: {"greedy": True}, RA: {"greedy": False, "temperature": 1.0}})
-    (_, _, mta_sp), = pol.calls_of(MTA)
-    (_, _, ra_sp), = pol.calls_of(RA)
+    E.collect(
+        pol,
+        enc,
+        _tasks("3"),
+        _single_turn(num_samples=2, temperature=0.7),
+        rewards_lib.RewardConfig(),
+        fake_grade,
+        solutions_per_plan=2,
+        sampling_overrides={MTA: {"greedy": True}, RA: {"greedy": False, "temperature": 1.0}},
+    )
+    ((_, _, mta_sp),) = pol.calls_of(MTA)
+    ((_, _, ra_sp),) = pol.calls_of(RA)
     assert mta_sp.greedy and mta_sp.temperature == 0.7
     assert not ra_sp.greedy and ra_sp.temperature == 1.0
 
@@ -255,8 +281,9 @@ def test_collect_errors(tok, enc):
     pol = ScriptedPolicy(tok, lambda role, text, row: ("x", "eos"))
     cfg = R.RolloutConfig(mode="multi_turn", num_samples=2, max_new_tokens=8, max_prompt_len=2048)
     with pytest.raises(ValueError, match="solutions_per_plan=2 only applies to mode 'single_turn'"):
-        E.collect(pol, enc, _tasks("3"), cfg, rewards_lib.RewardConfig(kind="multi_turn"), fake_grade,
-                  solutions_per_plan=2)
+        E.collect(
+            pol, enc, _tasks("3"), cfg, rewards_lib.RewardConfig(kind="multi_turn"), fake_grade, solutions_per_plan=2
+        )
     fanned = E.fan_out_plans(pol, 2)
     with pytest.raises(ValueError, match="prompts inside a block differ"):
         fanned(MTA, [[1, 2], [1, 3]], None)

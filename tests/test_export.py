@@ -1,4 +1,5 @@
 """Export round trips: merged LoRA → HF dir → transformers (logit parity) and → our loader; adapter save/load."""
+
 import json
 
 import jax
@@ -16,19 +17,29 @@ from rema_jax.models.hub import load  # noqa: E402
 from rema_jax.models.testing import random_params, tiny_config  # noqa: E402
 
 TOKENS = np.array([[1, 5, 17, 33, 64, 90, 2, 40]], np.int32)
-CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }} {{ m['content'] }}</s>{% endfor %}"
-                 "{% if add_generation_prompt %}<s>assistant{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }} {{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant{% endif %}"
+)
 
 
 def tiny_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "user": 4, "assistant": 5,
-             **{f"w{i}": i for i in range(6, 128)}}
+    vocab = {
+        "<pad>": 0,
+        "<s>": 1,
+        "</s>": 2,
+        "<unk>": 3,
+        "user": 4,
+        "assistant": 5,
+        **{f"w{i}": i for i in range(6, 128)},
+    }
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                                pad_token="<pad>", unk_token="<unk>")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -41,11 +52,14 @@ def _lora_with_nonzero_b(config, params, key):
     return adapter.replace(weights=jax.tree.unflatten(treedef, new))
 
 
-@pytest.mark.parametrize("overrides", [
-    {},
-    {"family": "qwen2", "attention_bias": True, "tie_word_embeddings": True},
-    {"rope_theta": 500000.0, "rope_scaling": Llama3RopeScaling(8.0, 1.0, 4.0, 8), "eos_token_ids": (2, 3)},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"family": "qwen2", "attention_bias": True, "tie_word_embeddings": True},
+        {"rope_theta": 500000.0, "rope_scaling": Llama3RopeScaling(8.0, 1.0, 4.0, 8), "eos_token_ids": (2, 3)},
+    ],
+)
 def test_export_merged_lora_loads_in_transformers(tmp_path, overrides):
     config = tiny_config(rms_norm_eps=1e-5, **overrides)
     params = random_params(config, jax.random.key(0))
@@ -66,16 +80,23 @@ def test_export_merged_lora_loads_in_transformers(tmp_path, overrides):
     assert reloaded.config == config
     for a, b in zip(jax.tree.leaves(merge_adapter(params, adapter)), jax.tree.leaves(reloaded.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert reloaded.tokenizer.apply_chat_template([{"role": "user", "content": "w7"}], tokenize=False,
-                                                  add_generation_prompt=True) == "<s>user w7</s><s>assistant"
+    assert (
+        reloaded.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "w7"}], tokenize=False, add_generation_prompt=True
+        )
+        == "<s>user w7</s><s>assistant"
+    )
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_save_and_load_adapter_round_trip(tmp_path, kind):
     config = tiny_config()
     params = random_params(config, jax.random.key(0))
-    adapter = (_lora_with_nonzero_b(config, params, jax.random.key(2)) if kind == "lora"
-               else init_adapter(config, params, AdapterConfig("full"), jax.random.key(2)))
+    adapter = (
+        _lora_with_nonzero_b(config, params, jax.random.key(2))
+        if kind == "lora"
+        else init_adapter(config, params, AdapterConfig("full"), jax.random.key(2))
+    )
     got = load_adapter(save_adapter(tmp_path / kind, adapter))
     assert (got.kind, got.scale) == (adapter.kind, adapter.scale)
     assert jax.tree.structure(got) == jax.tree.structure(adapter)

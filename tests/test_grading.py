@@ -4,6 +4,7 @@ The worker-pool tests never depend on machine speed: timeouts are exercised by a
 never returns, real math-verify runs under a timeout far above its cost, and wall-clock limits only
 bound how long a test waits before it fails.
 """
+
 import concurrent.futures
 import os
 import pathlib
@@ -30,18 +31,18 @@ def _pid_grade(prediction, gold):
 
 
 def _hang_or_grade(prediction, gold):
-    """"hang" never returns (only the outer timeout ends it); anything else as `_pid_grade`."""
+    """ "hang" never returns (only the outer timeout ends it); anything else as `_pid_grade`."""
     if prediction == "hang":
         threading.Event().wait()
     return _pid_grade(prediction, gold)
 
 
 def _block_first_time(prediction, gold):
-    """"block:<file>": the first call writes its pid to <file> and blocks until killed; later calls
+    """ "block:<file>": the first call writes its pid to <file> and blocks until killed; later calls
     (the retry) find the file and grade correct. Anything else as `_pid_grade`."""
     if not prediction.startswith("block:"):
         return _pid_grade(prediction, gold)
-    marker = prediction[len("block:"):]
+    marker = prediction[len("block:") :]
     if not os.path.exists(marker):
         with open(marker + ".tmp", "w") as f:
             f.write(str(os.getpid()))
@@ -57,19 +58,20 @@ def _wait_until(cond, what, limit_s=300.0):
             pytest.fail(f"gave up waiting for {what} after {limit_s} s")
         time.sleep(0.05)
 
+
 # (prediction, gold, expected correct) graded in-process with the official metric.
 TRICKY = [
-    ("so \\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}", True),          # \dfrac vs \frac
-    ("\\boxed{0.5}", "\\frac12", True),                            # decimal vs fraction
-    ("The side is \\boxed{5 cm}", "5", True),                       # units dropped
-    ("\\boxed{1,000}", "1000", True),                               # thousands comma
-    ("\\boxed{50\\%}", "50", True),                                 # percentage
-    ("\\boxed{-3}", "-3", True),                                    # negative
-    ("\\boxed{-3}", "3", False),                                    # sign matters
-    ("\\boxed{(0,1]}", "(0,1]", True),                              # interval
-    ("\\boxed{[0,1)}", "(0,1]", False),                             # open/closed ends matter
-    ("the answer is 42", "42", True),                               # no box: last number
-    ("\\boxed{} and the result is 7", "7", True),                   # empty box, number elsewhere
+    ("so \\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}", True),  # \dfrac vs \frac
+    ("\\boxed{0.5}", "\\frac12", True),  # decimal vs fraction
+    ("The side is \\boxed{5 cm}", "5", True),  # units dropped
+    ("\\boxed{1,000}", "1000", True),  # thousands comma
+    ("\\boxed{50\\%}", "50", True),  # percentage
+    ("\\boxed{-3}", "-3", True),  # negative
+    ("\\boxed{-3}", "3", False),  # sign matters
+    ("\\boxed{(0,1]}", "(0,1]", True),  # interval
+    ("\\boxed{[0,1)}", "(0,1]", False),  # open/closed ends matter
+    ("the answer is 42", "42", True),  # no box: last number
+    ("\\boxed{} and the result is 7", "7", True),  # empty box, number elsewhere
     ("I don't know", "3", False),
     ("", "3", False),
     # Multiple boxes: math-verify reads them as a set, so neither box alone matches.
@@ -85,18 +87,21 @@ def test_tricky_cases_in_process(pred, gold, expected):
     assert not r.timed_out and r.error is None
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("\\boxed{3}", "3"),
-    ("a \\boxed{1} b \\boxed{2}", "2"),                    # last wins
-    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),             # nested braces
-    ("\\fbox{x^{2}}", "x^{2}"),
-    ("\\boxed {7}", "7"),
-    ("\\boxed{}", ""),
-    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),                   # escaped braces
-    ("no box here", None),
-    ("\\boxed{unclosed", None),
-    ("\\boxed{1} \\boxed{unclosed", "1"),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("\\boxed{3}", "3"),
+        ("a \\boxed{1} b \\boxed{2}", "2"),  # last wins
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # nested braces
+        ("\\fbox{x^{2}}", "x^{2}"),
+        ("\\boxed {7}", "7"),
+        ("\\boxed{}", ""),
+        ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),  # escaped braces
+        ("no box here", None),
+        ("\\boxed{unclosed", None),
+        ("\\boxed{1} \\boxed{unclosed", "1"),
+    ],
+)
 def test_extract_boxed(text, expected):
     assert mg.extract_boxed(text) == expected
 
@@ -131,10 +136,10 @@ def test_pathological_inputs_score_zero_and_pool_is_reused():
     """Pathological strings score 0 (math-verify's own limits or the outer timeout), never hang."""
     preds = [
         "\\boxed{3}",
-        "\\boxed{" + "{" * 5000 + "1" + "}" * 5000 + "}",        # deeply nested braces
-        "9" * 100000,                                             # huge number, no box
-        "\\boxed{10^{10^{10^{10}}}}",                             # tower exponent
-        "\\boxed{" + "(" * 3000 + "1" + ")" * 3000 + "}",        # deep parentheses
+        "\\boxed{" + "{" * 5000 + "1" + "}" * 5000 + "}",  # deeply nested braces
+        "9" * 100000,  # huge number, no box
+        "\\boxed{10^{10^{10^{10}}}}",  # tower exponent
+        "\\boxed{" + "(" * 3000 + "1" + ")" * 3000 + "}",  # deep parentheses
         "x \\boxed{4}",
     ]
     golds = ["3", "3", "3", "3", "3", "4"]
@@ -192,15 +197,16 @@ def test_pool_that_cannot_grade_raises_grading_error(tmp_path):
     """Workers that die at start-up (a script without a __main__ guard, under spawn): a clear
     GradingError naming the cause, not a batch of zero rewards."""
     script = tmp_path / "unguarded.py"
-    script.write_text(textwrap.dedent(f"""\
+    script.write_text(
+        textwrap.dedent(f"""\
         import sys
         sys.path.insert(0, {str(REPO_ROOT)!r})
         from rema_jax.rewards import math_grading as mg
         grader = mg.MathGrader(mg.GradingConfig(timeout_s={NEVER}, workers=1))
         print("RESULTS", grader.grade_batch(["\\\\boxed{{1}}", "\\\\boxed{{2}}"], ["1", "2"]))
-        """))
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path)
+        """)
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode != 0 and "RESULTS" not in proc.stdout, proc.stdout
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("rema_jax.rewards.math_grading.GradingError: "), proc.stderr[-3000:]

@@ -1,4 +1,5 @@
 """GGUF loader: Q/K un-permutation round trip on a tiny synthetic GGUF, bad files, and the real SmolLM2."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,8 +74,7 @@ def test_round_trip_undoes_qk_permutation_exactly(tmp_path, tiny, tied):
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(got)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     tokens = jnp.array([[3, 9, 27, 81, 100]])
-    np.testing.assert_array_equal(fwd(got_config, got, tokens),
-                                  fwd(got_config, params, tokens))
+    np.testing.assert_array_equal(fwd(got_config, got, tokens), fwd(got_config, params, tokens))
 
 
 def test_qwen2_gguf_is_not_permuted(tmp_path):

@@ -1,4 +1,5 @@
 """HF-directory loader: logit parity with transformers on tiny random checkpoints, and bad-input errors."""
+
 import json
 import pathlib
 
@@ -16,22 +17,44 @@ from rema_jax.models.hf_loader import load_hf_dir  # noqa: E402
 from rema_jax.models.hub import load  # noqa: E402
 
 fwd = jax.jit(forward, static_argnums=0)
-TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+TINY = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 VARIANTS = {
     "llama": ("llama", dict(rope_theta=10000.0)),
     "llama_tied": ("llama", dict(tie_word_embeddings=True)),
-    "llama31_rope": ("llama", dict(rope_theta=500000.0, rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8})),
+    "llama31_rope": (
+        "llama",
+        dict(
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8,
+            },
+        ),
+    ),
     "qwen2": ("qwen2", dict(rope_theta=1000000.0)),
 }
 
 
 def make_hf_model(model_type, seed=0, **overrides):
     """A tiny random transformers model with non-trivial norms/biases (so every tensor matters)."""
-    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[model_type]
+    cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[model_type]
     torch.manual_seed(seed)
     model = cls[1](cls[0](**{**TINY, **overrides})).eval()
     with torch.no_grad():
@@ -81,8 +104,10 @@ def test_left_padded_batch_matches_transformers(tmp_path):
     batch = np.stack([np.concatenate([np.zeros(5, np.int32), short[0]]), TOKENS[0]])
     mask = np.stack([np.r_[np.zeros(5), np.ones(7)], np.ones(12)]).astype(np.int32)
     ours = np.asarray(fwd(config, params, jnp.asarray(batch), attention_mask=jnp.asarray(mask)))
-    err = max(np.abs(ours[0, 5:] - torch_logits(model, short)[0]).max(),
-              np.abs(ours[1] - torch_logits(model, TOKENS)[0]).max())
+    err = max(
+        np.abs(ours[0, 5:] - torch_logits(model, short)[0]).max(),
+        np.abs(ours[1] - torch_logits(model, TOKENS)[0]).max(),
+    )
     print(f"left padding: max |dlogit| = {err:.2e}")
     assert err <= 1e-4
 
@@ -184,13 +209,16 @@ def test_index_names_missing_shard(tmp_path):
         load_hf_dir(directory)
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"model_type": "mistral"}, "'model_type': unsupported model_type 'mistral'"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "unsupported rope type 'yarn'"),
-    ({"hidden_act": "gelu"}, "'hidden_act'"),
-    ({"model_type": "qwen2", "use_sliding_window": True}, "'use_sliding_window'"),
-    ({"num_key_value_heads": 3}, "'num_key_value_heads'"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"model_type": "mistral"}, "'model_type': unsupported model_type 'mistral'"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "unsupported rope type 'yarn'"),
+        ({"hidden_act": "gelu"}, "'hidden_act'"),
+        ({"model_type": "qwen2", "use_sliding_window": True}, "'use_sliding_window'"),
+        ({"num_key_value_heads": 3}, "'num_key_value_heads'"),
+    ],
+)
 def test_unsupported_config_fields(checkpoint, change, match):
     f = checkpoint / "config.json"
     f.write_text(json.dumps({**json.loads(f.read_text()), **change}))

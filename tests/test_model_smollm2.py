@@ -1,4 +1,5 @@
 """Real SmolLM2-135M-Instruct GGUF: config facts, tokenizer, logit parity with transformers (fp32)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +15,10 @@ pytestmark = pytest.mark.real_model
 
 PROMPTS = [
     [{"role": "user", "content": "What is 12 * 7? Think step by step."}],
-    [{"role": "system", "content": "You are a meta-thinking agent. Write a short plan."},
-     {"role": "user", "content": "Solve x^2 - 5x + 6 = 0."}],
+    [
+        {"role": "system", "content": "You are a meta-thinking agent. Write a short plan."},
+        {"role": "user", "content": "Solve x^2 - 5x + 6 = 0."},
+    ],
 ]
 
 
@@ -27,7 +30,8 @@ def ours(smollm2_gguf):
 @pytest.fixture(scope="module")
 def reference(smollm2_gguf):
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32)
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
+    )
     return model.eval()
 
 

@@ -2,6 +2,7 @@
 
 The forward has no KV cache; cached decoding (the sampler's prefill/decode) is checked against it in
 tests/test_sampler.py, the shared layer math in tests/test_model_layers.py."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

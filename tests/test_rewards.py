@@ -1,16 +1,20 @@
 """Reward shapings: paper single-turn, consistency, multi-turn, judge."""
+
 import pytest
 
 from rema_jax.rewards import shaping as sh
 
 
-@pytest.mark.parametrize("correct,response,expected", [
-    (True, "\\boxed{3}", 1.0),
-    (True, "the answer is 3", 1.0),          # correct without box still +1
-    (False, "\\boxed{4}", -0.5),
-    (False, "\\boxed{}", -0.5),              # paper wording: any \boxed counts as the format
-    (False, "the answer is 4", -1.0),
-])
+@pytest.mark.parametrize(
+    "correct,response,expected",
+    [
+        (True, "\\boxed{3}", 1.0),
+        (True, "the answer is 3", 1.0),  # correct without box still +1
+        (False, "\\boxed{4}", -0.5),
+        (False, "\\boxed{}", -0.5),  # paper wording: any \boxed counts as the format
+        (False, "the answer is 4", -1.0),
+    ],
+)
 def test_paper_reasoning_reward(correct, response, expected):
     assert sh.paper_reasoning_reward(correct, response) == expected
 
@@ -31,10 +35,10 @@ def test_paper_meta_thinking_reward():
 
 def test_consistency_reward():
     assert sh.consistency_reward(["2", "2", "3", "2"], "plan") == 0.75
-    assert sh.consistency_reward(["2", " 2 ", None, "3"], "plan") == 0.5     # whitespace-insensitive
-    assert sh.consistency_reward([None, None, None, "3"], "plan") == 0.0     # most have no answer
-    assert sh.consistency_reward([None, None, "3", "3"], "plan") == 0.5      # exactly half: not most
-    assert sh.consistency_reward(["1", "1"], "\\boxed{1}") == 0.0            # penalty kept
+    assert sh.consistency_reward(["2", " 2 ", None, "3"], "plan") == 0.5  # whitespace-insensitive
+    assert sh.consistency_reward([None, None, None, "3"], "plan") == 0.0  # most have no answer
+    assert sh.consistency_reward([None, None, "3", "3"], "plan") == 0.5  # exactly half: not most
+    assert sh.consistency_reward(["1", "1"], "\\boxed{1}") == 0.0  # penalty kept
 
 
 def test_multi_turn_reward():
@@ -46,14 +50,17 @@ def test_multi_turn_reward():
         sh.multi_turn_reward(None, True)
 
 
-@pytest.mark.parametrize("text,verdict", [
-    ("... so my final verdict is [[A]]", "A"),
-    ("[[B]]", "B"),
-    ("[[ B ]]", "B"),
-    ("[A]", None),                      # single brackets do not count
-    ("[[A]] or maybe [[B]]", None),     # both: unparseable
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "text,verdict",
+    [
+        ("... so my final verdict is [[A]]", "A"),
+        ("[[B]]", "B"),
+        ("[[ B ]]", "B"),
+        ("[A]", None),  # single brackets do not count
+        ("[[A]] or maybe [[B]]", None),  # both: unparseable
+        ("", None),
+    ],
+)
 def test_parse_verdict(text, verdict):
     assert sh.parse_verdict(text) == verdict
 

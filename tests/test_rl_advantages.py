@@ -1,4 +1,5 @@
 """Advantage estimators against straightforward numpy references."""
+
 import numpy as np
 import pytest
 
@@ -25,7 +26,7 @@ def test_grpo_matches_reference_and_groups_per_role():
     out = np.asarray(adv.grpo_advantages(rewards_n=r, group_ids_n=g, loss_mask_nl=m, role_ids_n=role))
     for i in range(n):
         same = (g == g[i]) & (role == role[i])
-        if same.sum() == 1:                      # size-1 group: mean 0, std 1
+        if same.sum() == 1:  # size-1 group: mean 0, std 1
             expected = r[i] / (1 + 1e-6)
         else:
             expected = (r[i] - r[same].mean()) / (r[same].std(ddof=1) + 1e-6)
@@ -78,8 +79,11 @@ def test_reinforce_pp_outcome_with_kl():
     r = rng.normal(size=n)
     old, ref = rng.normal(size=(n, l)), rng.normal(size=(n, l))
     cfg = adv.AdvantageConfig(estimator="reinforce_pp", kl_coef=0.1)
-    out = np.asarray(adv.compute_advantages(cfg, rewards_n=r, group_ids_n=np.zeros(n),
-                                            loss_mask_nl=m, old_logprobs_nl=old, ref_logprobs_nl=ref))
+    out = np.asarray(
+        adv.compute_advantages(
+            cfg, rewards_n=r, group_ids_n=np.zeros(n), loss_mask_nl=m, old_logprobs_nl=old, ref_logprobs_nl=ref
+        )
+    )
     np.testing.assert_allclose(out, _reinforce_pp_reference(r, m, old, ref, 0.1), rtol=1e-4, atol=1e-5)
     w = out[m > 0]
     assert abs(w.mean()) < 1e-5 and abs(w.std(ddof=1) - 1) < 1e-3
@@ -90,8 +94,9 @@ def test_reinforce_pp_turn_level_rewards_reset_between_turns():
     m = np.array([[0, 1, 1, 0, 0, 1, 1, 1, 0], [0, 1, 0, 0, 1, 1, 0, 0, 0]], np.float32)
     tid = np.array([[-1, 0, 0, -1, -1, 1, 1, 1, -1], [-1, 0, -1, -1, 1, 1, -1, -1, -1]])
     tr = np.array([[0.0, 1.0], [0.5, -1.0]])
-    out = np.asarray(adv.reinforce_pp_advantages(rewards_n=tr.sum(1), loss_mask_nl=m, turn_ids_nl=tid,
-                                                 turn_rewards_nk=tr))
+    out = np.asarray(
+        adv.reinforce_pp_advantages(rewards_n=tr.sum(1), loss_mask_nl=m, turn_ids_nl=tid, turn_rewards_nk=tr)
+    )
     ref = _reinforce_pp_reference(tr.sum(1), m, turn_rewards=tr, turn_ids=tid)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
 

@@ -1,4 +1,5 @@
 """PPO loss modes against a loop-based numpy reference; log-prob alignment; KL estimators."""
+
 import itertools
 
 import jax
@@ -16,12 +17,12 @@ def _batch(seed=0, b=5, l=14, k=3):
     for i in range(b):
         pos = 1
         for t in range(rng.integers(1, k + 1)):
-            pos += rng.integers(0, 2)                       # gap (other role / template)
+            pos += rng.integers(0, 2)  # gap (other role / template)
             n = rng.integers(1, 4)
-            mask[i, pos:pos + n] = 1
-            tid[i, pos:pos + n] = t
+            mask[i, pos : pos + n] = 1
+            tid[i, pos : pos + n] = t
             pos += n
-    mask[-1] = 0                                              # a sequence with no loss tokens
+    mask[-1] = 0  # a sequence with no loss tokens
     tid[-1] = -1
     logp = rng.normal(-1.0, 0.5, (b, l)).astype(np.float32)
     old = (logp + rng.normal(0, 0.4, (b, l))).astype(np.float32)
@@ -31,7 +32,7 @@ def _batch(seed=0, b=5, l=14, k=3):
 
 
 SUM_NORM = "seq_mean_token_sum_norm"
-NORM = 7.0   # the Dr.GRPO constant used in these tests
+NORM = 7.0  # the Dr.GRPO constant used in these tests
 
 
 def _reference(logp, old, adv, mask, tid, ratio_mode, agg_mode, eps=0.2, c=3.0, lclip=3.0, norm=NORM):
@@ -39,7 +40,7 @@ def _reference(logp, old, adv, mask, tid, ratio_mode, agg_mode, eps=0.2, c=3.0, 
         v = max(-a * r, -a * np.clip(r, 1 - eps, 1 + eps))
         return min(v, -a * c) if a < 0 else v
 
-    units = {}   # (seq, turn) -> per-token values (turn modes: the turn value on each of its tokens)
+    units = {}  # (seq, turn) -> per-token values (turn modes: the turn value on each of its tokens)
     for i in range(mask.shape[0]):
         for k in sorted(set(tid[i][mask[i] > 0].tolist())):
             sel = (tid[i] == k) & (mask[i] > 0)
@@ -47,10 +48,13 @@ def _reference(logp, old, adv, mask, tid, ratio_mode, agg_mode, eps=0.2, c=3.0, 
             if ratio_mode == "token":
                 units[(i, k)] = [pg(a, np.exp(x)) for a, x in zip(adv[i][sel], lr)]
             else:
-                r = (np.exp(min(lr.mean(), lclip)) if ratio_mode == "turn_geometric"
-                     else np.mean(np.exp(np.minimum(lr, lclip))))
+                r = (
+                    np.exp(min(lr.mean(), lclip))
+                    if ratio_mode == "turn_geometric"
+                    else np.mean(np.exp(np.minimum(lr, lclip)))
+                )
                 units[(i, k)] = [pg(adv[i][sel].mean(), r)] * int(sel.sum())
-    if agg_mode == SUM_NORM:   # Dr.GRPO: per-sequence token sum / constant, mean over sequences
+    if agg_mode == SUM_NORM:  # Dr.GRPO: per-sequence token sum / constant, mean over sequences
         seqs = sorted({i for i, _ in units})
         return np.mean([sum(v for (j, _), vs in units.items() if j == i for v in vs) / norm for i in seqs])
     if agg_mode == "token_mean":
@@ -64,8 +68,7 @@ def _reference(logp, old, adv, mask, tid, ratio_mode, agg_mode, eps=0.2, c=3.0, 
     return np.mean([np.mean([vs[0] for (j, _), vs in units.items() if j == i]) for i in seqs])
 
 
-COMBOS = [(r, a) for r, a in itertools.product(L.RATIO_MODES, L.AGG_MODES)
-          if not (r != "token" and a == "token_mean")]
+COMBOS = [(r, a) for r, a in itertools.product(L.RATIO_MODES, L.AGG_MODES) if not (r != "token" and a == "token_mean")]
 
 
 def _cfg(ratio_mode, agg_mode, **kw):
@@ -73,14 +76,16 @@ def _cfg(ratio_mode, agg_mode, **kw):
     return L.LossConfig(ratio_mode=ratio_mode, agg_mode=agg_mode, **norm, **kw)
 
 
-@pytest.mark.parametrize("ratio_mode,agg_mode", COMBOS + [(r, SUM_NORM) for r in L.RATIO_MODES
-                                                          if (r, SUM_NORM) not in COMBOS])
+@pytest.mark.parametrize(
+    "ratio_mode,agg_mode", COMBOS + [(r, SUM_NORM) for r in L.RATIO_MODES if (r, SUM_NORM) not in COMBOS]
+)
 def test_loss_matches_reference(ratio_mode, agg_mode):
     logp, old, adv, mask, tid = _batch()
     cfg = _cfg(ratio_mode, agg_mode, max_turns=4)
     loss, met = L.ppo_loss(jnp.asarray(logp), old, adv, mask, tid, cfg)
-    np.testing.assert_allclose(float(loss), _reference(logp, old, adv, mask, tid, ratio_mode, agg_mode),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        float(loss), _reference(logp, old, adv, mask, tid, ratio_mode, agg_mode), rtol=1e-5, atol=1e-6
+    )
     assert 0.0 <= float(met["clip_frac"]) <= 1.0 and float(met["ratio_max"]) > 0
 
 
@@ -102,10 +107,9 @@ def test_dr_grpo_sum_norm_gradient_does_not_depend_on_length():
     for ratio_mode in L.RATIO_MODES:
         cfg = _cfg(ratio_mode, SUM_NORM, max_turns=4, dual_clip_c=None)
         g = jax.grad(lambda lp: L.ppo_loss(lp, logp, adv, mask, tid, cfg)[0])(jnp.asarray(logp))
-        if ratio_mode == "token":   # turn ratios share each turn's gradient across its tokens
+        if ratio_mode == "token":  # turn ratios share each turn's gradient across its tokens
             np.testing.assert_allclose(np.asarray(g), -adv * mask / (NORM * n_seq), rtol=1e-5, atol=1e-7)
-        np.testing.assert_allclose(float(jnp.sum(g * mask)), float(-(adv * mask).sum() / (NORM * n_seq)),
-                                   rtol=1e-5)
+        np.testing.assert_allclose(float(jnp.sum(g * mask)), float(-(adv * mask).sum() / (NORM * n_seq)), rtol=1e-5)
 
 
 def test_sum_norm_needs_its_constant():
@@ -123,7 +127,7 @@ def test_rows_without_loss_tokens_change_nothing(ratio_mode, agg_mode):
     """An all-zero loss-mask row (e.g. a padding row) leaves the loss, its gradient and the
     normalisers unchanged: sequence counts only include rows with a loss token."""
     logp, old, adv, mask, tid = _batch(11, b=4)
-    logp, old, adv, mask, tid = (x[:3] for x in (logp, old, adv, mask, tid))   # 3 rows with tokens
+    logp, old, adv, mask, tid = (x[:3] for x in (logp, old, adv, mask, tid))  # 3 rows with tokens
     assert (mask.sum(1) > 0).all()
     ins = lambda x, v: np.insert(x, 1, v, axis=0)  # noqa: E731   a row with no loss token at 1
     padded = (ins(logp, -1.0), ins(old, -2.0), ins(adv, 0.0), ins(mask, 0.0), ins(tid, -1))
@@ -141,7 +145,7 @@ def test_dual_clip_caps_negative_advantages():
     mask = np.array([[0, 1]], np.float32)
     tid = np.array([[-1, 0]])
     old = np.zeros((1, 2), np.float32)
-    logp = np.array([[0.0, 2.0]], np.float32)          # ratio e^2 = 7.39 > c = 3
+    logp = np.array([[0.0, 2.0]], np.float32)  # ratio e^2 = 7.39 > c = 3
     loss, met = L.ppo_loss(logp, old, np.array([[0, -1.0]], np.float32), mask, tid, cfg)
     assert float(loss) == pytest.approx(3.0) and float(met["dual_clip_frac"]) == 1.0
     loss, met = L.ppo_loss(logp, old, np.array([[0, 1.0]], np.float32), mask, tid, cfg)
@@ -166,8 +170,10 @@ def test_normalizers_make_micro_batches_additive():
         cfg = _cfg(r, a, max_turns=4)
         full, _ = L.ppo_loss(logp, old, adv, mask, tid, cfg)
         norms = L.loss_normalizers(jnp.asarray(mask), jnp.asarray(tid), 4)
-        parts = [L.ppo_loss(logp[s], old[s], adv[s], mask[s], tid[s], cfg, normalizers=norms)[0]
-                 for s in (slice(0, 2), slice(2, 6))]
+        parts = [
+            L.ppo_loss(logp[s], old[s], adv[s], mask[s], tid[s], cfg, normalizers=norms)[0]
+            for s in (slice(0, 2), slice(2, 6))
+        ]
         np.testing.assert_allclose(float(sum(parts)), float(full), rtol=1e-5, atol=1e-6)
 
 
@@ -175,8 +181,9 @@ def test_kl_and_entropy_terms():
     logp, old, adv, mask, tid = _batch(7)
     ref = old - 0.3
     base = L.LossConfig(ratio_mode="token", agg_mode="token_mean", max_turns=4)
-    with_kl = L.LossConfig(ratio_mode="token", agg_mode="token_mean", max_turns=4, kl_coef=0.5,
-                           kl_estimator="k1", entropy_coef=0.1)
+    with_kl = L.LossConfig(
+        ratio_mode="token", agg_mode="token_mean", max_turns=4, kl_coef=0.5, kl_estimator="k1", entropy_coef=0.1
+    )
     ent = np.full_like(logp, 2.0)
     l0, _ = L.ppo_loss(logp, old, adv, mask, tid, base)
     l1, met = L.ppo_loss(logp, old, adv, mask, tid, with_kl, ref_logp_bl=ref, entropy_bl=ent)
@@ -189,7 +196,7 @@ def test_kl_and_entropy_terms():
 
 def test_kl_estimators():
     lp, ref = jnp.array([0.0, -1.0, -30.0]), jnp.array([0.0, -2.0, 0.0])
-    np.testing.assert_allclose(L.kl_estimate(lp, ref, "k1"), [0, 1, -10])            # clamped
+    np.testing.assert_allclose(L.kl_estimate(lp, ref, "k1"), [0, 1, -10])  # clamped
     np.testing.assert_allclose(L.kl_estimate(lp, ref, "k2"), [0, 0.5, 10])
     np.testing.assert_allclose(L.kl_estimate(lp, ref, "k3"), [0, np.exp(-1) + 1 - 1, 10], rtol=1e-6)
 
@@ -200,13 +207,13 @@ def test_token_logprobs_alignment_and_chunking(chunk):
     b, t, v = 2, 7, 11
     logits = rng.normal(size=(b, t, v)).astype(np.float32)
     tokens = rng.integers(0, v, (b, t)).astype(np.int32)
-    logp, ent = L.token_logprobs_and_entropy(jnp.asarray(logits, jnp.bfloat16), tokens, 2.0,
-                                             chunk_size=chunk)
+    logp, ent = L.token_logprobs_and_entropy(jnp.asarray(logits, jnp.bfloat16), tokens, 2.0, chunk_size=chunk)
     x = np.asarray(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32)) / 2.0
     lsm = x - np.log(np.exp(x).sum(-1, keepdims=True))
     assert logp.dtype == jnp.float32 and np.all(np.asarray(logp[:, 0]) == 0)
-    np.testing.assert_allclose(logp[:, 1:], np.take_along_axis(lsm[:, :-1], tokens[:, 1:, None], -1)[..., 0],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        logp[:, 1:], np.take_along_axis(lsm[:, :-1], tokens[:, 1:, None], -1)[..., 0], rtol=1e-5, atol=1e-5
+    )
     np.testing.assert_allclose(ent[:, 1:], -(np.exp(lsm) * lsm).sum(-1)[:, :-1], rtol=1e-5, atol=1e-5)
 
 
@@ -223,13 +230,14 @@ def test_config_validation():
 
 def test_sparse_logprobs_match_dense_at_loss_positions():
     from rema_jax.rl.losses import sparse_token_logprobs_and_entropy, token_logprobs_and_entropy
+
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(3, 10, 17)), jnp.float32)
     tokens = jnp.asarray(rng.integers(0, 17, size=(3, 10)))
     mask = np.zeros((3, 10), np.float32)
     mask[0, 4:8] = 1
     mask[1, [2, 3, 9]] = 1
-    mask[2, 0] = 1          # position 0 never has a prediction
+    mask[2, 0] = 1  # position 0 never has a prediction
     dense_lp, dense_ent = token_logprobs_and_entropy(logits, tokens, 0.7)
     at_fn = lambda pos_bk: jnp.take_along_axis(logits, pos_bk[..., None], axis=1)  # noqa: E731
     lp, ent = sparse_token_logprobs_and_entropy(at_fn, tokens, mask, max_loss_tokens=4, temperature=0.7)

@@ -1,5 +1,4 @@
 """Sampler tests on tiny random models: cache-path logits, padding, stops, seeds, sampling ops, compiles."""
-import collections
 
 import jax
 import jax.numpy as jnp
@@ -71,15 +70,16 @@ def test_cache_decode_logits_equal_full_forward(variant):
     tokens[:, :p][np.arange(p)[None] < pad[:, None]] = 0
     mask = (np.arange(p + n_new)[None] >= pad[:, None]).astype(np.int32)
     ref = np.asarray(forward(cfg, params, jnp.asarray(tokens), adapter, attention_mask=jnp.asarray(mask)))
-    alone = [np.asarray(forward(cfg, params, jnp.asarray(tokens[i:i + 1, pad[i]:]), adapter))[0] for i in range(3)]
+    alone = [np.asarray(forward(cfg, params, jnp.asarray(tokens[i : i + 1, pad[i] :]), adapter))[0] for i in range(3)]
     caches, logits = kernel.prefill(cfg, fp, jnp.asarray(tokens[:, :p]), jnp.asarray(pad), p + n_new)
     assert len(caches) == cfg.num_layers and isinstance(caches[0], layers.KVCache)
     assert caches[0].k.shape == caches[0].v.shape == layers.kv_cache_shape(cfg, 3, p + n_new)
     assert caches[0].k.dtype == layers.kv_cache_dtype(cfg)
     np.testing.assert_allclose(np.asarray(logits), ref[:, p - 1], atol=2e-5, rtol=1e-5)
     for t in range(n_new):
-        caches, logits = kernel.decode_step(cfg, fp, caches, jnp.asarray(tokens[:, p + t]),
-                                            jnp.asarray(p - pad + t), p + t, jnp.asarray(pad))
+        caches, logits = kernel.decode_step(
+            cfg, fp, caches, jnp.asarray(tokens[:, p + t]), jnp.asarray(p - pad + t), p + t, jnp.asarray(pad)
+        )
         np.testing.assert_allclose(np.asarray(logits), ref[:, p + t], atol=2e-5, rtol=1e-5)
         for i in range(3):
             np.testing.assert_allclose(np.asarray(logits)[i], alone[i][p - pad[i] + t], atol=2e-5, rtol=1e-5)
@@ -96,19 +96,29 @@ def test_shared_prefix_prefill_and_decode_equal_full_forward():
     prefix = rng.integers(3, cfg.vocab_size, size=(s_len,)).astype(np.int32)
     rest = rng.integers(3, cfg.vocab_size, size=(3, q + n_new)).astype(np.int32)
     rest[:, :q][np.arange(q)[None] < pad[:, None]] = 0
-    caches, logits = kernel.prefill(cfg, fp, jnp.asarray(rest[:, :q]), jnp.asarray(pad), s_len + q + n_new,
-                                    jnp.asarray(prefix[None]))
+    caches, logits = kernel.prefill(
+        cfg, fp, jnp.asarray(rest[:, :q]), jnp.asarray(pad), s_len + q + n_new, jnp.asarray(prefix[None])
+    )
     for i in range(3):
-        row = np.concatenate([prefix, rest[i, pad[i]:]])
+        row = np.concatenate([prefix, rest[i, pad[i] :]])
         ref = np.asarray(forward(cfg, params, jnp.asarray(row[None]))[0])
         real = s_len + q - pad[i]
         np.testing.assert_allclose(np.asarray(logits)[i], ref[real - 1], atol=2e-5, rtol=1e-5)
-    refs = [np.asarray(forward(cfg, params, jnp.asarray(np.concatenate([prefix, rest[i, pad[i]:]])[None]))[0])
-            for i in range(3)]
+    refs = [
+        np.asarray(forward(cfg, params, jnp.asarray(np.concatenate([prefix, rest[i, pad[i] :]])[None]))[0])
+        for i in range(3)
+    ]
     for t in range(n_new):
-        caches, logits = kernel.decode_step(cfg, fp, caches, jnp.asarray(rest[:, q + t]),
-                                            jnp.asarray(s_len + q - pad + t), s_len + q + t, jnp.asarray(pad),
-                                            s_len)
+        caches, logits = kernel.decode_step(
+            cfg,
+            fp,
+            caches,
+            jnp.asarray(rest[:, q + t]),
+            jnp.asarray(s_len + q - pad + t),
+            s_len + q + t,
+            jnp.asarray(pad),
+            s_len,
+        )
         for i in range(3):
             np.testing.assert_allclose(np.asarray(logits)[i], refs[i][s_len + q - pad[i] + t], atol=2e-5, rtol=1e-5)
 
@@ -139,8 +149,10 @@ def test_greedy_generate_equals_uncached_forward_with_and_without_adapter(sample
     for ad in (None, _lora(11)):
         gens = sampler.generate(PARAMS, ad, PROMPTS, SamplingParams(max_new_tokens=6, greedy=True, ignore_eos=True))
         for prompt, g in zip(PROMPTS, gens):
-            ref_lp = np.asarray(jax.nn.log_softmax(forward(CFG, PARAMS, jnp.asarray([prompt + g.token_ids]), ad)[0], -1))
-            rows = ref_lp[len(prompt) - 1:len(prompt) - 1 + len(g.token_ids)]
+            ref_lp = np.asarray(
+                jax.nn.log_softmax(forward(CFG, PARAMS, jnp.asarray([prompt + g.token_ids]), ad)[0], -1)
+            )
+            rows = ref_lp[len(prompt) - 1 : len(prompt) - 1 + len(g.token_ids)]
             assert g.token_ids == rows.argmax(-1).tolist()
             np.testing.assert_allclose(g.logprobs, rows[np.arange(6), g.token_ids], atol=1e-4)
             assert g.finish_reason == "length" and isinstance(g, Generation)
@@ -153,7 +165,7 @@ def test_padded_row_gives_the_tokens_it_gives_alone(sampler, greedy):
     seeds = np.array([101, 202, 303])
     batch = sampler.generate(PARAMS, None, PROMPTS, sp, seed=seeds)
     for i, prompt in enumerate(PROMPTS):
-        alone = sampler.generate(PARAMS, None, [prompt], sp, seed=seeds[i:i + 1])[0]
+        alone = sampler.generate(PARAMS, None, [prompt], sp, seed=seeds[i : i + 1])[0]
         assert batch[i].token_ids == alone.token_ids
         np.testing.assert_allclose(batch[i].logprobs, alone.logprobs, atol=1e-5)
 
@@ -179,34 +191,39 @@ def test_eos_at_any_position(sampler):
     seq = free.token_ids
     for k in range(len(seq)):
         first = seq.index(seq[k])
-        g = sampler.generate(PARAMS, None, [prompt, PROMPTS[0]],
-                             SamplingParams(max_new_tokens=16, greedy=True, eos_ids=(seq[k],)))[0]
-        assert g.token_ids == seq[:first + 1] and g.finish_reason == "stop"
+        g = sampler.generate(
+            PARAMS, None, [prompt, PROMPTS[0]], SamplingParams(max_new_tokens=16, greedy=True, eos_ids=(seq[k],))
+        )[0]
+        assert g.token_ids == seq[: first + 1] and g.finish_reason == "stop"
         assert g.text == TOKENIZER.decode(seq[:first])  # EOS removed from the text only
 
 
 def _first_stop_index(seq, stop):
     """Reference: index of the token whose decoded prefix first contains `stop`."""
     for j in range(len(seq)):
-        if stop in TOKENIZER.decode(seq[:j + 1]):
+        if stop in TOKENIZER.decode(seq[: j + 1]):
             return j
     return None
 
 
 def test_multi_token_stop_strings_at_any_position(sampler):
     prompt = PROMPTS[0]
-    seq = sampler.generate(PARAMS, None, [prompt],
-                           SamplingParams(max_new_tokens=24, greedy=True, ignore_eos=True))[0].token_ids
+    seq = sampler.generate(PARAMS, None, [prompt], SamplingParams(max_new_tokens=24, greedy=True, ignore_eos=True))[
+        0
+    ].token_ids
     text = TOKENIZER.decode(seq)
     assert len(text) >= 8
     checked = 0
     for start in range(0, len(text) - 3, 2):
-        stop = text[start:start + 3]  # usually spans 2-3 tokens
+        stop = text[start : start + 3]  # usually spans 2-3 tokens
         want = _first_stop_index(seq, stop)
-        g = sampler.generate(PARAMS, None, [prompt],
-                             SamplingParams(max_new_tokens=24, greedy=True, ignore_eos=True,
-                                            stop_strings=("never-there", stop)))[0]
-        assert g.token_ids == seq[:want + 1], (stop, want)
+        g = sampler.generate(
+            PARAMS,
+            None,
+            [prompt],
+            SamplingParams(max_new_tokens=24, greedy=True, ignore_eos=True, stop_strings=("never-there", stop)),
+        )[0]
+        assert g.token_ids == seq[: want + 1], (stop, want)
         assert g.finish_reason == "stop" and stop in g.text
         checked += 1
     assert checked >= 3
@@ -215,14 +232,16 @@ def test_multi_token_stop_strings_at_any_position(sampler):
 def test_stop_window_finds_finish_split_over_tokens():
     finish_ids = TOKENIZER.encode("ab[FINISH]c")
     assert len(finish_ids) >= 6  # "[FINISH]" is several tokens
-    tables = stops.StopTables(*map(jnp.asarray, stops.build_token_table(stops.token_bytes(TOKENIZER, CFG.vocab_size))),
-                              *map(jnp.asarray, stops.build_stop_arrays(("[FINISH]", "zz"))))
+    tables = stops.StopTables(
+        *map(jnp.asarray, stops.build_token_table(stops.token_bytes(TOKENIZER, CFG.vocab_size))),
+        *map(jnp.asarray, stops.build_stop_arrays(("[FINISH]", "zz"))),
+    )
     hist = stops.init_history(1, tables)
     hits = []
     for t in finish_ids:
         hist, hit = stops.update_and_match(hist, jnp.asarray([t]), tables)
         hits.append(bool(hit[0]))
-    end = [i for i in range(len(finish_ids)) if "[FINISH]" in TOKENIZER.decode(finish_ids[:i + 1])][0]
+    end = [i for i in range(len(finish_ids)) if "[FINISH]" in TOKENIZER.decode(finish_ids[: i + 1])][0]
     assert hits == [i == end for i in range(len(finish_ids))]
 
 
@@ -278,7 +297,7 @@ def _expected(logits_v, temperature=1.0, top_k=0, top_p=1.0):
     p /= p.sum()
     order = np.argsort(-p, kind="stable")
     keep = np.zeros_like(p, bool)
-    keep[order[:top_k or len(p)]] = True
+    keep[order[: top_k or len(p)]] = True
     q = np.where(keep, p, 0)
     q /= q.sum()
     cum = np.cumsum(q[order]) - q[order]
@@ -289,8 +308,9 @@ def _expected(logits_v, temperature=1.0, top_k=0, top_p=1.0):
     return q / q.sum()
 
 
-@pytest.mark.parametrize("top_k,top_p,temperature", [(0, 1.0, 1.0), (0, 1.0, 0.5), (3, 1.0, 1.0),
-                                                      (0, 0.75, 1.0), (4, 0.8, 2.0)])
+@pytest.mark.parametrize(
+    "top_k,top_p,temperature", [(0, 1.0, 1.0), (0, 1.0, 0.5), (3, 1.0, 1.0), (0, 0.75, 1.0), (4, 0.8, 2.0)]
+)
 def test_sampling_ops_match_the_filtered_distribution(top_k, top_p, temperature):
     logits = [2.0, 1.5, 1.0, 0.5, 0.0, -1.0, 3.0, 0.2]
     mode = ops.SamplingMode(greedy=False, top_k=top_k, use_top_p=top_p < 1.0)
@@ -325,6 +345,7 @@ def test_greedy_op_is_argmax_with_model_logprob():
 # --------------------------------------------------------------------------- compilation
 def test_length_buckets_are_powers_of_two_and_three_quarter_steps():
     from rema_jax.sampling.bucketing import length_bucket, next_pow2
+
     ladder = sorted({length_bucket(n, 16) for n in range(1, 2049)})
     assert ladder == [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
     for n in range(1, 2049):
@@ -343,13 +364,14 @@ def test_no_recompilation_across_adapters_and_calls_within_a_bucket():
     b = s.generate(PARAMS, ra, PROMPTS, sp, seed=0)  # other agent, same structure
     assert [g.token_ids for g in a] != [g.token_ids for g in b]  # the adapter is really used
     s.generate(PARAMS, mta, [[3] * 20, [4] * 24, [5] * 18], sp, seed=9)  # other lengths, same buckets
-    s.generate(PARAMS, ra, PROMPTS[:3], SamplingParams(max_new_tokens=13, temperature=0.5, top_p=1.0,
-                                                       ignore_eos=True), seed=1)
-    s.generate(PARAMS, mta, PROMPTS, SamplingParams(max_new_tokens=16, temperature=1.3, stop_strings=("xy",)),
-               seed=2)
+    s.generate(
+        PARAMS, ra, PROMPTS[:3], SamplingParams(max_new_tokens=13, temperature=0.5, top_p=1.0, ignore_eos=True), seed=1
+    )
+    s.generate(PARAMS, mta, PROMPTS, SamplingParams(max_new_tokens=16, temperature=1.3, stop_strings=("xy",)), seed=2)
     assert s.compile_count == count + 1  # only the stop-string decode variant is new
-    s.generate(PARAMS, ra, PROMPTS, SamplingParams(max_new_tokens=12, temperature=0.9, stop_strings=("[FINISH]",)),
-               seed=3)
+    s.generate(
+        PARAMS, ra, PROMPTS, SamplingParams(max_new_tokens=12, temperature=0.9, stop_strings=("[FINISH]",)), seed=3
+    )
     assert s.compile_count == count + 1
 
 

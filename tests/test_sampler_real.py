@@ -1,4 +1,5 @@
 """Real-model sampler checks on the embedded SmolLM2-135M-Instruct GGUF (fp32 both sides)."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -38,14 +39,21 @@ def test_greedy_matches_transformers_generate_token_for_token(model, smollm2_ggu
     ours = sampler.generate(model.params, None, prompts, SamplingParams(max_new_tokens=NEW_TOKENS, greedy=True))
 
     torch.set_num_threads(2)
-    hf = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
-                                              dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
+    ).eval()
     eos = model.tokenizer.eos_token_id
     for prompt, g in zip(prompts, ours):
         with torch.inference_mode():
-            out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                              do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=eos, pad_token_id=eos)
-        want = out[0, len(prompt):].tolist()
+            out = hf.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=NEW_TOKENS,
+                eos_token_id=eos,
+                pad_token_id=eos,
+            )
+        want = out[0, len(prompt) :].tolist()
         assert g.token_ids == want, (model.tokenizer.decode(g.token_ids), model.tokenizer.decode(want))
         assert g.finish_reason == ("stop" if want[-1] == eos else "length")
         assert np.all(np.asarray(g.logprobs) <= 0)
@@ -60,11 +68,12 @@ def test_finish_stop_string_on_the_real_tokenizer(model):
         assert table[i] == tok.decode([i]).encode("utf-8") or b"\xef\xbf\xbd" in tok.decode([i]).encode(), i
     ids = tok.encode("Done. [FINISH] The end")
     assert len(tok.encode("[FINISH]")) > 1
-    tables = stops.StopTables(*map(jnp.asarray, stops.build_token_table(table)),
-                              *map(jnp.asarray, stops.build_stop_arrays(("[FINISH]",))))
+    tables = stops.StopTables(
+        *map(jnp.asarray, stops.build_token_table(table)), *map(jnp.asarray, stops.build_stop_arrays(("[FINISH]",)))
+    )
     hist, hits = stops.init_history(1, tables), []
     for t in ids:
         hist, hit = stops.update_and_match(hist, jnp.asarray([t]), tables)
         hits.append(bool(hit[0]))
-    end = next(i for i in range(len(ids)) if "[FINISH]" in tok.decode(ids[:i + 1]))
+    end = next(i for i in range(len(ids)) if "[FINISH]" in tok.decode(ids[: i + 1]))
     assert hits == [i == end for i in range(len(ids))]

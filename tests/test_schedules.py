@@ -1,4 +1,5 @@
 """Agent schedules and the resumable task iterator."""
+
 import pytest
 
 from rema_jax.config_utils import ConfigError, from_dict
@@ -9,8 +10,9 @@ from rema_jax.training.schedules import ScheduleConfig, phase_at
 def test_alternating_is_algorithm_1():
     cfg = ScheduleConfig(kind="alternating", reasoning_steps=2, meta_thinking_steps=3)
     phases = [phase_at(cfg, s) for s in range(10)]
-    assert [p.trained for p in phases] == [("reasoning",)] * 2 + [("meta_thinking",)] * 3 + \
-        [("reasoning",)] * 2 + [("meta_thinking",)] * 3
+    assert [p.trained for p in phases] == [("reasoning",)] * 2 + [("meta_thinking",)] * 3 + [("reasoning",)] * 2 + [
+        ("meta_thinking",)
+    ] * 3
     assert [s for s, p in enumerate(phases) if p.starts] == [0, 2, 5, 7]
     assert phases[0].frozen == ("meta_thinking",)
     assert [p.index for p in phases] == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]

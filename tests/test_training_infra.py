@@ -1,6 +1,6 @@
 """Config validation, orbax checkpoints, metrics logging and plots."""
+
 import dataclasses
-import json
 import os
 from typing import Literal
 
@@ -40,14 +40,17 @@ def test_from_dict_builds_nested_and_converts_types():
     assert to_dict(cfg)["inner"]["targets"] == ["q_proj", "v_proj"]
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"steps": 3, "inner": {"lrr": 1.0}}, "config.inner: unknown key(s) ['lrr']"),
-    ({"steps": "3"}, "config.steps: expected an int"),
-    ({"steps": 3, "inner": {"mode": "c"}}, "config.inner.mode: expected one of ['a', 'b']"),
-    ({"steps": 3, "inner": {"lr": -1.0}}, "config.inner: lr must be > 0"),
-    ({}, "config.steps: required field is missing"),
-    ({"steps": True}, "config.steps: expected an int"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"steps": 3, "inner": {"lrr": 1.0}}, "config.inner: unknown key(s) ['lrr']"),
+        ({"steps": "3"}, "config.steps: expected an int"),
+        ({"steps": 3, "inner": {"mode": "c"}}, "config.inner.mode: expected one of ['a', 'b']"),
+        ({"steps": 3, "inner": {"lr": -1.0}}, "config.inner: lr must be > 0"),
+        ({}, "config.steps: required field is missing"),
+        ({"steps": True}, "config.steps: expected an int"),
+    ],
+)
 def test_from_dict_errors_name_the_field(data, message):
     with pytest.raises(ConfigError) as e:
         from_dict(_Outer, data)
@@ -56,16 +59,20 @@ def test_from_dict_errors_name_the_field(data, message):
 
 def test_from_dict_accepts_ml_collections():
     import ml_collections
+
     c = ml_collections.ConfigDict({"steps": 2, "inner": {"mode": "b"}})
     assert from_dict(_Outer, c).inner.mode == "b"
 
 
 def _train_config(**sections):
     """A small valid TrainConfig dict (nothing is loaded: validation only)."""
-    cfg = {"model": {"max_cache_len": 544},
-           "rollout": {"mode": "single_turn", "num_samples": 4, "max_new_tokens": 8, "max_prompt_len": 287},
-           "advantage": {"estimator": "grpo"}, "loss": {"max_turns": 1},
-           "loop": {"questions_per_step": 2, "solutions_per_plan": 2, "max_seq_len": 296}}
+    cfg = {
+        "model": {"max_cache_len": 544},
+        "rollout": {"mode": "single_turn", "num_samples": 4, "max_new_tokens": 8, "max_prompt_len": 287},
+        "advantage": {"estimator": "grpo"},
+        "loss": {"max_turns": 1},
+        "loop": {"questions_per_step": 2, "solutions_per_plan": 2, "max_seq_len": 296},
+    }
     for name, values in sections.items():
         cfg[name] = {**cfg.get(name, {}), **values}
     return cfg
@@ -73,11 +80,12 @@ def _train_config(**sections):
 
 def test_data_train_path_accepts_a_list_or_a_glob(tmp_path):
     from rema_jax.training.config import load_train_config
+
     for name in ("a.jsonl", "b.jsonl"):
         (tmp_path / name).write_text("")
     bench = {"source": "benchmark", "benchmark": "math"}
     cfg = load_train_config(_train_config(data={**bench, "train_path": ["x/a.jsonl", "x/b.jsonl"]}))
-    assert cfg.data.train_path == ("x/a.jsonl", "x/b.jsonl")      # plain paths: read at load time
+    assert cfg.data.train_path == ("x/a.jsonl", "x/b.jsonl")  # plain paths: read at load time
     glob = str(tmp_path / "*.jsonl")
     assert load_train_config(_train_config(data={**bench, "train_path": glob})).data.train_path == glob
     missing = str(tmp_path / "math_train" / "*.jsonl")
@@ -94,7 +102,8 @@ def test_data_train_path_accepts_a_list_or_a_glob(tmp_path):
 
 def test_consistency_reward_needs_several_solutions_per_plan():
     from rema_jax.training.config import load_train_config
-    load_train_config(_train_config(reward={"kind": "consistency"}))           # 2 solutions per plan
+
+    load_train_config(_train_config(reward={"kind": "consistency"}))  # 2 solutions per plan
     with pytest.raises(ConfigError) as e:
         load_train_config(_train_config(reward={"kind": "consistency"}, loop={"solutions_per_plan": 1}))
     assert "loop.solutions_per_plan >= 2" in str(e.value) and "agree with itself" in str(e.value)
@@ -102,23 +111,32 @@ def test_consistency_reward_needs_several_solutions_per_plan():
 
 def test_dr_grpo_defaults_to_the_constant_normalised_token_sum():
     from rema_jax.training.config import load_train_config
+
     cfg = load_train_config(_train_config(advantage={"estimator": "dr_grpo"}))
     assert cfg.loss.agg_mode == "seq_mean_token_sum_norm"
-    assert cfg.loss.token_sum_norm == 8.0                     # rollout.max_new_tokens, one turn
-    multi = load_train_config(_train_config(
-        advantage={"estimator": "dr_grpo"}, adapter={"kind": "shared"}, schedule={"kind": "simultaneous"},
-        rollout={"mode": "multi_turn", "max_turns": 3}, reward={"kind": "multi_turn"},
-        loss={"max_turns": 3}, loop={"solutions_per_plan": 1}))
-    assert multi.loss.token_sum_norm == 24.0                  # max_turns × max_new_tokens
-    explicit = load_train_config(_train_config(advantage={"estimator": "dr_grpo"},
-                                               loss={"agg_mode": "trajectory_mean"}))
+    assert cfg.loss.token_sum_norm == 8.0  # rollout.max_new_tokens, one turn
+    multi = load_train_config(
+        _train_config(
+            advantage={"estimator": "dr_grpo"},
+            adapter={"kind": "shared"},
+            schedule={"kind": "simultaneous"},
+            rollout={"mode": "multi_turn", "max_turns": 3},
+            reward={"kind": "multi_turn"},
+            loss={"max_turns": 3},
+            loop={"solutions_per_plan": 1},
+        )
+    )
+    assert multi.loss.token_sum_norm == 24.0  # max_turns × max_new_tokens
+    explicit = load_train_config(
+        _train_config(advantage={"estimator": "dr_grpo"}, loss={"agg_mode": "trajectory_mean"})
+    )
     assert explicit.loss.agg_mode == "trajectory_mean" and explicit.loss.token_sum_norm is None
     own = load_train_config(_train_config(advantage={"estimator": "dr_grpo"}, loss={"token_sum_norm": 100.0}))
     assert own.loss.agg_mode == "seq_mean_token_sum_norm" and own.loss.token_sum_norm == 100.0
-    for est in ("grpo", "reinforce_pp"):                      # unchanged for the other estimators
+    for est in ("grpo", "reinforce_pp"):  # unchanged for the other estimators
         assert load_train_config(_train_config(advantage={"estimator": est})).loss.agg_mode == "trajectory_mean"
     with pytest.raises(ConfigError, match="token_sum_norm"):
-        load_train_config(_train_config(loss={"token_sum_norm": 100.0}))   # grpo: trajectory_mean
+        load_train_config(_train_config(loss={"token_sum_norm": 100.0}))  # grpo: trajectory_mean
 
 
 def test_suite_runs_fp32_matmuls_at_full_precision():
@@ -126,18 +144,24 @@ def test_suite_runs_fp32_matmuls_at_full_precision():
     would break the 1e-5 comparisons); on CPU this is already what XLA does."""
     assert jax.config.jax_default_matmul_precision == "highest"
     x = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
-    np.testing.assert_allclose(np.asarray(jnp.asarray(x) @ jnp.asarray(x)), x.astype(np.float64) @ x,
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(jnp.asarray(x) @ jnp.asarray(x)), x.astype(np.float64) @ x, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_checkpoint_roundtrip_keep_last_and_none_leaves(tmp_path):
     mngr = CheckpointManager(str(tmp_path / "ckpt"), keep_last=2)
-    state = {"trainable": {"reasoning": {"w": jnp.arange(4.0)}, "meta_thinking": None},
-             "rng": jax.random.key_data(jax.random.key(3)),
-             "opt": (jnp.zeros((2,), jnp.int32), {"mu": jnp.ones((2, 2), jnp.bfloat16)})}
+    state = {
+        "trainable": {"reasoning": {"w": jnp.arange(4.0)}, "meta_thinking": None},
+        "rng": jax.random.key_data(jax.random.key(3)),
+        "opt": (jnp.zeros((2,), jnp.int32), {"mu": jnp.ones((2, 2), jnp.bfloat16)}),
+    }
     for step in (1, 2, 3):
-        mngr.save(step, jax.tree.map(lambda x: x * step if x.dtype != jnp.uint32 else x, state),
-                  {"step": step, "data_position": 10 * step})
+        mngr.save(
+            step,
+            jax.tree.map(lambda x: x * step if x.dtype != jnp.uint32 else x, state),
+            {"step": step, "data_position": 10 * step},
+        )
     assert mngr.all_steps() == [2, 3]
     restored, meta = mngr.restore(None, state)
     assert meta == {"step": 3, "data_position": 30}

@@ -20,6 +20,7 @@ replicate mean is ``w_seed @ correct @ w_question / (S Q)``: no ``[B, S, Q]`` ga
 seed ``i`` of ``b`` (same ``loop.seed``: same training question order) and question ``j`` with
 question ``j``, so question difficulty cancels and the interval is the one of the paired effect.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,6 +34,7 @@ DEFAULT_N_BOOT = 10_000
 @dataclasses.dataclass(frozen=True)
 class Interval:
     """A point estimate with its percentile bootstrap interval (same units as the input)."""
+
     estimate: float
     low: float
     high: float
@@ -47,8 +49,9 @@ class Interval:
 
     def scaled(self, factor: float) -> "Interval":
         """The interval in other units (e.g. ×100 for percent)."""
-        return dataclasses.replace(self, estimate=self.estimate * factor, low=self.low * factor,
-                                   high=self.high * factor)
+        return dataclasses.replace(
+            self, estimate=self.estimate * factor, low=self.low * factor, high=self.high * factor
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -93,19 +96,26 @@ def _interval(m: np.ndarray, n_boot: int, seed: int, level: float) -> Interval:
     est = float(m.mean())
     if np.all(m == m.flat[0]):  # constant input: every replicate is the mean (no float rounding)
         low = high = est = float(m.flat[0])
-    return Interval(estimate=est, low=float(low), high=float(high), level=level, n_boot=n_boot,
-                    seeds=m.shape[0], questions=m.shape[1])
+    return Interval(
+        estimate=est,
+        low=float(low),
+        high=float(high),
+        level=level,
+        n_boot=n_boot,
+        seeds=m.shape[0],
+        questions=m.shape[1],
+    )
 
 
-def bootstrap_mean_ci(correct: Any, *, n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
-                      level: float = 0.95) -> Interval:
+def bootstrap_mean_ci(correct: Any, *, n_boot: int = DEFAULT_N_BOOT, seed: int = 0, level: float = 0.95) -> Interval:
     """Mean of ``correct[seed, question]`` (a 1-D vector is one seed) with its two-level percentile
     bootstrap interval."""
     return _interval(_as_matrix(correct, "correct"), n_boot, seed, level)
 
 
-def paired_difference_ci(a: Any, b: Any, *, n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
-                         level: float = 0.95) -> Interval:
+def paired_difference_ci(
+    a: Any, b: Any, *, n_boot: int = DEFAULT_N_BOOT, seed: int = 0, level: float = 0.95
+) -> Interval:
     """Mean of ``a - b`` paired by seed index and question, with its two-level bootstrap interval.
 
     ``a`` and ``b`` are ``[seeds, questions]`` on the same questions in the same order. ``b`` may have
@@ -125,8 +135,12 @@ def reading(diff: Interval, name: str, *, unit: str = " points", digits: int = 1
     lo, hi = f"{diff.low:+.{digits}f}", f"{diff.high:+.{digits}f}"
     pct = int(round(100 * diff.level))
     if not diff.excludes_zero:
-        return (f"the {pct}% CI of {name} [{lo}, {hi}]{unit} includes 0: no significant difference "
-                f"at this scale ({diff.seeds} seed(s) × {diff.questions} questions)")
+        return (
+            f"the {pct}% CI of {name} [{lo}, {hi}]{unit} includes 0: no significant difference "
+            f"at this scale ({diff.seeds} seed(s) × {diff.questions} questions)"
+        )
     direction = "higher" if diff.low > 0 else "lower"
-    return (f"the {pct}% CI of {name} [{lo}, {hi}]{unit} excludes 0: significantly {direction} "
-            f"at this scale ({diff.seeds} seed(s) × {diff.questions} questions)")
+    return (
+        f"the {pct}% CI of {name} [{lo}, {hi}]{unit} excludes 0: significantly {direction} "
+        f"at this scale ({diff.seeds} seed(s) × {diff.questions} questions)"
+    )

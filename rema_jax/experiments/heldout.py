@@ -1,6 +1,7 @@
 """Reading held-out evaluations (one JSONL record per question: ``uid``, ``subject``, ``level``,
 ``correct``), shared by the bootstrap job and the powered experiment: accuracy per family, a checked
 record count, and per-question 0/1 vectors in one fixed question order."""
+
 from __future__ import annotations
 
 import collections
@@ -21,8 +22,11 @@ def heldout_scores(path: str) -> dict[str, Any]:
             r = json.loads(line)
             by[r["subject"]].append(bool(r["correct"]))
     allv = [c for v in by.values() for c in v]
-    return {"accuracy": sum(allv) / max(len(allv), 1), "questions": len(allv),
-            "by_family": {fam: sum(v) / len(v) for fam, v in sorted(by.items())}}
+    return {
+        "accuracy": sum(allv) / max(len(allv), 1),
+        "questions": len(allv),
+        "by_family": {fam: sum(v) / len(v) for fam, v in sorted(by.items())},
+    }
 
 
 def check_eval_file(path: str, questions: int) -> None:

@@ -1,6 +1,7 @@
 """What a stage of an experiment job leaves behind, shared by the bootstrap job and the powered
 experiment: ``StageError``, atomic JSON / text writes (a killed run never leaves half a record),
 reading a record back, and the RL diagnostics a stage records from ``metrics.jsonl``."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,12 @@ def rl_diagnostics(records: list[Mapping[str, Any]]) -> dict[str, Any]:
         zs = [r[f"{role}/frac_reward_zero_std"] for r in records if r.get(f"{role}/frac_reward_zero_std") is not None]
         rw = [r[f"{role}/reward_mean"] for r in records if r.get(f"{role}/reward_mean") is not None]
         gn = [r[f"{role}/grad_norm"] for r in records if r.get(f"{role}/grad_norm") is not None]
-        out[role] = {"frac_zero_variance_groups": sum(zs) / len(zs) if zs else None,
-                     "reward_first": rw[0] if rw else None, "reward_last": rw[-1] if rw else None,
-                     "reward_mean": sum(rw) / len(rw) if rw else None,
-                     "update_steps": len(gn), "nonzero_grad_steps": sum(g > 0 for g in gn)}
+        out[role] = {
+            "frac_zero_variance_groups": sum(zs) / len(zs) if zs else None,
+            "reward_first": rw[0] if rw else None,
+            "reward_last": rw[-1] if rw else None,
+            "reward_mean": sum(rw) / len(rw) if rw else None,
+            "update_steps": len(gn),
+            "nonzero_grad_steps": sum(g > 0 for g in gn),
+        }
     return out

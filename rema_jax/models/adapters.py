@@ -5,6 +5,7 @@ Both ReMA agents share one base parameter tree. An agent's `Adapter` is a pytree
 the same compiled `forward` (switching agents never recompiles). `adapter=None` is the base model:
 the `shared` mode and the reference policy, with no copy of the weights.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,8 +65,9 @@ def _module_of(target: str) -> str:
     return "self_attn" if target in ATTENTION_PROJS else "mlp"
 
 
-def init_adapter(config: ModelConfig, params: Params, adapter_config: AdapterConfig, key: jax.Array,
-                 dtype: Optional[Any] = None) -> Optional[Adapter]:
+def init_adapter(
+    config: ModelConfig, params: Params, adapter_config: AdapterConfig, key: jax.Array, dtype: Optional[Any] = None
+) -> Optional[Adapter]:
     """A fresh adapter: LoRA with `lora_b = 0` (output equals the base exactly), `full` = a copy of
     `params`, `shared` = None. `dtype` of the LoRA factors defaults to float32 (trainable weights)."""
     if adapter_config.kind == "shared":
@@ -82,7 +84,7 @@ def init_adapter(config: ModelConfig, params: Params, adapter_config: AdapterCon
         for target in adapter_config.targets:
             module = _module_of(target)
             n_in, n_out = params[f"layers_{i}"][module][target]["kernel"].shape
-            bound = 1.0 / (n_in ** 0.5)  # PEFT's kaiming_uniform(a=sqrt(5)) bound
+            bound = 1.0 / (n_in**0.5)  # PEFT's kaiming_uniform(a=sqrt(5)) bound
             layer.setdefault(module, {})[target] = {
                 "lora_a": jax.random.uniform(next(k_iter), (n_in, r), dtype, -bound, bound),
                 "lora_b": jnp.zeros((r, n_out), dtype),
@@ -109,8 +111,10 @@ def merge_adapter(params: Params, adapter: Optional[Adapter]) -> Params:
                     raise KeyError(f"adapter targets {layer_name}/{module}/{proj}, absent from params") from None
                 delta = adapter.scale * (ab["lora_a"].astype(jnp.float32) @ ab["lora_b"].astype(jnp.float32))
                 if delta.shape != kernel.shape:
-                    raise ValueError(f"adapter {layer_name}/{module}/{proj}: delta {delta.shape} != kernel "
-                                     f"{kernel.shape}")
+                    raise ValueError(
+                        f"adapter {layer_name}/{module}/{proj}: delta {delta.shape} != kernel {kernel.shape}"
+                    )
                 merged[layer_name][module][proj] = dict(
-                    merged[layer_name][module][proj], kernel=(kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
+                    merged[layer_name][module][proj], kernel=(kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+                )
     return merged

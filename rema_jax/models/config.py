@@ -5,6 +5,7 @@ It is a frozen (hashable) dataclass so it can be a static argument of `jax.jit`.
 implement faithfully (another architecture, sliding windows, an unknown RoPE type, ...) is rejected
 with a `ModelConfigError` naming the source and the field, rather than producing a wrong model.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,25 +65,33 @@ class ModelConfig:
     family: str = "llama"
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ModelConfigError(f"ModelConfig.{name} must be a positive int, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ModelConfigError(
-                f"ModelConfig.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+                f"ModelConfig.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
         if self.head_dim % 2:
             raise ModelConfigError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
-                raise ModelConfigError(
-                    f"ModelConfig.{name}={getattr(self, name)!r}; expected one of {sorted(_DTYPES)}")
+                raise ModelConfigError(f"ModelConfig.{name}={getattr(self, name)!r}; expected one of {sorted(_DTYPES)}")
         if self.family not in SUPPORTED_MODEL_TYPES:
             raise ModelConfigError(f"ModelConfig.family={self.family!r}; supported: {SUPPORTED_MODEL_TYPES}")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, Llama3RopeScaling):
             raise ModelConfigError(
-                f"ModelConfig.rope_scaling must be a Llama3RopeScaling or None, got {self.rope_scaling!r}")
+                f"ModelConfig.rope_scaling must be a Llama3RopeScaling or None, got {self.rope_scaling!r}"
+            )
         if not isinstance(self.eos_token_ids, tuple):
             raise ModelConfigError(f"ModelConfig.eos_token_ids must be a tuple, got {self.eos_token_ids!r}")
 
@@ -109,8 +118,14 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ HF config.json
     @classmethod
-    def from_hf_dict(cls, d: Mapping[str, Any], source: str = "config.json", *,
-                     dtype: str = "float32", param_dtype: Optional[str] = None) -> "ModelConfig":
+    def from_hf_dict(
+        cls,
+        d: Mapping[str, Any],
+        source: str = "config.json",
+        *,
+        dtype: str = "float32",
+        param_dtype: Optional[str] = None,
+    ) -> "ModelConfig":
         """Parses a HF `config.json` dict (transformers 4.x `rope_theta`/`rope_scaling` or 5.x
         `rope_parameters`). Raises `ModelConfigError` naming `source` and the offending field."""
 
@@ -165,9 +180,11 @@ class ModelConfig:
         elif rope_type == "llama3":
             try:
                 rope_scaling = Llama3RopeScaling(
-                    factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+                    factor=float(rope["factor"]),
+                    low_freq_factor=float(rope["low_freq_factor"]),
                     high_freq_factor=float(rope["high_freq_factor"]),
-                    original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+                    original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+                )
             except KeyError as e:
                 raise err(field, f"llama3 rope scaling is missing {e.args[0]!r}") from None
             if rope_scaling.high_freq_factor <= rope_scaling.low_freq_factor:
@@ -178,21 +195,31 @@ class ModelConfig:
             raise err(field, "partial_rotary_factor != 1 is not supported")
 
         eos = d.get("eos_token_id")
-        eos_ids = tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (
-            () if eos is None else (int(eos),))
+        eos_ids = tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
         bos = d.get("bos_token_id")
         pad = d.get("pad_token_id")
         try:
             return cls(
-                vocab_size=int(req("vocab_size")), hidden_size=hidden,
-                intermediate_size=int(req("intermediate_size")), num_layers=int(req("num_hidden_layers")),
-                num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, rope_theta=rope_theta,
-                rope_scaling=rope_scaling, rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), attention_bias=attention_bias,
+                vocab_size=int(req("vocab_size")),
+                hidden_size=hidden,
+                intermediate_size=int(req("intermediate_size")),
+                num_layers=int(req("num_hidden_layers")),
+                num_heads=heads,
+                num_kv_heads=kv_heads,
+                head_dim=head_dim,
+                rope_theta=rope_theta,
+                rope_scaling=rope_scaling,
+                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                attention_bias=attention_bias,
                 max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-                bos_token_id=None if bos is None else int(bos), eos_token_ids=eos_ids,
+                bos_token_id=None if bos is None else int(bos),
+                eos_token_ids=eos_ids,
                 pad_token_id=None if pad is None else int(pad),
-                dtype=dtype, param_dtype=param_dtype or dtype, family=model_type)
+                dtype=dtype,
+                param_dtype=param_dtype or dtype,
+                family=model_type,
+            )
         except ModelConfigError as e:
             raise ModelConfigError(f"{source}: {e}") from None
 
@@ -203,17 +230,27 @@ class ModelConfig:
         if self.rope_scaling is not None:
             rope = {"rope_type": "llama3", "rope_theta": self.rope_theta, **self.rope_scaling._asdict()}
         d: dict[str, Any] = {
-            "architectures": [arch], "model_type": self.family, "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim, "hidden_act": "silu",
-            "max_position_embeddings": self.max_position_embeddings, "rms_norm_eps": self.rms_norm_eps,
-            "tie_word_embeddings": self.tie_word_embeddings, "rope_theta": self.rope_theta,
-            "rope_scaling": None if self.rope_scaling is None else {k: v for k, v in rope.items()
-                                                                    if k != "rope_theta"},
-            "rope_parameters": rope, "bos_token_id": self.bos_token_id,
+            "architectures": [arch],
+            "model_type": self.family,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None if self.rope_scaling is None else {k: v for k, v in rope.items() if k != "rope_theta"},
+            "rope_parameters": rope,
+            "bos_token_id": self.bos_token_id,
             "eos_token_id": (list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else self.eos_token_id),
-            "pad_token_id": self.pad_token_id, "torch_dtype": self.param_dtype, "dtype": self.param_dtype,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": self.param_dtype,
+            "dtype": self.param_dtype,
         }
         if self.family == "llama":
             d.update(attention_bias=False, mlp_bias=False)
@@ -223,8 +260,9 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ GGUF metadata
     @classmethod
-    def from_gguf_metadata(cls, reader: Any, source: str = "<gguf>", *, dtype: str = "float32",
-                           param_dtype: Optional[str] = None) -> "ModelConfig":
+    def from_gguf_metadata(
+        cls, reader: Any, source: str = "<gguf>", *, dtype: str = "float32", param_dtype: Optional[str] = None
+    ) -> "ModelConfig":
         """Builds the config from a `gguf.GGUFReader`'s key/value metadata."""
 
         def err(field, msg):
@@ -250,13 +288,18 @@ class ModelConfig:
             raise err(f"{arch}.attention.value_length", "must equal key_length")
         rope_dims = int(get(f"{arch}.rope.dimension_count", head_dim))
         if rope_dims != head_dim:
-            raise err(f"{arch}.rope.dimension_count", f"partial rotary ({rope_dims} != head_dim {head_dim}) unsupported")
+            raise err(
+                f"{arch}.rope.dimension_count", f"partial rotary ({rope_dims} != head_dim {head_dim}) unsupported"
+            )
         scaling = get(f"{arch}.rope.scaling.type", "none")
         if scaling not in ("none", None):
             raise err(f"{arch}.rope.scaling.type", f"unsupported RoPE scaling {scaling!r}")
         if any(t.name == "rope_freqs.weight" for t in reader.tensors):
-            raise err("rope_freqs.weight", "Llama-3.1 style RoPE frequency tensors are not supported in GGUF; "
-                                           "load the HF checkpoint directory instead")
+            raise err(
+                "rope_freqs.weight",
+                "Llama-3.1 style RoPE frequency tensors are not supported in GGUF; "
+                "load the HF checkpoint directory instead",
+            )
         tokens = fields.get("tokenizer.ggml.tokens")
         vocab = get(f"{arch}.vocab_size", None)
         if vocab is None:
@@ -269,15 +312,26 @@ class ModelConfig:
         pad = get("tokenizer.ggml.padding_token_id", None)
         try:
             return cls(
-                vocab_size=int(vocab), hidden_size=hidden, intermediate_size=int(get(f"{arch}.feed_forward_length")),
-                num_layers=int(get(f"{arch}.block_count")), num_heads=heads, num_kv_heads=kv_heads,
-                head_dim=head_dim, rope_theta=float(get(f"{arch}.rope.freq_base", 10000.0)), rope_scaling=None,
-                rms_norm_eps=float(get(f"{arch}.attention.layer_norm_rms_epsilon")), tie_word_embeddings=tied,
+                vocab_size=int(vocab),
+                hidden_size=hidden,
+                intermediate_size=int(get(f"{arch}.feed_forward_length")),
+                num_layers=int(get(f"{arch}.block_count")),
+                num_heads=heads,
+                num_kv_heads=kv_heads,
+                head_dim=head_dim,
+                rope_theta=float(get(f"{arch}.rope.freq_base", 10000.0)),
+                rope_scaling=None,
+                rms_norm_eps=float(get(f"{arch}.attention.layer_norm_rms_epsilon")),
+                tie_word_embeddings=tied,
                 attention_bias=(arch == "qwen2"),
                 max_position_embeddings=int(get(f"{arch}.context_length", 2048)),
                 bos_token_id=None if bos is None else int(bos),
-                eos_token_ids=() if eos is None else (int(eos),), pad_token_id=None if pad is None else int(pad),
-                dtype=dtype, param_dtype=param_dtype or dtype, family=arch)
+                eos_token_ids=() if eos is None else (int(eos),),
+                pad_token_id=None if pad is None else int(pad),
+                dtype=dtype,
+                param_dtype=param_dtype or dtype,
+                family=arch,
+            )
         except ModelConfigError as e:
             raise ModelConfigError(f"{source}: {e}") from None
 

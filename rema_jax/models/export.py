@@ -6,6 +6,7 @@
 store just one agent's adapter tree (`adapter.safetensors`) plus its static fields
 (`adapter_config.json`).
 """
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,14 @@ def _paths_of_shapes(shapes: Params) -> list[tuple[tuple[str, ...], tuple[int, .
     return [(tuple(k.key for k in path), leaf) for path, leaf in leaves]
 
 
-def export_hf(directory: str | pathlib.Path, config: ModelConfig, params: Params, adapter: Optional[Adapter] = None,
-              tokenizer: Any = None, dtype: Optional[str] = None) -> pathlib.Path:
+def export_hf(
+    directory: str | pathlib.Path,
+    config: ModelConfig,
+    params: Params,
+    adapter: Optional[Adapter] = None,
+    tokenizer: Any = None,
+    dtype: Optional[str] = None,
+) -> pathlib.Path:
     """Writes the agent's merged weights as a HF checkpoint dir that `transformers` loads."""
     from safetensors.flax import save_file
 
@@ -65,8 +72,11 @@ def export_hf(directory: str | pathlib.Path, config: ModelConfig, params: Params
     hf_config = config.to_hf_dict()
     hf_config.update(torch_dtype=dtype, dtype=dtype)
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
-    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": hf_config["eos_token_id"],
-                  "pad_token_id": config.pad_token_id}
+    generation = {
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": hf_config["eos_token_id"],
+        "pad_token_id": config.pad_token_id,
+    }
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))

@@ -4,6 +4,7 @@ llama.cpp's converter permutes the rows of Llama Q and K projections (per head, 
 rotary halves). We undo it exactly as transformers' own GGUF loader does, which makes the weights
 equal to the HF state dict. Qwen2 GGUFs are not permuted.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -17,13 +18,22 @@ from rema_jax.models.hf_loader import Placer, assign_tensor, check_complete
 from rema_jax.models.layers import Params
 from rema_jax.models.transformer import param_shapes
 
-_GLOBAL = {"token_embd.weight": (("embed_tokens", "embedding"), False),
-           "output_norm.weight": (("norm", "scale"), False),
-           "output.weight": (("lm_head", "kernel"), True)}
-_BLOCK = {"attn_norm": ("input_layernorm",), "ffn_norm": ("post_attention_layernorm",),
-          "attn_q": ("self_attn", "q_proj"), "attn_k": ("self_attn", "k_proj"), "attn_v": ("self_attn", "v_proj"),
-          "attn_output": ("self_attn", "o_proj"), "ffn_gate": ("mlp", "gate_proj"), "ffn_up": ("mlp", "up_proj"),
-          "ffn_down": ("mlp", "down_proj")}
+_GLOBAL = {
+    "token_embd.weight": (("embed_tokens", "embedding"), False),
+    "output_norm.weight": (("norm", "scale"), False),
+    "output.weight": (("lm_head", "kernel"), True),
+}
+_BLOCK = {
+    "attn_norm": ("input_layernorm",),
+    "ffn_norm": ("post_attention_layernorm",),
+    "attn_q": ("self_attn", "q_proj"),
+    "attn_k": ("self_attn", "k_proj"),
+    "attn_v": ("self_attn", "v_proj"),
+    "attn_output": ("self_attn", "o_proj"),
+    "ffn_gate": ("mlp", "gate_proj"),
+    "ffn_up": ("mlp", "up_proj"),
+    "ffn_down": ("mlp", "down_proj"),
+}
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -68,7 +78,9 @@ def open_gguf(path: str | pathlib.Path):
     try:
         return gguf.GGUFReader(str(path))
     except Exception as e:  # gguf raises ValueError/IndexError/struct errors on bad files
-        raise CheckpointError(f"{path}: cannot read GGUF file (corrupt or truncated?): {type(e).__name__}: {e}") from None
+        raise CheckpointError(
+            f"{path}: cannot read GGUF file (corrupt or truncated?): {type(e).__name__}: {e}"
+        ) from None
 
 
 def load_gguf_params(reader, config: ModelConfig, source: str, *, place: Optional[Placer] = None) -> Params:
@@ -87,24 +99,27 @@ def load_gguf_params(reader, config: ModelConfig, source: str, *, place: Optiona
         try:
             w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
         except Exception as e:
-            raise CheckpointError(f"{source}: tensor {t.name!r} ({t.tensor_type.name}) cannot be dequantized: "
-                                  f"{type(e).__name__}: {e}") from None
+            raise CheckpointError(
+                f"{source}: tensor {t.name!r} ({t.tensor_type.name}) cannot be dequantized: {type(e).__name__}: {e}"
+            ) from None
         expected_rows = int(np.prod([int(x) for x in t.shape[1:]])) if len(t.shape) > 1 else None
         if expected_rows is not None and w.ndim == 2 and w.shape[0] != expected_rows:
-            raise CheckpointError(f"{source}: tensor {t.name!r} data shape {w.shape} disagrees with its header "
-                                  f"{tuple(int(x) for x in t.shape)}")
+            raise CheckpointError(
+                f"{source}: tensor {t.name!r} data shape {w.shape} disagrees with its header "
+                f"{tuple(int(x) for x in t.shape)}"
+            )
         if permute and path[-2] in ("q_proj", "k_proj"):
             w = reverse_llama_permute(w, config.num_heads if path[-2] == "q_proj" else config.num_kv_heads)
         if transpose:
             w = w.T
-        assign_tensor(params, shapes, path, w, file=source, name=t.name, param_dtype=config.params_dtype,
-                      place=place)
+        assign_tensor(params, shapes, path, w, file=source, name=t.name, param_dtype=config.params_dtype, place=place)
     check_complete(params, shapes, source, path_to_gguf_name)
     return params
 
 
-def load_gguf(path: str | pathlib.Path, dtype: str = "float32",
-              param_dtype: Optional[str] = None) -> tuple[ModelConfig, Params]:
+def load_gguf(
+    path: str | pathlib.Path, dtype: str = "float32", param_dtype: Optional[str] = None
+) -> tuple[ModelConfig, Params]:
     """(config, params) of a GGUF file."""
     reader = open_gguf(path)
     config = ModelConfig.from_gguf_metadata(reader, source=str(path), dtype=dtype, param_dtype=param_dtype)

@@ -5,6 +5,7 @@ Contract-1 tree (kernels transposed to [in, out], cast to `param_dtype`), so the
 second full copy of the checkpoint. Every tensor is checked against `param_shapes(config)`: unknown,
 missing or mis-shaped tensors and unreadable files raise `CheckpointError` naming file and tensor.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,10 @@ INDEX_FILE = "model.safetensors.index.json"
 Placer = Callable[[tuple[str, ...], Any, Any], Any]
 # Buffers some older checkpoints carry that are not parameters (recomputed from the config).
 _IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp|input_layernorm|post_attention_layernorm)\.(?:(\w+)\.)?"
-                    r"(weight|bias)$")
+_LAYER = re.compile(
+    r"^model\.layers\.(\d+)\.(self_attn|mlp|input_layernorm|post_attention_layernorm)\.(?:(\w+)\.)?"
+    r"(weight|bias)$"
+)
 
 
 def hf_name_to_path(name: str) -> Optional[tuple[tuple[str, ...], bool]]:
@@ -89,8 +92,9 @@ def _shard_files(directory: pathlib.Path) -> dict[pathlib.Path, list[str] | None
         return files
     found = sorted(directory.glob("*.safetensors"))
     if not found:
-        raise CheckpointError(f"{directory}: no *.safetensors files (and no {INDEX_FILE}); only safetensors "
-                              "checkpoints are supported")
+        raise CheckpointError(
+            f"{directory}: no *.safetensors files (and no {INDEX_FILE}); only safetensors checkpoints are supported"
+        )
     return {f: None for f in found}
 
 
@@ -116,8 +120,17 @@ def _iter_tensors(files: dict[pathlib.Path, list[str] | None]) -> Iterator[tuple
                 yield f, name, tensor
 
 
-def assign_tensor(params: Params, shapes: Params, path: tuple[str, ...], value: Any, *, file: Any, name: str,
-                  param_dtype: Any, place: Optional[Placer] = None) -> None:
+def assign_tensor(
+    params: Params,
+    shapes: Params,
+    path: tuple[str, ...],
+    value: Any,
+    *,
+    file: Any,
+    name: str,
+    param_dtype: Any,
+    place: Optional[Placer] = None,
+) -> None:
     """Checks `value` against the expected shape at `path` and stores it (cast to `param_dtype`).
 
     `place(path, value, dtype) -> array`, when given, builds the stored array instead of
@@ -126,29 +139,32 @@ def assign_tensor(params: Params, shapes: Params, path: tuple[str, ...], value: 
     node = shapes
     for key in path:
         if not isinstance(node, dict) or key not in node:
-            raise CheckpointError(f"{file}: tensor {name!r} is not a parameter of this architecture "
-                                  f"(no {'/'.join(path)})")
+            raise CheckpointError(
+                f"{file}: tensor {name!r} is not a parameter of this architecture (no {'/'.join(path)})"
+            )
         node = node[key]
     if tuple(value.shape) != tuple(node):
-        raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(node)} "
-                              f"for {'/'.join(path)}")
+        raise CheckpointError(
+            f"{file}: tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(node)} for {'/'.join(path)}"
+        )
     target = params
     for key in path[:-1]:
         target = target.setdefault(key, {})
     if path[-1] in target:
         raise CheckpointError(f"{file}: tensor {name!r} appears twice in the checkpoint")
-    target[path[-1]] = (jnp.asarray(value, dtype=param_dtype) if place is None
-                        else place(path, value, param_dtype))
+    target[path[-1]] = jnp.asarray(value, dtype=param_dtype) if place is None else place(path, value, param_dtype)
 
 
 def check_complete(params: Params, shapes: Params, source: Any, name_of) -> None:
     """Raises `CheckpointError` naming the first expected tensor that was not loaded."""
+
     def walk(shape_node, param_node, path):
         for key, sub in shape_node.items():
             if isinstance(sub, dict):
                 walk(sub, (param_node or {}).get(key), path + (key,))
             elif param_node is None or key not in param_node:
                 raise CheckpointError(f"{source}: tensor {name_of(path + (key,))!r} is missing from the checkpoint")
+
     walk(shapes, params, ())
 
 
@@ -172,15 +188,15 @@ def load_hf_params(directory: str | pathlib.Path, config: ModelConfig, *, place:
             if tensor.ndim != 2:
                 raise CheckpointError(f"{f}: tensor {name!r} has shape {tuple(tensor.shape)}, expected a matrix")
             tensor = tensor.T
-        assign_tensor(params, shapes, path, tensor, file=f, name=name, param_dtype=config.params_dtype,
-                      place=place)
+        assign_tensor(params, shapes, path, tensor, file=f, name=name, param_dtype=config.params_dtype, place=place)
         del tensor
     check_complete(params, shapes, directory, path_to_hf_name)
     return params
 
 
-def load_hf_dir(directory: str | pathlib.Path, dtype: str = "float32",
-                param_dtype: Optional[str] = None) -> tuple[ModelConfig, Params]:
+def load_hf_dir(
+    directory: str | pathlib.Path, dtype: str = "float32", param_dtype: Optional[str] = None
+) -> tuple[ModelConfig, Params]:
     """(config, params) of a local HF checkpoint directory."""
     directory = pathlib.Path(directory)
     if not directory.is_dir():

@@ -1,4 +1,5 @@
 """`load(source)`: one entry point for a local HF dir, a `.gguf` file, `smollm2-135m` or a hub id."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,11 +65,13 @@ def _download(repo_id: str) -> pathlib.Path:
         raise ModelSourceError(
             f"{repo_id!r} looks like a Hugging Face hub id but it could not be downloaded (offline or no access: "
             f"{type(e).__name__}). Download it elsewhere and pass the local checkpoint directory instead, "
-            f"e.g. load('/path/to/{repo_id.split('/')[-1]}').") from None
+            f"e.g. load('/path/to/{repo_id.split('/')[-1]}')."
+        ) from None
 
 
-def load(source: str | pathlib.Path, dtype: str = "float32", param_dtype: Optional[str] = None,
-         with_tokenizer: bool = True) -> LoadedModel:
+def load(
+    source: str | pathlib.Path, dtype: str = "float32", param_dtype: Optional[str] = None, with_tokenizer: bool = True
+) -> LoadedModel:
     """Loads a model from a local HF dir, a `.gguf` file, `"smollm2-135m"` or a HF hub id.
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype (default: `dtype`).
@@ -94,5 +97,4 @@ def load(source: str | pathlib.Path, dtype: str = "float32", param_dtype: Option
         config, params = load_hf_dir(directory, dtype=dtype, param_dtype=param_dtype)
         tokenizer = load_tokenizer(directory) if with_tokenizer else None
         return LoadedModel(config, params, tokenizer, src)
-    raise ModelSourceError(f"{src!r}: no such file or directory, and not {SMOLLM2_NAME!r} or a hub id "
-                           "('org/name')")
+    raise ModelSourceError(f"{src!r}: no such file or directory, and not {SMOLLM2_NAME!r} or a hub id ('org/name')")

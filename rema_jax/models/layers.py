@@ -9,6 +9,7 @@ config and `rope`, so it sits below both (no import loop).
 The one KV-cache layout is `KVCache`: per layer `k, v [B, kv_heads, C, head_dim]` (a decode step is
 then a batched matmul over contiguous keys). The memory plan sizes it with `kv_cache_shape`.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -19,9 +20,25 @@ import jax.numpy as jnp
 from rema_jax.models.config import ModelConfig
 from rema_jax.models.rope import apply_rope_cos_sin, rope_cos_sin
 
-__all__ = ["Params", "ATTENTION_PROJS", "MLP_PROJS", "MASK_VALUE", "rms_norm", "rope_cos_sin",
-           "apply_rope_cos_sin", "qkv_heads", "dot_product_attention", "decode_attention", "mlp_hidden",
-           "KVCache", "kv_cache_shape", "kv_cache_dtype", "init_kv_cache", "kv_cache_from_block", "kv_cache_write"]
+__all__ = [
+    "Params",
+    "ATTENTION_PROJS",
+    "MLP_PROJS",
+    "MASK_VALUE",
+    "rms_norm",
+    "rope_cos_sin",
+    "apply_rope_cos_sin",
+    "qkv_heads",
+    "dot_product_attention",
+    "decode_attention",
+    "mlp_hidden",
+    "KVCache",
+    "kv_cache_shape",
+    "kv_cache_dtype",
+    "init_kv_cache",
+    "kv_cache_from_block",
+    "kv_cache_write",
+]
 
 Params = dict[str, Any]  # the parameter tree, named as HF names (Contract 1)
 
@@ -43,8 +60,9 @@ def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:
     return scale.astype(x.dtype) * y.astype(x.dtype)
 
 
-def qkv_heads(config: ModelConfig, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, cos_btd: jnp.ndarray,
-              sin_btd: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+def qkv_heads(
+    config: ModelConfig, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, cos_btd: jnp.ndarray, sin_btd: jnp.ndarray
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """Projected `q [B, T, nh*hd]`, `k`, `v [B, T, nkv*hd]` as heads `[B, T, heads, hd]`, with the
     rotary embedding (tables `[B, T, hd]` from `rope_cos_sin`) applied to q and k."""
     lead = q.shape[:-1]
@@ -60,8 +78,9 @@ def _masked_probs(scores: jnp.ndarray, mask: jnp.ndarray, dtype: Any) -> jnp.nda
     return jax.nn.softmax(scores, axis=-1).astype(dtype)
 
 
-def dot_product_attention(q_bthd: jnp.ndarray, k_bskd: jnp.ndarray, v_bskd: jnp.ndarray,
-                          mask_bts: jnp.ndarray) -> jnp.ndarray:
+def dot_product_attention(
+    q_bthd: jnp.ndarray, k_bskd: jnp.ndarray, v_bskd: jnp.ndarray, mask_bts: jnp.ndarray
+) -> jnp.ndarray:
     """Grouped-query attention of a block of queries (training forward, prefill); `[B, T, heads, hd]`.
 
     `mask_bts` is True where query t may attend key s. Scores and softmax are float32. A query row
@@ -71,8 +90,7 @@ def dot_product_attention(q_bthd: jnp.ndarray, k_bskd: jnp.ndarray, v_bskd: jnp.
     b, t, h, d = q_bthd.shape
     kv = k_bskd.shape[2]
     q = q_bthd.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_bskd.astype(q.dtype),
-                        preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_bskd.astype(q.dtype), preferred_element_type=jnp.float32) * (d**-0.5)
     probs = _masked_probs(scores, mask_bts[:, None, None, :, :], q.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd.astype(q.dtype))
     return out.reshape(b, t, h, d)
@@ -84,8 +102,7 @@ def decode_attention(q_bhd: jnp.ndarray, cache: "KVCache", mask_bc: jnp.ndarray)
     b, h, d = q_bhd.shape
     kv = cache.k.shape[1]
     q = q_bhd.reshape(b, kv, h // kv, d)
-    scores = jnp.einsum("bkgd,bkcd->bkgc", q, cache.k.astype(q.dtype),
-                        preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.einsum("bkgd,bkcd->bkgc", q, cache.k.astype(q.dtype), preferred_element_type=jnp.float32) * (d**-0.5)
     probs = _masked_probs(scores, mask_bc[:, None, None, :], q.dtype)
     out = jnp.einsum("bkgc,bkcd->bkgd", probs, cache.v.astype(q.dtype))
     return out.reshape(b, h, d)

@@ -1,4 +1,5 @@
 """Rotary position embeddings (HF "rotate_half" layout), with Llama-3.1 ("llama3") frequency scaling."""
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,9 @@ from rema_jax.models.config import ModelConfig
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     """Inverse frequencies `[head_dim // 2]` (float32), scaled as Llama-3.1 does when configured."""
     dim = config.head_dim
-    inv_freq = (1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
-                ).astype(np.float32)
+    inv_freq = (1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))).astype(
+        np.float32
+    )
     s = config.rope_scaling
     if s is None:
         return inv_freq
@@ -22,7 +24,8 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     wavelen = 2 * math.pi / inv_freq
     scaled = np.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
     smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-        s.high_freq_factor - s.low_freq_factor)
+        s.high_freq_factor - s.low_freq_factor
+    )
     smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
     is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
     return np.where(is_medium, smoothed, scaled).astype(np.float32)

@@ -1,4 +1,5 @@
 """Tiny random models for fast unit tests (here and in other packages' tests)."""
+
 from __future__ import annotations
 
 import jax
@@ -12,9 +13,22 @@ from rema_jax.models.transformer import param_shapes
 
 def tiny_config(**overrides) -> ModelConfig:
     """A 2-layer GQA Llama-shaped config (vocab 128, hidden 32, 4 heads / 2 KV heads); override any field."""
-    fields = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                  num_kv_heads=2, head_dim=8, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                  max_position_embeddings=256, bos_token_id=1, eos_token_ids=(2,), pad_token_id=0)
+    fields = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_ids=(2,),
+        pad_token_id=0,
+    )
     fields.update(overrides)
     return ModelConfig(**fields)
 

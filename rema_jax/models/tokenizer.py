@@ -1,4 +1,5 @@
 """Tokenizers via `transformers.AutoTokenizer` (from a checkpoint dir or from a GGUF file)."""
+
 from __future__ import annotations
 
 import pathlib

@@ -8,6 +8,7 @@ passing the adapter tree as a second, read-only Linen collection (`"lora"`) that
 paths, so the base tree is never copied and switching agents is just a different pytree of the same
 structure (no recompilation).
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -20,8 +21,8 @@ from rema_jax.models.adapters import Adapter
 from rema_jax.models.config import ModelConfig
 from rema_jax.models.layers import Params
 
-
 # ---------------------------------------------------------------------------- pure helpers
+
 
 def matmul_2d(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
     """`x [..., in] @ w [in, out]` as one 2-D matmul over the flattened leading axes.
@@ -65,7 +66,7 @@ def shared_lora_xa(x: jnp.ndarray, lora: Any, names: tuple[str, ...]) -> dict[st
     xa = matmul_2d(x, jnp.concatenate(factors, axis=1))
     out, start = {}, 0
     for n, a in zip(present, factors):
-        out[n] = xa[..., start:start + a.shape[1]]
+        out[n] = xa[..., start : start + a.shape[1]]
         start += a.shape[1]
     return out
 
@@ -82,10 +83,12 @@ def param_shapes(config: ModelConfig) -> Params:
     for i in range(config.num_layers):
         tree[f"layers_{i}"] = {
             "input_layernorm": {"scale": (h,)},
-            "self_attn": {"q_proj": proj(h, q_out, config.attention_bias),
-                          "k_proj": proj(h, kv_out, config.attention_bias),
-                          "v_proj": proj(h, kv_out, config.attention_bias),
-                          "o_proj": proj(q_out, h)},
+            "self_attn": {
+                "q_proj": proj(h, q_out, config.attention_bias),
+                "k_proj": proj(h, kv_out, config.attention_bias),
+                "v_proj": proj(h, kv_out, config.attention_bias),
+                "o_proj": proj(q_out, h),
+            },
             "post_attention_layernorm": {"scale": (h,)},
             "mlp": {"gate_proj": proj(h, f), "up_proj": proj(h, f), "down_proj": proj(f, h)},
         }
@@ -108,8 +111,7 @@ class Proj(nn.Module):
     def __call__(self, x: jnp.ndarray, lora_xa: Optional[jnp.ndarray] = None) -> jnp.ndarray:
         """`lora_xa`: `x @ lora_a` when the caller computed it (`shared_lora_xa`)."""
         cfg = self.config
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
-                            cfg.params_dtype)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), cfg.params_dtype)
         y = matmul_2d(x, kernel.astype(x.dtype))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), cfg.params_dtype).astype(x.dtype)
@@ -185,8 +187,14 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens_bt, positions_bt, mask_bts, logits_at_bk=None):
         cfg = self.config
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                         embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.params_dtype,
+            embedding_init=nn.initializers.normal(0.02),
+            name="embed_tokens",
+        )
         x = embed(tokens_bt)
         cos, sin = layers.rope_cos_sin(positions_bt, cfg)
         for i in range(cfg.num_layers):
@@ -202,9 +210,16 @@ class Transformer(nn.Module):
 
 
 # ---------------------------------------------------------------------------- pure forward
-def forward(config: ModelConfig, params: Params, tokens_bt: jnp.ndarray, adapter: Optional[Adapter] = None, *,
-            positions_bt: Optional[jnp.ndarray] = None, attention_mask: Optional[jnp.ndarray] = None,
-            logits_at_bk: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+def forward(
+    config: ModelConfig,
+    params: Params,
+    tokens_bt: jnp.ndarray,
+    adapter: Optional[Adapter] = None,
+    *,
+    positions_bt: Optional[jnp.ndarray] = None,
+    attention_mask: Optional[jnp.ndarray] = None,
+    logits_at_bk: Optional[jnp.ndarray] = None,
+) -> jnp.ndarray:
     """Logits `[B, T, V]` (float32) for `tokens_bt [B, T]`, causal over the whole block (no KV cache;
     cached decoding is `rema_jax.sampling`, tested against this function).
 
@@ -235,12 +250,15 @@ def forward(config: ModelConfig, params: Params, tokens_bt: jnp.ndarray, adapter
         else:
             raise ValueError(f"unknown adapter kind {adapter.kind!r}")
 
-    mask_bt = (jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool))
+    mask_bt = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     if mask_bt.shape != (b, t):
         raise ValueError(f"attention_mask must be [batch, time]={(b, t)}, got {mask_bt.shape}")
     causal_ts = jnp.tril(jnp.ones((t, t), bool))
     mask_bts = causal_ts[None] & mask_bt[:, None, :]
     if positions_bt is None:
-        positions_bt = (jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if attention_mask is None
-                        else jnp.maximum(jnp.cumsum(mask_bt.astype(jnp.int32), axis=1) - 1, 0))
+        positions_bt = (
+            jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            if attention_mask is None
+            else jnp.maximum(jnp.cumsum(mask_bt.astype(jnp.int32), axis=1) - 1, 0)
+        )
     return Transformer(config, lora_scale).apply(variables, tokens_bt, positions_bt, mask_bts, logits_at_bk)

@@ -1,8 +1,9 @@
 """Rewards: math-verify grading with timeouts and the ReMA reward shapings (no JAX imports)."""
+
 from rema_jax.rewards.math_grading import (
     GradeResult,
-    GradingError,
     GradingConfig,
+    GradingError,
     MathGrader,
     extract_boxed,
     get_grader,

@@ -21,6 +21,7 @@ handing training a batch of zero rewards.
 `in_process=True` skips the pool (fast path for tests); it relies on math-verify's own
 ``signal.alarm`` timeouts only, so it must run in the main thread.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -251,8 +252,9 @@ class MathGrader:
                 try:
                     out.append(fut.result())
                 except concurrent.futures.TimeoutError:
-                    out.append(GradeResult(correct=False, timed_out=True,
-                                           error=f"timeout after {self.config.timeout_s} s"))
+                    out.append(
+                        GradeResult(correct=False, timed_out=True, error=f"timeout after {self.config.timeout_s} s")
+                    )
                 except Exception as e:  # noqa: BLE001 - pebble.ProcessExpired, BrokenProcessPool, ...
                     out.append(e)
         return out
@@ -264,8 +266,7 @@ class MathGrader:
         (dead workers, a broken pool), not in grading: those are not the answers' fault.
         """
         if len(predictions) != len(golds):
-            raise ValueError(
-                f"grade_batch: {len(predictions)} predictions but {len(golds)} gold answers")
+            raise ValueError(f"grade_batch: {len(predictions)} predictions but {len(golds)} gold answers")
         for name, seq in (("predictions", predictions), ("golds", golds)):
             for i, s in enumerate(seq):
                 if not isinstance(s, str):
@@ -281,16 +282,19 @@ class MathGrader:
             failed = [i for i in failed if isinstance(results[i], BaseException)]
         if 2 * len(failed) > len(results):
             cause = collections.Counter(_describe(results[i]) for i in failed).most_common(1)[0][0]
-            hint = ("" if self.config.mp_context == "fork" else
-                    f"; with mp_context={self.config.mp_context!r} every worker re-imports the main "
-                    "module, so a script that grades must guard its entry point with "
-                    "`if __name__ == \"__main__\":`")
+            hint = (
+                ""
+                if self.config.mp_context == "fork"
+                else f"; with mp_context={self.config.mp_context!r} every worker re-imports the main "
+                "module, so a script that grades must guard its entry point with "
+                '`if __name__ == "__main__":`'
+            )
             raise GradingError(
                 f"math grading failed for {len(failed)} of {len(results)} answers even after "
                 f"restarting the grading pool ({cause}): the grading workers die or cannot start. "
-                f"Check whether the OS kills them (out of memory){hint}")
-        return [GradeResult(correct=False, error=_describe(r)) if isinstance(r, BaseException) else r
-                for r in results]
+                f"Check whether the OS kills them (out of memory){hint}"
+            )
+        return [GradeResult(correct=False, error=_describe(r)) if isinstance(r, BaseException) else r for r in results]
 
     def close(self):
         with self._lock:
@@ -327,8 +331,9 @@ def _close_shared():
         g.close()
 
 
-def grade_batch(predictions: Sequence[str], golds: Sequence[str], timeout: float = 10.0,
-                workers: int = 1, in_process: bool = False) -> list[GradeResult]:
+def grade_batch(
+    predictions: Sequence[str], golds: Sequence[str], timeout: float = 10.0, workers: int = 1, in_process: bool = False
+) -> list[GradeResult]:
     """Grade a batch with the shared pool for (timeout, workers). See `MathGrader.grade_batch`."""
     cfg = GradingConfig(timeout_s=timeout, workers=workers, in_process=in_process)
     return get_grader(cfg).grade_batch(predictions, golds)

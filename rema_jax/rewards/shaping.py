@@ -3,6 +3,7 @@
 Spec references are to /work/shared/reference/rema-spec.md §4. Every function is pure and
 takes plain Python values, never rollout objects, so the trainer decides what to pass.
 """
+
 from __future__ import annotations
 
 import collections
@@ -42,11 +43,9 @@ class RewardConfig:
         if self.kind not in REWARD_KINDS:
             raise ValueError(f"RewardConfig.kind={self.kind!r} is unknown; valid: {REWARD_KINDS}")
         if self.format_check not in FORMAT_CHECKS:
-            raise ValueError(
-                f"RewardConfig.format_check={self.format_check!r} is unknown; valid: {FORMAT_CHECKS}")
+            raise ValueError(f"RewardConfig.format_check={self.format_check!r} is unknown; valid: {FORMAT_CHECKS}")
         if self.mta_boxed_penalty > 0:
-            raise ValueError(
-                f"RewardConfig.mta_boxed_penalty must be <= 0 (a penalty), got {self.mta_boxed_penalty}")
+            raise ValueError(f"RewardConfig.mta_boxed_penalty must be <= 0 (a penalty), got {self.mta_boxed_penalty}")
 
 
 def has_answer_format(text: str, format_check: str = "boxed") -> bool:
@@ -75,8 +74,7 @@ def mta_boxed_penalty(plan: str, cfg: RewardConfig = RewardConfig()) -> float:
     return cfg.mta_boxed_penalty if has_boxed(plan) else 0.0
 
 
-def paper_meta_thinking_reward(ra_correct: Sequence[bool], plan: str,
-                               cfg: RewardConfig = RewardConfig()) -> float:
+def paper_meta_thinking_reward(ra_correct: Sequence[bool], plan: str, cfg: RewardConfig = RewardConfig()) -> float:
     """Paper single-turn high-level reward (App. C.2).
 
     R_h = mean_i 1[RA sample i for this plan is correct] + (-1 if the plan writes \\boxed else 0).
@@ -93,8 +91,7 @@ def _normalize_answer(ans: Optional[str]) -> Optional[str]:
     return ans or None
 
 
-def consistency_reward(ra_answers: Sequence[Optional[str]], plan: str,
-                       cfg: RewardConfig = RewardConfig()) -> float:
+def consistency_reward(ra_answers: Sequence[Optional[str]], plan: str, cfg: RewardConfig = RewardConfig()) -> float:
     """Consistency-based high-level reward (paper App. C.2 ablation).
 
     R_h = max_a count(a) / n over the RA samples' answers (whitespace-insensitive string match),

@@ -14,6 +14,7 @@ Common keyword inputs (estimators ignore what they do not need):
   old_logprobs_nl, ref_logprobs_nl [N, L]   REINFORCE++ KL-in-reward (optional)
   turn_rewards_nk [N, K] optional per-turn rewards for REINFORCE++ (K = max turns)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,8 +68,7 @@ class AdvantageConfig:
     def __post_init__(self):
         get_advantage_estimator(self.estimator)  # raises with the registered names
         if self.eps < 0 or self.whiten_eps < 0:
-            raise ValueError(f"AdvantageConfig eps/whiten_eps must be >= 0, got {self.eps}, "
-                             f"{self.whiten_eps}")
+            raise ValueError(f"AdvantageConfig eps/whiten_eps must be >= 0, got {self.eps}, {self.whiten_eps}")
         if self.kl_coef < 0:
             raise ValueError(f"AdvantageConfig.kl_coef must be >= 0, got {self.kl_coef}")
         if self.whiten_scope not in ("batch", "role"):
@@ -143,8 +143,17 @@ def _last_token_of_turns(mask_nl, turn_ids_nl):
 
 
 @register_advantage_estimator("reinforce_pp")
-def reinforce_pp_advantages(*, rewards_n, loss_mask_nl, turn_ids_nl=None, old_logprobs_nl=None,
-                            ref_logprobs_nl=None, turn_rewards_nk=None, cfg=None, **_):
+def reinforce_pp_advantages(
+    *,
+    rewards_n,
+    loss_mask_nl,
+    turn_ids_nl=None,
+    old_logprobs_nl=None,
+    ref_logprobs_nl=None,
+    turn_rewards_nk=None,
+    cfg=None,
+    **_,
+):
     """REINFORCE++ (OpenRLHF / verl `compute_reinforce_plus_plus_outcome_advantage`).
 
     r_t = -beta * (logp_old_t - logp_ref_t) on loss tokens (k1 KL in the reward; skipped when
@@ -184,8 +193,7 @@ def reinforce_pp_advantages(*, rewards_n, loss_mask_nl, turn_ids_nl=None, old_lo
         running = r_t + running
         return running * m_t, running
 
-    _, returns = jax.lax.scan(step, jnp.zeros((n,), jnp.float32),
-                              (jnp.flip(r_tok, 1).T, jnp.flip(mask, 1).T))
+    _, returns = jax.lax.scan(step, jnp.zeros((n,), jnp.float32), (jnp.flip(r_tok, 1).T, jnp.flip(mask, 1).T))
     returns = jnp.flip(returns.T, 1) * mask
     return masked_whiten(returns, mask, cfg.whiten_eps)
 
@@ -214,6 +222,8 @@ def frac_reward_zero_std(rewards_n, group_ids_n, role_ids_n=None) -> float:
 def group_reward_metrics(rewards_n, group_ids_n, role_ids_n=None) -> dict[str, float]:
     """reward mean/std and frac_reward_zero_std for logging."""
     r = np.asarray(rewards_n, np.float64)
-    return {"reward_mean": float(r.mean()) if r.size else 0.0,
-            "reward_std": float(r.std()) if r.size else 0.0,
-            "frac_reward_zero_std": frac_reward_zero_std(rewards_n, group_ids_n, role_ids_n)}
+    return {
+        "reward_mean": float(r.mean()) if r.size else 0.0,
+        "reward_std": float(r.std()) if r.size else 0.0,
+        "frac_reward_zero_std": frac_reward_zero_std(rewards_n, group_ids_n, role_ids_n),
+    }

@@ -35,6 +35,7 @@ its gradient unchanged (tested). The official code divides by the micro-batch si
 without loss tokens included), and its token and trajectory modes produce NaN there (0/0); we keep
 ours deliberately.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -91,15 +92,16 @@ class LossConfig:
             if not self.token_sum_norm > 0:
                 raise ValueError(f"LossConfig.token_sum_norm must be > 0 or None, got {self.token_sum_norm}")
             if self.agg_mode not in (None, SUM_NORM):
-                raise ValueError(f"LossConfig.token_sum_norm is only used by agg_mode={SUM_NORM!r}, "
-                                 f"got agg_mode={self.agg_mode!r}")
+                raise ValueError(
+                    f"LossConfig.token_sum_norm is only used by agg_mode={SUM_NORM!r}, got agg_mode={self.agg_mode!r}"
+                )
         if self.ratio_mode != "token" and self.agg_mode == "token_mean":
             raise ValueError(
                 f"LossConfig: ratio_mode={self.ratio_mode!r} with agg_mode='token_mean' is rejected "
-                "(as in the official code); use 'turn_mean' or 'trajectory_mean'")
+                "(as in the official code); use 'turn_mean' or 'trajectory_mean'"
+            )
         if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(
-                f"LossConfig.kl_estimator={self.kl_estimator!r} is unknown; valid: {KL_ESTIMATORS}")
+            raise ValueError(f"LossConfig.kl_estimator={self.kl_estimator!r} is unknown; valid: {KL_ESTIMATORS}")
         if not 0 < self.clip_eps < 1:
             raise ValueError(f"LossConfig.clip_eps must be in (0, 1), got {self.clip_eps}")
         if self.dual_clip_c is not None and not self.dual_clip_c > 1:
@@ -113,8 +115,7 @@ class LossConfig:
         if not (isinstance(self.max_turns, int) and self.max_turns >= 1):
             raise ValueError(f"LossConfig.max_turns must be an int >= 1, got {self.max_turns!r}")
         if self.logprob_chunk_size is not None and self.logprob_chunk_size < 1:
-            raise ValueError(f"LossConfig.logprob_chunk_size must be >= 1 or None, "
-                             f"got {self.logprob_chunk_size}")
+            raise ValueError(f"LossConfig.logprob_chunk_size must be >= 1 or None, got {self.logprob_chunk_size}")
 
     @property
     def turn_level(self) -> bool:
@@ -138,8 +139,7 @@ def _logp_entropy_block(logits_btv, targets_bt, temperature):
     return tgt - lse, ent
 
 
-def token_logprobs_and_entropy(logits_btv, tokens_bt, temperature: float = 1.0, *,
-                               chunk_size: Optional[int] = None):
+def token_logprobs_and_entropy(logits_btv, tokens_bt, temperature: float = 1.0, *, chunk_size: Optional[int] = None):
     """Per-token log-prob of `tokens_bt` and entropy of the predictive distribution (fp32).
 
     Contract 4 alignment: logp[:, t] = log_softmax(logits[:, t-1] / T)[tokens[:, t]], the same
@@ -165,8 +165,10 @@ def token_logprobs_and_entropy(logits_btv, tokens_bt, temperature: float = 1.0, 
             lg = jax.lax.dynamic_slice_in_dim(logits, start, c, axis=1)
             tg = jax.lax.dynamic_slice_in_dim(targets, start, c, axis=1)
             lp, en = _logp_entropy_block(lg, tg, temperature)
-            return (jax.lax.dynamic_update_slice_in_dim(lp_acc, lp, start, axis=1),
-                    jax.lax.dynamic_update_slice_in_dim(en_acc, en, start, axis=1))
+            return (
+                jax.lax.dynamic_update_slice_in_dim(lp_acc, lp, start, axis=1),
+                jax.lax.dynamic_update_slice_in_dim(en_acc, en, start, axis=1),
+            )
 
         zeros = jnp.zeros((b, n), jnp.float32)
         logp, ent = jax.lax.fori_loop(0, num, body, (zeros, zeros))
@@ -174,8 +176,9 @@ def token_logprobs_and_entropy(logits_btv, tokens_bt, temperature: float = 1.0, 
     return jnp.concatenate([pad, logp], 1), jnp.concatenate([pad, ent], 1)
 
 
-def sparse_token_logprobs_and_entropy(logits_at_fn, tokens_bt, loss_mask_bt, max_loss_tokens: int,
-                                      temperature: float = 1.0):
+def sparse_token_logprobs_and_entropy(
+    logits_at_fn, tokens_bt, loss_mask_bt, max_loss_tokens: int, temperature: float = 1.0
+):
     """`token_logprobs_and_entropy` evaluated only at loss positions (same values there, 0 elsewhere).
 
     `logits_at_fn(positions_bk) -> logits_bkv` returns the logits at the given time indices (e.g.
@@ -190,7 +193,7 @@ def sparse_token_logprobs_and_entropy(logits_at_fn, tokens_bt, loss_mask_bt, max
     k = int(max_loss_tokens)
     mask = jnp.asarray(loss_mask_bt) > 0
     mask = mask.at[:, 0].set(False)  # position 0 has no prediction
-    order_bk = jnp.argsort(~mask, axis=1, stable=True)[:, :k]   # loss positions first, in order
+    order_bk = jnp.argsort(~mask, axis=1, stable=True)[:, :k]  # loss positions first, in order
     valid_bk = jnp.take_along_axis(mask, order_bk, axis=1)
     pos_bk = jnp.where(valid_bk, order_bk, 1)
     logits_bkv = logits_at_fn(pos_bk - 1)
@@ -245,9 +248,11 @@ def loss_normalizers(loss_mask_bl, turn_ids_bl, max_turns: int) -> dict:
     seg, nseg = _turn_segments(mask.astype(jnp.float32), turn_ids_bl, max_turns)
     b = mask.shape[0]
     cnt_bk = _turn_sum(mask.astype(jnp.float32), seg, nseg, b, max_turns)
-    return {"tokens": mask.sum().astype(jnp.float32),
-            "turns": (cnt_bk > 0).sum().astype(jnp.float32),
-            "seqs": (cnt_bk.sum(1) > 0).sum().astype(jnp.float32)}
+    return {
+        "tokens": mask.sum().astype(jnp.float32),
+        "turns": (cnt_bk > 0).sum().astype(jnp.float32),
+        "seqs": (cnt_bk.sum(1) > 0).sum().astype(jnp.float32),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,8 +271,18 @@ def _clipped_pg(adv, ratio, cfg: LossConfig):
     return jnp.where(adv < 0, jnp.minimum(pg, pg3), pg), clipped, dual
 
 
-def ppo_loss(logp_bl, old_logp_bl, adv_bl, loss_mask_bl, turn_ids_bl, cfg: LossConfig, *,
-             entropy_bl=None, ref_logp_bl=None, normalizers: Optional[dict] = None):
+def ppo_loss(
+    logp_bl,
+    old_logp_bl,
+    adv_bl,
+    loss_mask_bl,
+    turn_ids_bl,
+    cfg: LossConfig,
+    *,
+    entropy_bl=None,
+    ref_logp_bl=None,
+    normalizers: Optional[dict] = None,
+):
     """Turn-level / token-level PPO loss (see module docstring). Returns (loss, metrics).
 
     logp_bl: current log-probs (differentiated); old_logp_bl: recomputed old policy log-probs;
@@ -283,8 +298,10 @@ def ppo_loss(logp_bl, old_logp_bl, adv_bl, loss_mask_bl, turn_ids_bl, cfg: LossC
     if agg_mode == SUM_NORM and cfg.token_sum_norm is None:
         raise ValueError(f"LossConfig.agg_mode={SUM_NORM!r} needs token_sum_norm (the constant C)")
     if agg_mode != SUM_NORM and cfg.token_sum_norm is not None:
-        raise ValueError(f"LossConfig.token_sum_norm is only used by agg_mode={SUM_NORM!r}, "
-                         f"got agg_mode={cfg.agg_mode!r} (-> {agg_mode!r})")
+        raise ValueError(
+            f"LossConfig.token_sum_norm is only used by agg_mode={SUM_NORM!r}, "
+            f"got agg_mode={cfg.agg_mode!r} (-> {agg_mode!r})"
+        )
     mask = ((loss_mask_bl > 0) & (turn_ids_bl >= 0) & (turn_ids_bl < k)).astype(f32)
     seg, nseg = _turn_segments(mask, turn_ids_bl, k)
     local = normalizers is None

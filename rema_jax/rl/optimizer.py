@@ -12,6 +12,7 @@ passed through untouched, i.e. bit-identical: a partition equivalent to
 `optax.multi_transform({..., "frozen": optax.set_to_zero()})` that, unlike re-labelling a
 multi_transform per phase, keeps the frozen agent's moments for when it trains again.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,7 +55,8 @@ class OptimizerConfig:
         if self.schedule != "constant" and self.decay_steps <= self.warmup_steps:
             raise ValueError(
                 f"OptimizerConfig.schedule={self.schedule!r} needs decay_steps > warmup_steps, got "
-                f"decay_steps={self.decay_steps}, warmup_steps={self.warmup_steps}")
+                f"decay_steps={self.decay_steps}, warmup_steps={self.warmup_steps}"
+            )
         if not 0.0 <= self.end_lr_ratio <= 1.0:
             raise ValueError(f"OptimizerConfig.end_lr_ratio must be in [0, 1], got {self.end_lr_ratio}")
         if self.weight_decay < 0:
@@ -71,11 +73,11 @@ def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
     if cfg.schedule == "constant":
         if w == 0:
             return optax.constant_schedule(lr)
-        return optax.join_schedules(
-            [optax.linear_schedule(0.0, lr, w), optax.constant_schedule(lr)], [w])
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, w), optax.constant_schedule(lr)], [w])
     if cfg.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
-            0.0 if w else lr, lr, w, cfg.decay_steps, end_value=lr * cfg.end_lr_ratio)
+            0.0 if w else lr, lr, w, cfg.decay_steps, end_value=lr * cfg.end_lr_ratio
+        )
     decay = optax.linear_schedule(lr, lr * cfg.end_lr_ratio, cfg.decay_steps - w)
     if w == 0:
         return decay
@@ -88,16 +90,16 @@ class MultiAgentOptimizer:
     def __init__(self, cfg: OptimizerConfig = OptimizerConfig()):
         self.cfg = cfg
         self.schedule = make_schedule(cfg)
-        self.agent_tx = optax.adamw(self.schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                                    weight_decay=cfg.weight_decay)
+        self.agent_tx = optax.adamw(self.schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
         self.clip = optax.clip_by_global_norm(cfg.max_grad_norm)
 
     def init(self, params: Mapping[str, Any]) -> dict:
         """{agent: AdamW state, or None for a None tree}."""
         return {a: (None if p is None else self.agent_tx.init(p)) for a, p in params.items()}
 
-    def step(self, grads: Mapping[str, Any], opt_state: Mapping[str, Any],
-             params: Mapping[str, Any], trained: Sequence[str]):
+    def step(
+        self, grads: Mapping[str, Any], opt_state: Mapping[str, Any], params: Mapping[str, Any], trained: Sequence[str]
+    ):
         """Apply `grads` (a dict over exactly the `trained` agents). Returns
         (new_params, new_opt_state, {"grad_norm", "lr"}); other agents are passed through."""
         trained = tuple(trained)
@@ -115,8 +117,7 @@ class MultiAgentOptimizer:
 
 def agent_step_count(agent_state) -> jax.Array:
     """The number of optimizer steps this agent has taken (from its AdamW state)."""
-    for s in jax.tree_util.tree_leaves(
-            agent_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState)):
+    for s in jax.tree_util.tree_leaves(agent_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState)):
         if isinstance(s, optax.ScaleByAdamState):
             return s.count
     raise ValueError("no ScaleByAdamState found in the agent's optimizer state")
@@ -145,8 +146,9 @@ def tree_bitwise_equal(a, b) -> bool:
     lb, tb = jax.tree_util.tree_flatten(b)
     if ta != tb:
         return False
-    return all(np.asarray(x).dtype == np.asarray(y).dtype
-               and np.asarray(x).shape == np.asarray(y).shape
-               and np.asarray(x).tobytes() == np.asarray(y).tobytes()
-               for x, y in zip(la, lb))
-
+    return all(
+        np.asarray(x).dtype == np.asarray(y).dtype
+        and np.asarray(x).shape == np.asarray(y).shape
+        and np.asarray(x).tobytes() == np.asarray(y).tobytes()
+        for x, y in zip(la, lb)
+    )

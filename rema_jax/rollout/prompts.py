@@ -14,6 +14,7 @@ judge ``{answer_a}``/``{answer_b}``) plus ``{instruction}`` (the meta-thinking a
 for the reasoning agent. System prompts are used verbatim (never formatted), so the code's literal
 ``\\boxed{{}}`` quirk survives.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,7 @@ _PAPER_MAMRP_HIGH_LINES = (
     "weaker agent with minimal capability in math how to solve a problem step-by-step.",
     "Your task is to provide a high-level solution plan for the given problem, in order to guide "
     "a low-level math solving agent to solve the problem.",
-    "You can not directly answer the question. You'll be punished if you include any answer in "
-    "your response.",
+    "You can not directly answer the question. You'll be punished if you include any answer in your response.",
     "You need to first think deeply in mind and output your final instruction.",
 )
 PAPER_MAMRP_HIGH_SYSTEM = "\n".join(_PAPER_MAMRP_HIGH_LINES)
@@ -55,8 +55,7 @@ PAPER_MAMRP_LOW_USER = (
     "[Provided Instruction] {instruction} [End of Instruction]"
 )
 PAPER_VRP_SYSTEM = (
-    "You are a math expert tasked with solving problems step by step. Present the final answer "
-    "within \\boxed{}."
+    "You are a math expert tasked with solving problems step by step. Present the final answer within \\boxed{}."
 )
 PAPER_VRP_USER = "Here is the question:\n{question}"
 # The PDF conversion reads "within boxed}."; we restore the evident "\boxed{}".
@@ -80,8 +79,7 @@ CODE_ST_RA_SYSTEM = (
     "answer within \\boxed{{}}."
 )
 CODE_VRP_SYSTEM = (
-    "You are a math expert tasked with solving problems step by step. \nPresent the final answer "
-    "within \\boxed{}."
+    "You are a math expert tasked with solving problems step by step. \nPresent the final answer within \\boxed{}."
 )
 # The code feeds the raw ``question`` column as the user message.
 CODE_MTA_USER = "{question}"
@@ -135,54 +133,55 @@ PAPER_JUDGE_LOW_USER = (
 
 @dataclasses.dataclass(frozen=True)
 class RolePrompt:
-  """One agent's system prompt and user template."""
+    """One agent's system prompt and user template."""
 
-  system: str
-  user_template: str
+    system: str
+    user_template: str
 
-  def __post_init__(self):
-    fields = {f for _, f, _, _ in string.Formatter().parse(self.user_template) if f is not None}
-    unknown = fields - {"question", "answer_a", "answer_b", "instruction"}
-    if unknown:
-      raise ValueError(f"user template has unknown fields {sorted(unknown)}: {self.user_template!r}")
+    def __post_init__(self):
+        fields = {f for _, f, _, _ in string.Formatter().parse(self.user_template) if f is not None}
+        unknown = fields - {"question", "answer_a", "answer_b", "instruction"}
+        if unknown:
+            raise ValueError(f"user template has unknown fields {sorted(unknown)}: {self.user_template!r}")
 
-  @property
-  def fields(self) -> frozenset[str]:
-    return frozenset(
-        f for _, f, _, _ in string.Formatter().parse(self.user_template) if f is not None)
+    @property
+    def fields(self) -> frozenset[str]:
+        return frozenset(f for _, f, _, _ in string.Formatter().parse(self.user_template) if f is not None)
 
-  def user(self, question: Mapping[str, str], instruction: str | None = None) -> str:
-    """The first user message: the template filled with the question fields (and instruction)."""
-    values = dict(question)
-    if "instruction" in self.fields:
-      if instruction is None:
-        raise ValueError("this user template needs the meta-thinking agent's instruction")
-      values["instruction"] = instruction
-    missing = self.fields - set(values)
-    if missing:
-      raise ValueError(f"question is missing fields {sorted(missing)} needed by the user template "
-                       f"{self.user_template!r}; got fields {sorted(values)}")
-    return self.user_template.format(**values)
+    def user(self, question: Mapping[str, str], instruction: str | None = None) -> str:
+        """The first user message: the template filled with the question fields (and instruction)."""
+        values = dict(question)
+        if "instruction" in self.fields:
+            if instruction is None:
+                raise ValueError("this user template needs the meta-thinking agent's instruction")
+            values["instruction"] = instruction
+        missing = self.fields - set(values)
+        if missing:
+            raise ValueError(
+                f"question is missing fields {sorted(missing)} needed by the user template "
+                f"{self.user_template!r}; got fields {sorted(values)}"
+            )
+        return self.user_template.format(**values)
 
 
 @dataclasses.dataclass(frozen=True)
 class PromptSet:
-  """The prompts of one rollout mode: one ``RolePrompt`` per role that speaks.
+    """The prompts of one rollout mode: one ``RolePrompt`` per role that speaks.
 
-  ``finish_flag`` is the stop string of the multi-turn protocol (None: no stop string).
-  """
+    ``finish_flag`` is the stop string of the multi-turn protocol (None: no stop string).
+    """
 
-  roles: Mapping[str, RolePrompt]
-  finish_flag: str | None = None
+    roles: Mapping[str, RolePrompt]
+    finish_flag: str | None = None
 
-  def __getitem__(self, role: str) -> RolePrompt:
-    if role not in self.roles:
-      raise KeyError(f"no prompt for role {role!r}; this prompt set has {sorted(self.roles)}")
-    return self.roles[role]
+    def __getitem__(self, role: str) -> RolePrompt:
+        if role not in self.roles:
+            raise KeyError(f"no prompt for role {role!r}; this prompt set has {sorted(self.roles)}")
+        return self.roles[role]
 
 
 def _mamrp(mta: RolePrompt, ra: RolePrompt, finish_flag: str | None = None) -> PromptSet:
-  return PromptSet({META_THINKING: mta, REASONING: ra}, finish_flag)
+    return PromptSet({META_THINKING: mta, REASONING: ra}, finish_flag)
 
 
 _MATH_PROMPTS: dict[tuple[str, str], PromptSet] = {
@@ -193,43 +192,44 @@ _MATH_PROMPTS: dict[tuple[str, str], PromptSet] = {
     ("mrp", "code"): PromptSet({SINGLE: RolePrompt(PAPER_MRP_SYSTEM, PAPER_MRP_USER)}),
     ("single_turn", "paper"): _mamrp(
         RolePrompt(PAPER_MAMRP_HIGH_SYSTEM, PAPER_MAMRP_HIGH_USER),
-        RolePrompt(PAPER_MAMRP_LOW_SYSTEM, PAPER_MAMRP_LOW_USER)),
+        RolePrompt(PAPER_MAMRP_LOW_SYSTEM, PAPER_MAMRP_LOW_USER),
+    ),
     ("single_turn", "code"): _mamrp(
-        RolePrompt(CODE_ST_MTA_SYSTEM, CODE_MTA_USER), RolePrompt(CODE_ST_RA_SYSTEM, CODE_RA_USER)),
+        RolePrompt(CODE_ST_MTA_SYSTEM, CODE_MTA_USER), RolePrompt(CODE_ST_RA_SYSTEM, CODE_RA_USER)
+    ),
     ("multi_turn", "paper"): _mamrp(
-        RolePrompt(CODE_MT_MTA_SYSTEM, CODE_MTA_USER), RolePrompt(CODE_MT_RA_SYSTEM, CODE_RA_USER),
-        FINISH_FLAG),
+        RolePrompt(CODE_MT_MTA_SYSTEM, CODE_MTA_USER), RolePrompt(CODE_MT_RA_SYSTEM, CODE_RA_USER), FINISH_FLAG
+    ),
     ("multi_turn", "code"): _mamrp(
-        RolePrompt(CODE_MT_MTA_SYSTEM, CODE_MTA_USER), RolePrompt(CODE_MT_RA_SYSTEM, CODE_RA_USER),
-        FINISH_FLAG),
+        RolePrompt(CODE_MT_MTA_SYSTEM, CODE_MTA_USER), RolePrompt(CODE_MT_RA_SYSTEM, CODE_RA_USER), FINISH_FLAG
+    ),
 }
 
 _JUDGE_PROMPTS: dict[tuple[str, str], PromptSet] = {
     ("single_turn", "paper"): _mamrp(
         RolePrompt(PAPER_JUDGE_HIGH_SYSTEM, PAPER_JUDGE_HIGH_USER),
-        RolePrompt(PAPER_JUDGE_LOW_SYSTEM, PAPER_JUDGE_LOW_USER)),
+        RolePrompt(PAPER_JUDGE_LOW_SYSTEM, PAPER_JUDGE_LOW_USER),
+    ),
 }
 
-DEFAULT_VARIANT: dict[str, Variant] = {
-    "vrp": "paper", "mrp": "paper", "single_turn": "paper", "multi_turn": "code"}
+DEFAULT_VARIANT: dict[str, Variant] = {"vrp": "paper", "mrp": "paper", "single_turn": "paper", "multi_turn": "code"}
 
 
 def get_prompts(mode: Mode, variant: Variant | None = None, task: TaskKind = "math") -> PromptSet:
-  """The prompt set of a rollout mode; ``variant=None`` picks the mode's default."""
-  if mode not in DEFAULT_VARIANT:
-    raise ValueError(f"unknown rollout mode {mode!r}; expected one of {sorted(DEFAULT_VARIANT)}")
-  variant = DEFAULT_VARIANT[mode] if variant is None else variant
-  if variant not in ("paper", "code"):
-    raise ValueError(f"prompt variant must be 'paper' or 'code', got {variant!r}")
-  table = {"math": _MATH_PROMPTS, "judge": _JUDGE_PROMPTS}.get(task)
-  if table is None:
-    raise ValueError(f"task must be 'math' or 'judge', got {task!r}")
-  if (mode, variant) not in table:
-    raise ValueError(f"no {task} prompts for mode={mode!r} variant={variant!r}; available: "
-                     f"{sorted(table)}")
-  return table[(mode, variant)]
+    """The prompt set of a rollout mode; ``variant=None`` picks the mode's default."""
+    if mode not in DEFAULT_VARIANT:
+        raise ValueError(f"unknown rollout mode {mode!r}; expected one of {sorted(DEFAULT_VARIANT)}")
+    variant = DEFAULT_VARIANT[mode] if variant is None else variant
+    if variant not in ("paper", "code"):
+        raise ValueError(f"prompt variant must be 'paper' or 'code', got {variant!r}")
+    table = {"math": _MATH_PROMPTS, "judge": _JUDGE_PROMPTS}.get(task)
+    if table is None:
+        raise ValueError(f"task must be 'math' or 'judge', got {task!r}")
+    if (mode, variant) not in table:
+        raise ValueError(f"no {task} prompts for mode={mode!r} variant={variant!r}; available: {sorted(table)}")
+    return table[(mode, variant)]
 
 
 def judge_fields(question: str, response_a: str, response_b: str) -> dict[str, str]:
-  """Question fields for the judge prompts (pass the result as the rollout's question)."""
-  return {"question": question, "answer_a": response_a, "answer_b": response_b}
+    """Question fields for the judge prompts (pass the result as the rollout's question)."""
+    return {"question": question, "answer_a": response_a, "answer_b": response_b}

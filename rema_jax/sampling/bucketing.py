@@ -1,4 +1,5 @@
 """Static-shape bucketing: batch sizes and lengths are rounded up so a run compiles a few times."""
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -47,8 +48,9 @@ def batch_bucket(n: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"batch of {n} rows exceeds the largest batch bucket {max(buckets)}")
 
 
-def left_pad(prompts: Sequence[Sequence[int]], rows: int, length: int, pad_id: int = 0
-             ) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(
+    prompts: Sequence[Sequence[int]], rows: int, length: int, pad_id: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Left-pads prompts into `tokens_bp [rows, length] int32` and returns `pad_b [rows] int32`
     (the number of pad slots before each row's first real token). Rows past `len(prompts)` are
     filler copies of prompt 0 (the kernel marks them finished from the start)."""
@@ -56,6 +58,6 @@ def left_pad(prompts: Sequence[Sequence[int]], rows: int, length: int, pad_id: i
     pad_b = np.zeros((rows,), np.int32)
     for i in range(rows):
         p = prompts[i] if i < len(prompts) else prompts[0]
-        tokens_bp[i, length - len(p):] = p
+        tokens_bp[i, length - len(p) :] = p
         pad_b[i] = length - len(p)
     return tokens_bp, pad_b

@@ -16,6 +16,7 @@ weights and the loop out for decoding:
   head of a ReMA agent), prefill runs them once and broadcasts their keys/values into slots
   `[0, S)`; the rows' remainders are left-padded after them (pad slots `[S, S + pad_b)`).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -31,19 +32,19 @@ from rema_jax.sampling import ops, stops
 
 
 class FusedLayer(NamedTuple):
-    ln1: jnp.ndarray        # [H]
-    w_qkv: jnp.ndarray      # [H, (nh + 2 nkv) hd]
+    ln1: jnp.ndarray  # [H]
+    w_qkv: jnp.ndarray  # [H, (nh + 2 nkv) hd]
     b_qkv: Optional[jnp.ndarray]
-    w_o: jnp.ndarray        # [nh hd, H]
-    ln2: jnp.ndarray        # [H]
+    w_o: jnp.ndarray  # [nh hd, H]
+    ln2: jnp.ndarray  # [H]
     w_gate_up: jnp.ndarray  # [H, 2F]
-    w_down: jnp.ndarray     # [F, H]
+    w_down: jnp.ndarray  # [F, H]
 
 
 class FusedParams(NamedTuple):
-    embed_vh: jnp.ndarray   # [V, H]
+    embed_vh: jnp.ndarray  # [V, H]
     layers: tuple[FusedLayer, ...]
-    norm: jnp.ndarray       # [H]
+    norm: jnp.ndarray  # [H]
     lm_head_hv: jnp.ndarray  # [H, V] (a transposed copy of the embedding when tied)
 
 
@@ -58,14 +59,17 @@ def fuse_params(config: ModelConfig, params: dict, adapter: Optional[Adapter]) -
         b_qkv = None
         if config.attention_bias:
             b_qkv = jnp.concatenate([att[n]["bias"] for n in ATTENTION_PROJS[:3]]).astype(dt)
-        layers.append(FusedLayer(
-            ln1=lp["input_layernorm"]["scale"].astype(dt),
-            w_qkv=jnp.concatenate([att[n]["kernel"] for n in ATTENTION_PROJS[:3]], axis=1).astype(dt),
-            b_qkv=b_qkv,
-            w_o=att["o_proj"]["kernel"].astype(dt),
-            ln2=lp["post_attention_layernorm"]["scale"].astype(dt),
-            w_gate_up=jnp.concatenate([mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"]], axis=1).astype(dt),
-            w_down=mlp["down_proj"]["kernel"].astype(dt)))
+        layers.append(
+            FusedLayer(
+                ln1=lp["input_layernorm"]["scale"].astype(dt),
+                w_qkv=jnp.concatenate([att[n]["kernel"] for n in ATTENTION_PROJS[:3]], axis=1).astype(dt),
+                b_qkv=b_qkv,
+                w_o=att["o_proj"]["kernel"].astype(dt),
+                ln2=lp["post_attention_layernorm"]["scale"].astype(dt),
+                w_gate_up=jnp.concatenate([mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"]], axis=1).astype(dt),
+                w_down=mlp["down_proj"]["kernel"].astype(dt),
+            )
+        )
     embed = p["embed_tokens"]["embedding"].astype(dt)
     lm_head = embed.T if config.tie_word_embeddings else p["lm_head"]["kernel"].astype(dt)
     return FusedParams(embed_vh=embed, layers=tuple(layers), norm=p["norm"]["scale"].astype(dt), lm_head_hv=lm_head)
@@ -78,7 +82,7 @@ def _qkv(config: ModelConfig, layer: FusedLayer, x: jnp.ndarray, cos, sin):
     qkv = h @ layer.w_qkv
     if layer.b_qkv is not None:
         qkv = qkv + layer.b_qkv
-    q, k, v = qkv[..., :nh * hd], qkv[..., nh * hd:(nh + nkv) * hd], qkv[..., (nh + nkv) * hd:]
+    q, k, v = qkv[..., : nh * hd], qkv[..., nh * hd : (nh + nkv) * hd], qkv[..., (nh + nkv) * hd :]
     return layers.qkv_heads(config, q, k, v, cos, sin)
 
 
@@ -102,8 +106,15 @@ def _prepend(past: BlockKV, kv: BlockKV) -> BlockKV:
     return join(past[0], kv[0]), join(past[1], kv[1])
 
 
-def _attend_block(config: ModelConfig, fp: FusedParams, x: jnp.ndarray, cos, sin, mask_bts: jnp.ndarray,
-                  past: Optional[tuple[BlockKV, ...]] = None) -> tuple[jnp.ndarray, list[BlockKV]]:
+def _attend_block(
+    config: ModelConfig,
+    fp: FusedParams,
+    x: jnp.ndarray,
+    cos,
+    sin,
+    mask_bts: jnp.ndarray,
+    past: Optional[tuple[BlockKV, ...]] = None,
+) -> tuple[jnp.ndarray, list[BlockKV]]:
     """Runs every layer on `x [B, T, H]` (rotary tables `cos`/`sin` for its positions). Queries attend
     to `past` (per layer `[1 or B, S, kv, hd]` keys/values, e.g. a shared prompt prefix) and then to
     the block itself, under `mask_bts [B, T, S + T]`. Returns the output and the block's own
@@ -121,8 +132,14 @@ def _attend_block(config: ModelConfig, fp: FusedParams, x: jnp.ndarray, cos, sin
     return x, out_kv
 
 
-def prefill(config: ModelConfig, fp: FusedParams, tokens_bp: jnp.ndarray, pad_b: jnp.ndarray, cache_len: int,
-            prefix_1s: Optional[jnp.ndarray] = None) -> tuple[tuple[KVCache, ...], jnp.ndarray]:
+def prefill(
+    config: ModelConfig,
+    fp: FusedParams,
+    tokens_bp: jnp.ndarray,
+    pad_b: jnp.ndarray,
+    cache_len: int,
+    prefix_1s: Optional[jnp.ndarray] = None,
+) -> tuple[tuple[KVCache, ...], jnp.ndarray]:
     """Runs the prompts; returns the per-layer caches `[B, kv, cache_len, hd]` and the next-token
     logits `[B, V]` at the last prompt position.
 
@@ -144,16 +161,24 @@ def prefill(config: ModelConfig, fp: FusedParams, tokens_bp: jnp.ndarray, pad_b:
     mask_bts = (slots[:, None] >= slots[None, :])[None] & real_bq[:, None, :]
     if s_len:
         mask_bts = jnp.concatenate([jnp.ones((b, q_len, s_len), bool), mask_bts], axis=-1)
-    x, block_kv = _attend_block(config, fp, fp.embed_vh[tokens_bp], *rope_cos_sin(positions_bq, config),
-                                mask_bts, past)
-    caches = tuple(layers.kv_cache_from_block(*(kv if past is None else _prepend(past[i], kv)), cache_len)
-                   for i, kv in enumerate(block_kv))
+    x, block_kv = _attend_block(config, fp, fp.embed_vh[tokens_bp], *rope_cos_sin(positions_bq, config), mask_bts, past)
+    caches = tuple(
+        layers.kv_cache_from_block(*(kv if past is None else _prepend(past[i], kv)), cache_len)
+        for i, kv in enumerate(block_kv)
+    )
     return caches, _logits(config, fp, x[:, -1])
 
 
-def decode_step(config: ModelConfig, fp: FusedParams, caches: tuple[KVCache, ...], tok_b: jnp.ndarray,
-                pos_b: jnp.ndarray, slot, pad_b: jnp.ndarray, prefix_len=0
-                ) -> tuple[tuple[KVCache, ...], jnp.ndarray]:
+def decode_step(
+    config: ModelConfig,
+    fp: FusedParams,
+    caches: tuple[KVCache, ...],
+    tok_b: jnp.ndarray,
+    pos_b: jnp.ndarray,
+    slot,
+    pad_b: jnp.ndarray,
+    prefix_len=0,
+) -> tuple[tuple[KVCache, ...], jnp.ndarray]:
     """Feeds one token per row (rotary position `pos_b`, cache slot `slot`); returns the updated
     caches and the next-token logits `[B, V]`. Row b's pad slots are `[prefix_len, prefix_len + pad_b)`."""
     b = tok_b.shape[0]
@@ -176,27 +201,36 @@ def decode_step(config: ModelConfig, fp: FusedParams, caches: tuple[KVCache, ...
 class DecodeInputs(NamedTuple):
     """Dynamic (traced) inputs of the decode loop."""
 
-    pad_b: jnp.ndarray         # [B] int32 pad slots per row (after the shared prefix, if any)
-    prefix_len: jnp.ndarray    # () int32 slots [0, prefix_len) hold a prefix shared by every row
-    active_b: jnp.ndarray      # [B] bool, False for filler rows of the batch bucket
-    seeds_b: jnp.ndarray       # [B] uint32: row b samples with key fold_in(key(seeds_b[b]), row_ids_b[b])
-    row_ids_b: jnp.ndarray     # [B] int32
+    pad_b: jnp.ndarray  # [B] int32 pad slots per row (after the shared prefix, if any)
+    prefix_len: jnp.ndarray  # () int32 slots [0, prefix_len) hold a prefix shared by every row
+    active_b: jnp.ndarray  # [B] bool, False for filler rows of the batch bucket
+    seeds_b: jnp.ndarray  # [B] uint32: row b samples with key fold_in(key(seeds_b[b]), row_ids_b[b])
+    row_ids_b: jnp.ndarray  # [B] int32
     max_new_tokens: jnp.ndarray  # () int32
-    temperature: jnp.ndarray   # () float32
-    top_p: jnp.ndarray         # () float32
-    eos_ids: jnp.ndarray       # [n_eos] int32 (n_eos may be 0)
+    temperature: jnp.ndarray  # () float32
+    top_p: jnp.ndarray  # () float32
+    eos_ids: jnp.ndarray  # [n_eos] int32 (n_eos may be 0)
 
 
 class DecodeOutputs(NamedTuple):
-    tokens_bn: jnp.ndarray     # [B, N] int32, valid up to lengths_b
-    logprobs_bn: jnp.ndarray   # [B, N] float32
-    lengths_b: jnp.ndarray     # [B] int32
-    stopped_b: jnp.ndarray     # [B] bool: finished on EOS or a stop string (else: length)
+    tokens_bn: jnp.ndarray  # [B, N] int32, valid up to lengths_b
+    logprobs_bn: jnp.ndarray  # [B, N] float32
+    lengths_b: jnp.ndarray  # [B] int32
+    stopped_b: jnp.ndarray  # [B] bool: finished on EOS or a stop string (else: length)
 
 
-def decode(config: ModelConfig, mode: ops.SamplingMode, fp: FusedParams, caches: tuple[KVCache, ...],
-           logits_bv: jnp.ndarray, inp: DecodeInputs, stop_tables: Optional[stops.StopTables], *,
-           prompt_len: int, n_out: int) -> tuple[DecodeOutputs, tuple[KVCache, ...]]:
+def decode(
+    config: ModelConfig,
+    mode: ops.SamplingMode,
+    fp: FusedParams,
+    caches: tuple[KVCache, ...],
+    logits_bv: jnp.ndarray,
+    inp: DecodeInputs,
+    stop_tables: Optional[stops.StopTables],
+    *,
+    prompt_len: int,
+    n_out: int,
+) -> tuple[DecodeOutputs, tuple[KVCache, ...]]:
     """Samples up to `max_new_tokens` (<= `n_out`) tokens per row with a `lax.while_loop` that
     exits as soon as every row has finished. `logits_bv` are the prefill's next-token logits and
     `prompt_len` the prompt slots P (shared prefix + bucketed remainder): generated token t is fed
@@ -230,8 +264,9 @@ def decode(config: ModelConfig, mode: ops.SamplingMode, fp: FusedParams, caches:
 
     def body(carry):
         t, kv, tok_b, done_b, out_tok, out_lp, lengths_b, stopped_b, hist = carry
-        kv, logits = decode_step(config, fp, kv, tok_b, real_len_b + t - 1, prompt_len + t - 1, inp.pad_b,
-                                 inp.prefix_len)
+        kv, logits = decode_step(
+            config, fp, kv, tok_b, real_len_b + t - 1, prompt_len + t - 1, inp.pad_b, inp.prefix_len
+        )
         new_b, lp_b, hit_b, hist = pick(logits, t, done_b, hist)
         out_tok = jax.lax.dynamic_update_slice(out_tok, new_b[:, None], (0, t))
         out_lp = jax.lax.dynamic_update_slice(out_lp, lp_b[:, None], (0, t))

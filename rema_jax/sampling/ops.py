@@ -7,6 +7,7 @@ two logs per vocabulary entry per row per step. Filtered paths (top-k / top-p) s
 candidates. Every path returns the log-prob of the sampled token under the distribution it was
 actually drawn from.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -21,7 +22,7 @@ class SamplingMode(NamedTuple):
     """The static (shape- or branch-determining) part of the sampling controls."""
 
     greedy: bool
-    top_k: int      # 0 = off
+    top_k: int  # 0 = off
     use_top_p: bool
 
 
@@ -82,8 +83,9 @@ def _sample_filtered(x_bv: jnp.ndarray, u_b: jnp.ndarray, top_k: int, top_p) -> 
     return tok_b.astype(jnp.int32), logp_b
 
 
-def sample_tokens(logits_bv: jnp.ndarray, u_b: jnp.ndarray, mode: SamplingMode, temperature, top_p
-                  ) -> tuple[jnp.ndarray, jnp.ndarray]:
+def sample_tokens(
+    logits_bv: jnp.ndarray, u_b: jnp.ndarray, mode: SamplingMode, temperature, top_p
+) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Chooses one token per row; returns `(tokens_b int32, logprobs_b float32)`.
 
     Args:

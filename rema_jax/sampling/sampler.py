@@ -7,6 +7,7 @@ Executables are cached by everything that fixes their shapes (bucket sizes, stat
 stop-table shapes, parameter/adapter tree structure), never by values: temperature, top-p, seeds,
 max-new-tokens and the adapter's weights are traced inputs, so switching agents does not recompile.
 """
+
 from __future__ import annotations
 
 import time
@@ -45,9 +46,16 @@ class Sampler:
         `MIN_PREFIX_SAVING` of the prefill (same tokens and log-probs either way; tested).
     """
 
-    def __init__(self, config: ModelConfig, tokenizer: Any, *, max_cache_len: int = 2048,
-                 batch_buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128), fused_cache_size: int = 2,
-                 share_prefix: bool = True):
+    def __init__(
+        self,
+        config: ModelConfig,
+        tokenizer: Any,
+        *,
+        max_cache_len: int = 2048,
+        batch_buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128),
+        fused_cache_size: int = 2,
+        share_prefix: bool = True,
+    ):
         if not batch_buckets or any(int(b) <= 0 for b in batch_buckets):
             raise ValueError(f"Sampler batch_buckets must be positive ints, got {batch_buckets!r}")
         if max_cache_len < MIN_PROMPT_BUCKET + 1:
@@ -58,7 +66,7 @@ class Sampler:
         self.batch_buckets = tuple(sorted(int(b) for b in batch_buckets))
         self._fused_cache_size = int(fused_cache_size)
         self.share_prefix = bool(share_prefix)
-        self._fused: list[tuple[list, Any]] = []        # [(leaves of (params, adapter), FusedParams)]
+        self._fused: list[tuple[list, Any]] = []  # [(leaves of (params, adapter), FusedParams)]
         self._executables: dict[tuple, Any] = {}
         self._compile_seconds = 0.0
         self._token_table: Optional[tuple[jnp.ndarray, jnp.ndarray]] = None
@@ -117,8 +125,10 @@ class Sampler:
 
     def _check_adapter(self, adapter: Optional[Adapter]) -> None:
         if adapter is not None and not isinstance(adapter, Adapter):
-            raise TypeError(f"Sampler.generate: adapter must be a rema_jax.models.adapters.Adapter or None, "
-                            f"got {type(adapter).__name__}")
+            raise TypeError(
+                f"Sampler.generate: adapter must be a rema_jax.models.adapters.Adapter or None, "
+                f"got {type(adapter).__name__}"
+            )
 
     def _fused_params(self, params: dict, adapter: Optional[Adapter]) -> kernel.FusedParams:
         """Fused weights of this agent, reused while the very same arrays are passed again."""
@@ -131,7 +141,7 @@ class Sampler:
         t0 = time.perf_counter()
         fused = jax.block_until_ready(exe(params, adapter))
         self.stats.fuse_s += time.perf_counter() - t0
-        self._fused = ([(leaves, fused)] + self._fused)[:self._fused_cache_size]
+        self._fused = ([(leaves, fused)] + self._fused)[: self._fused_cache_size]
         return fused
 
     def _validate_prompts(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
@@ -143,8 +153,10 @@ class Sampler:
             try:
                 ids = [int(t) for t in p]
             except (TypeError, ValueError):
-                raise TypeError(f"Sampler.generate: prompt {i} must be a sequence of int token ids, got "
-                                f"{type(p).__name__} {str(p)[:60]!r}") from None
+                raise TypeError(
+                    f"Sampler.generate: prompt {i} must be a sequence of int token ids, got "
+                    f"{type(p).__name__} {str(p)[:60]!r}"
+                ) from None
             if not ids:
                 raise ValueError(f"Sampler.generate: prompt {i} is empty (need at least one token id)")
             bad = [t for t in ids if not 0 <= t < v]
@@ -168,8 +180,15 @@ class Sampler:
         return (arr.astype(np.int64) & 0xFFFFFFFF).astype(np.uint32), np.zeros((n,), np.int32)
 
     # ------------------------------------------------------------------ generate
-    def generate(self, params: dict, adapter: Optional[Adapter], prompts: Sequence[Sequence[int]],
-                 sampling: SamplingParams, *, seed: int | jax.Array = 0) -> list[Generation]:
+    def generate(
+        self,
+        params: dict,
+        adapter: Optional[Adapter],
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams,
+        *,
+        seed: int | jax.Array = 0,
+    ) -> list[Generation]:
         """Samples a continuation for every prompt (lists of token ids, already chat-templated).
 
         Rows are independent: a row's tokens do not depend on the other rows of the batch (for a
@@ -203,8 +222,14 @@ class Sampler:
             return 0, plain
         return s, q
 
-    def _generate_chunk(self, fused: kernel.FusedParams, rows: list[list[int]], sampling: SamplingParams,
-                        seeds: np.ndarray, row_ids: np.ndarray) -> list[Generation]:
+    def _generate_chunk(
+        self,
+        fused: kernel.FusedParams,
+        rows: list[list[int]],
+        sampling: SamplingParams,
+        seeds: np.ndarray,
+        row_ids: np.ndarray,
+    ) -> list[Generation]:
         n = len(rows)
         b = bucketing.batch_bucket(n, self.batch_buckets)
         s_len, q_len = self._prompt_layout(rows, b)
@@ -214,7 +239,8 @@ class Sampler:
         if p + sampling.max_new_tokens - 1 > cache_len:
             raise ValueError(
                 f"Sampler.generate: prompt bucket {p} (longest prompt {max(len(r) for r in rows)}) + "
-                f"max_new_tokens {sampling.max_new_tokens} exceeds max_cache_len={self.max_cache_len}")
+                f"max_new_tokens {sampling.max_new_tokens} exceeds max_cache_len={self.max_cache_len}"
+            )
         tokens_bp, pad_b = bucketing.left_pad([r[s_len:] for r in rows], b, q_len)
         active = np.arange(b) < n
         seeds_b = np.zeros((b,), np.uint32)
@@ -222,14 +248,23 @@ class Sampler:
         row_ids_b = np.zeros((b,), np.int32)
         row_ids_b[:n] = row_ids
         eos = self._eos_ids(sampling)
-        mode = ops.SamplingMode(greedy=sampling.greedy, top_k=0 if sampling.greedy else sampling.top_k,
-                                use_top_p=(not sampling.greedy) and sampling.top_p < 1.0)
+        mode = ops.SamplingMode(
+            greedy=sampling.greedy,
+            top_k=0 if sampling.greedy else sampling.top_k,
+            use_top_p=(not sampling.greedy) and sampling.top_p < 1.0,
+        )
         stop_tables = self._stop_tables_for(sampling.stop_strings)
         inp = kernel.DecodeInputs(
-            pad_b=jnp.asarray(pad_b), prefix_len=jnp.int32(s_len), active_b=jnp.asarray(active), seeds_b=jnp.asarray(seeds_b),
-            row_ids_b=jnp.asarray(row_ids_b), max_new_tokens=jnp.int32(sampling.max_new_tokens),
-            temperature=jnp.float32(sampling.temperature), top_p=jnp.float32(sampling.top_p),
-            eos_ids=jnp.asarray(np.asarray(eos, np.int32).reshape(-1)))
+            pad_b=jnp.asarray(pad_b),
+            prefix_len=jnp.int32(s_len),
+            active_b=jnp.asarray(active),
+            seeds_b=jnp.asarray(seeds_b),
+            row_ids_b=jnp.asarray(row_ids_b),
+            max_new_tokens=jnp.int32(sampling.max_new_tokens),
+            temperature=jnp.float32(sampling.temperature),
+            top_p=jnp.float32(sampling.top_p),
+            eos_ids=jnp.asarray(np.asarray(eos, np.int32).reshape(-1)),
+        )
         fsig = _tree_signature(fused)
 
         cfg = self.config
@@ -237,16 +272,27 @@ class Sampler:
         prefix_1s = jnp.asarray(np.asarray(rows[0][:s_len], np.int32)[None]) if s_len else None
         prefill_exe = self._compiled(
             ("prefill", b, s_len, q_len, cache_len, fsig),
-            lambda f, t, pd, pre: kernel.prefill(cfg, f, t, pd, cache_len, pre), (),
-            fused, tokens_bp, pad_dev, prefix_1s)
+            lambda f, t, pd, pre: kernel.prefill(cfg, f, t, pd, cache_len, pre),
+            (),
+            fused,
+            tokens_bp,
+            pad_dev,
+            prefix_1s,
+        )
         t0 = time.perf_counter()
         caches, logits = jax.block_until_ready(prefill_exe(fused, tokens_bp, pad_dev, prefix_1s))
         self.stats.prefill_s += time.perf_counter() - t0
         stop_sig = None if stop_tables is None else _tree_signature(stop_tables)
         decode_exe = self._compiled(
             ("decode", b, p, cache_len, n_out, mode, len(eos), stop_sig, fsig),
-            lambda f, c, lg, i, st: kernel.decode(cfg, mode, f, c, lg, i, st, prompt_len=p, n_out=n_out), (1,),
-            fused, caches, logits, inp, stop_tables)
+            lambda f, c, lg, i, st: kernel.decode(cfg, mode, f, c, lg, i, st, prompt_len=p, n_out=n_out),
+            (1,),
+            fused,
+            caches,
+            logits,
+            inp,
+            stop_tables,
+        )
         t0 = time.perf_counter()
         res, caches = decode_exe(fused, caches, logits, inp, stop_tables)
         del caches
@@ -264,7 +310,12 @@ class Sampler:
             ids = res.tokens_bn[i, :k].tolist()
             stopped = bool(res.stopped_b[i])
             text_ids = ids[:-1] if stopped and ids and ids[-1] in eos_set else ids
-            gens.append(Generation(token_ids=ids, logprobs=res.logprobs_bn[i, :k].astype(float).tolist(),
-                                   finish_reason="stop" if stopped else "length",
-                                   text=self.tokenizer.decode(text_ids)))
+            gens.append(
+                Generation(
+                    token_ids=ids,
+                    logprobs=res.logprobs_bn[i, :k].astype(float).tolist(),
+                    finish_reason="stop" if stopped else "length",
+                    text=self.tokenizer.decode(text_ids),
+                )
+            )
         return gens

@@ -1,4 +1,5 @@
 """The sampler's request and result records (Contract 3 in docs/architecture.md)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,15 +32,18 @@ class SamplingParams:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
             raise ValueError(f"SamplingParams.max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
         if not self.greedy and not self.temperature > 0:
-            raise ValueError(f"SamplingParams.temperature must be > 0 (use greedy=True for argmax), "
-                             f"got {self.temperature!r}")
+            raise ValueError(
+                f"SamplingParams.temperature must be > 0 (use greedy=True for argmax), got {self.temperature!r}"
+            )
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"SamplingParams.top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
         if isinstance(self.stop_strings, str):
-            raise ValueError(f"SamplingParams.stop_strings must be a tuple of strings, got the string "
-                             f"{self.stop_strings!r}; write ({self.stop_strings!r},)")
+            raise ValueError(
+                f"SamplingParams.stop_strings must be a tuple of strings, got the string "
+                f"{self.stop_strings!r}; write ({self.stop_strings!r},)"
+            )
         stops = tuple(self.stop_strings)
         if any(not isinstance(s, str) or not s for s in stops):
             raise ValueError(f"SamplingParams.stop_strings must be non-empty strings, got {stops!r}")
@@ -79,14 +83,14 @@ class SamplerStats:
     agent weights, plus token counts. Rollout code compares its own wall time with these to see
     how much is spent in Python rather than in the kernel."""
 
-    calls: int = 0                 # executable pairs run (generate chunks)
+    calls: int = 0  # executable pairs run (generate chunks)
     prefill_s: float = 0.0
     decode_s: float = 0.0
     fuse_s: float = 0.0
     compile_s: float = 0.0
-    prompt_tokens: int = 0         # real (unpadded) prompt tokens
-    prefill_slots: int = 0         # token passes prefill computed: shared prefix + batch bucket × remainder bucket
-    new_tokens: int = 0            # generated tokens returned
+    prompt_tokens: int = 0  # real (unpadded) prompt tokens
+    prefill_slots: int = 0  # token passes prefill computed: shared prefix + batch bucket × remainder bucket
+    new_tokens: int = 0  # generated tokens returned
 
     @property
     def kernel_s(self) -> float:

@@ -10,6 +10,7 @@ Each host loads only its rows of a global batch (`host_rows`) and assembles the 
 from them (`global_batch_from_host`). Metrics computed on host-local values are combined with
 `reduce_metrics`; only `is_main_process()` writes logs, plots and non-orbax files.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,9 +50,11 @@ def multiprocess_env(env: Optional[Mapping[str, str]] = None) -> Optional[dict[s
     if given:
         missing = [n for n in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID) if not env.get(n)]
         if missing:
-            raise DistributedConfigError(f"multi-process run: {given} are set but {missing} are not; set all of "
-                                         f"{ENV_COORDINATOR} (host:port of process 0), {ENV_NUM_PROCESSES} and "
-                                         f"{ENV_PROCESS_ID} (0..N-1) on every process")
+            raise DistributedConfigError(
+                f"multi-process run: {given} are set but {missing} are not; set all of "
+                f"{ENV_COORDINATOR} (host:port of process 0), {ENV_NUM_PROCESSES} and "
+                f"{ENV_PROCESS_ID} (0..N-1) on every process"
+            )
         n, pid = _env_int(env, ENV_NUM_PROCESSES), _env_int(env, ENV_PROCESS_ID)
         if n < 1 or not 0 <= pid < n:
             raise DistributedConfigError(f"{ENV_PROCESS_ID}={pid} must be in [0, {ENV_NUM_PROCESSES}={n})")
@@ -78,8 +81,13 @@ def maybe_initialize(env: Optional[Mapping[str, str]] = None) -> bool:
         return False
     jax.distributed.initialize(**kwargs)
     _initialized = True
-    log.info("jax.distributed initialised: process %d/%d, %d local / %d global devices", jax.process_index(),
-             jax.process_count(), jax.local_device_count(), jax.device_count())
+    log.info(
+        "jax.distributed initialised: process %d/%d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return True
 
 
@@ -88,8 +96,7 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def host_rows(global_batch: int, process_index: Optional[int] = None, process_count: Optional[int] = None
-              ) -> slice:
+def host_rows(global_batch: int, process_index: Optional[int] = None, process_count: Optional[int] = None) -> slice:
     """The contiguous rows of a global batch this process loads (equal split; raises if it does not divide).
 
     Matches `global_batch_from_host` when the batch axis is split over all devices in process order.
@@ -97,8 +104,9 @@ def host_rows(global_batch: int, process_index: Optional[int] = None, process_co
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
     if global_batch % pc:
-        raise ValueError(f"global batch {global_batch} does not split evenly over {pc} processes; "
-                         f"use a multiple of {pc}")
+        raise ValueError(
+            f"global batch {global_batch} does not split evenly over {pc} processes; use a multiple of {pc}"
+        )
     per = global_batch // pc
     return slice(pi * per, (pi + 1) * per)
 

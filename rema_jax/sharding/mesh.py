@@ -5,6 +5,7 @@
 vocab (Megatron-style). The product of the three sizes must equal the number of devices; one
 size may be -1 ("whatever is left").
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,12 +55,14 @@ class MeshConfig:
                 raise MeshConfigError(
                     f"MeshConfig {sizes}: the fixed axes multiply to {fixed}, which does not divide the "
                     f"{num_devices} available devices, so '{fill[0]}=-1' cannot be filled. Choose sizes whose "
-                    f"product divides {num_devices}.")
+                    f"product divides {num_devices}."
+                )
             sizes[fill[0]] = num_devices // fixed
         elif fixed != num_devices:
             raise MeshConfigError(
                 f"MeshConfig {sizes}: data*fsdp*tensor = {fixed}, but {num_devices} devices are available "
-                f"(jax.device_count()). Make the product equal {num_devices}, or set one axis to -1.")
+                f"(jax.device_count()). Make the product equal {num_devices}, or set one axis to -1."
+            )
         return sizes
 
     @classmethod

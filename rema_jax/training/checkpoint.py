@@ -6,6 +6,7 @@ with the step, the data-iterator position and the schedule state. Orbax writes e
 temporary directory and renames it when complete, so a crash mid-save never leaves a checkpoint
 that ``latest_step`` would pick up.
 """
+
 from __future__ import annotations
 
 import os
@@ -51,8 +52,7 @@ class CheckpointManager:
             self.directory,
             # Synchronous saves: the trainer waits for each save anyway (a resumable run needs the
             # checkpoint on disk before the next step), and async mode only adds a finalize thread.
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep_last, create=True,
-                                                 enable_async_checkpointing=False),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep_last, create=True, enable_async_checkpointing=False),
         )
 
     def latest_step(self) -> int | None:
@@ -68,8 +68,7 @@ class CheckpointManager:
         state = _encode_nones(state)
         saved = self._manager.save(
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
             force=True,
         )
         self._manager.wait_until_finished()
@@ -85,8 +84,7 @@ class CheckpointManager:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, encoded)
         restored = self._manager.restore(
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
         )
         return _decode_nones(restored.state), dict(restored.meta)
 

@@ -4,6 +4,7 @@
 ``load_train_config`` turns it into a ``TrainConfig`` and fails with the dotted field path on a
 wrong key, type or value (before any model is loaded), then checks cross-section consistency.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,6 +36,7 @@ class ModelSection:
     max_cache_len: the sampler's KV-cache length (prompt bucket + new tokens).
     init_adapters_from: ``<sft workdir>/adapters`` (``launch/sft.py``): start each agent from its
     supervised warm-start instead of a fresh adapter."""
+
     source: str = "smollm2-135m"
     dtype: str = "float32"
     param_dtype: str | None = None
@@ -58,6 +60,7 @@ class DataSection:
     (a file, a glob or a list of them, e.g. the seven MATH train subject files); ``test_path``
     (optional) is the held-out split. A glob is expanded here, so one that matches no file fails
     validation (naming the pattern) before any model is loaded; plain paths are read at load time."""
+
     source: Literal["builtin", "benchmark"] = "builtin"
     families: tuple[str, ...] = FAMILIES
     levels: tuple[int, ...] = (1, 2)
@@ -96,6 +99,7 @@ class CurriculumSection:
     """Algorithm 1's filter: at the start of each phase, estimate the success rate of up to
     ``pool_size`` training questions with ``num_samples`` samples at T=1 from the phase's agent
     (the other agent greedy) and keep those within [low, high]."""
+
     enabled: bool = False
     low: float = 0.2
     high: float = 0.8
@@ -115,6 +119,7 @@ class LoopSection:
     ``rollout.num_samples`` trajectories; single-turn MAMRP: plans, each answered
     ``solutions_per_plan`` times). max_seq_len: the static padded length of training sequences.
     eval_every: held-out greedy accuracy every k steps (0: only before and after training)."""
+
     steps: int = 12
     questions_per_step: int = 4
     solutions_per_plan: int = 1
@@ -149,6 +154,7 @@ class MemorySection:
     check: refuse a run whose planned per-device peak exceeds ``headroom`` × the device memory.
     device_bytes: the per-device memory to check against when the backend reports none (CPU);
     ``None`` = use ``device.memory_stats()`` and skip the check (with a note) where it has no limit."""
+
     check: bool = True
     device_bytes: int | None = None
     headroom: float = 0.9
@@ -182,35 +188,39 @@ class TrainConfig:
     def __post_init__(self):
         single_agent = self.rollout.mode in ("vrp", "mrp")
         if self.adapter.kind == "shared" and not single_agent and self.schedule.kind != "simultaneous":
-            raise ValueError("adapter.kind='shared' (one model for both roles) needs "
-                             "schedule.kind='simultaneous'")
+            raise ValueError("adapter.kind='shared' (one model for both roles) needs schedule.kind='simultaneous'")
         if self.reward.kind == "multi_turn" and self.rollout.mode != "multi_turn":
-            raise ValueError(f"reward.kind='multi_turn' needs rollout.mode='multi_turn', "
-                             f"got {self.rollout.mode!r}")
+            raise ValueError(f"reward.kind='multi_turn' needs rollout.mode='multi_turn', got {self.rollout.mode!r}")
         if self.reward.kind == "consistency" and self.rollout.mode != "single_turn":
             raise ValueError("reward.kind='consistency' is a single-turn MAMRP reward")
         if self.reward.kind == "consistency" and self.loop.solutions_per_plan < 2:
             raise ValueError(
                 "reward.kind='consistency' needs loop.solutions_per_plan >= 2: the reward is the share of "
                 "a plan's solutions that agree, and one solution can only agree with itself, so the "
-                "meta-thinking agent would get 1 whenever the reasoning agent boxes anything")
+                "meta-thinking agent would get 1 whenever the reasoning agent boxes anything"
+            )
         if (self.reward.kind == "judge") != (self.rollout.task == "judge"):
             raise ValueError("reward.kind='judge' and rollout.task='judge' go together")
         if self.loop.solutions_per_plan > 1 and self.rollout.mode != "single_turn":
             raise ValueError("loop.solutions_per_plan > 1 only applies to rollout.mode='single_turn'")
         if self.rollout.mode == "multi_turn" and self.loss.max_turns < self.rollout.max_turns:
-            raise ValueError(f"loss.max_turns={self.loss.max_turns} < rollout.max_turns="
-                             f"{self.rollout.max_turns}: every turn needs a segment")
+            raise ValueError(
+                f"loss.max_turns={self.loss.max_turns} < rollout.max_turns="
+                f"{self.rollout.max_turns}: every turn needs a segment"
+            )
         if self.loss.temperature != (1.0 if self.rollout.greedy else self.rollout.temperature):
-            raise ValueError(f"loss.temperature={self.loss.temperature} must equal the rollout "
-                             f"temperature {self.rollout.temperature} (log-probs of the sampled policy)")
+            raise ValueError(
+                f"loss.temperature={self.loss.temperature} must equal the rollout "
+                f"temperature {self.rollout.temperature} (log-probs of the sampled policy)"
+            )
         # loss.agg_mode None (not set) pairs with the estimator: Dr.GRPO's std-free advantage goes
         # with its length-free loss, the token sum over a constant C (default: the most loss tokens
         # a row can hold, turns × max_new_tokens); any other estimator gets trajectory_mean.
         loss = self.loss
         if loss.agg_mode is None:
-            loss = dataclasses.replace(loss, agg_mode=SUM_NORM if self.advantage.estimator == "dr_grpo"
-                                       else DEFAULT_AGG_MODE)
+            loss = dataclasses.replace(
+                loss, agg_mode=SUM_NORM if self.advantage.estimator == "dr_grpo" else DEFAULT_AGG_MODE
+            )
         if loss.agg_mode == SUM_NORM and loss.token_sum_norm is None:
             turns = self.rollout.max_turns if self.rollout.mode == "multi_turn" else 1
             c = min(turns * self.rollout.max_new_tokens, self.loop.max_seq_len - 1)
@@ -218,19 +228,25 @@ class TrainConfig:
         object.__setattr__(self, "loss", loss)
         need_seq = self.rollout.max_prompt_len + self.rollout.max_new_tokens + 1
         if self.loop.max_seq_len < need_seq:
-            raise ValueError(f"loop.max_seq_len={self.loop.max_seq_len} < rollout.max_prompt_len + "
-                             f"rollout.max_new_tokens + 1 = {need_seq}: a training sequence may not fit")
+            raise ValueError(
+                f"loop.max_seq_len={self.loop.max_seq_len} < rollout.max_prompt_len + "
+                f"rollout.max_new_tokens + 1 = {need_seq}: a training sequence may not fit"
+            )
         prompt_bucket = 1 << max(self.rollout.max_prompt_len - 1, 1).bit_length()
         need_cache = prompt_bucket + self.rollout.max_new_tokens
         if self.model.max_cache_len < need_cache:
-            raise ValueError(f"model.max_cache_len={self.model.max_cache_len} < {need_cache} (the prompt "
-                             f"bucket {prompt_bucket} of rollout.max_prompt_len + max_new_tokens)")
+            raise ValueError(
+                f"model.max_cache_len={self.model.max_cache_len} < {need_cache} (the prompt "
+                f"bucket {prompt_bucket} of rollout.max_prompt_len + max_new_tokens)"
+            )
         chunk = self.update.num_mini_batches * self.update.num_micro_batches
         for name, n in self.rows_per_step.items():
             if n % chunk:
-                raise ValueError(f"{n} {name} rows per step (questions_per_step × num_samples"
-                                 f"{' × solutions_per_plan' if name == 'ra' else ''}) are not divisible by "
-                                 f"num_mini_batches × num_micro_batches = {chunk}")
+                raise ValueError(
+                    f"{n} {name} rows per step (questions_per_step × num_samples"
+                    f"{' × solutions_per_plan' if name == 'ra' else ''}) are not divisible by "
+                    f"num_mini_batches × num_micro_batches = {chunk}"
+                )
         if -1 not in (self.mesh.data, self.mesh.fsdp):  # else checked once the device count is known
             self.check_batch_shards(self.mesh.data * self.mesh.fsdp)
         if self.advantage.estimator == "grpo" and self.rollout.num_samples * self.loop.solutions_per_plan < 2:
@@ -255,7 +271,8 @@ class TrainConfig:
                 raise ValueError(
                     f"mesh: {n} {name} rows per step give micro-batches of {n // chunk} rows (÷ num_mini_batches × "
                     f"num_micro_batches = {chunk}), not divisible by mesh data × fsdp = {batch_shards}; change "
-                    "loop.questions_per_step / rollout.num_samples or the mesh")
+                    "loop.questions_per_step / rollout.num_samples or the mesh"
+                )
 
 
 def load_train_config(config: Any) -> TrainConfig:

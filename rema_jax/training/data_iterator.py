@@ -4,6 +4,7 @@ Epoch ``e`` visits the tasks in ``permutation(seed, e)``; the whole state is one
 (``position`` = number of tasks handed out so far), stored in checkpoints so a resumed run sees
 exactly the batches an uninterrupted run would.
 """
+
 from __future__ import annotations
 
 from typing import Generic, Sequence, TypeVar
@@ -35,7 +36,7 @@ class TaskIterator(Generic[T]):
             epoch, offset = divmod(pos, len(self.tasks))
             order = self._order(epoch)
             take = min(n - len(out), len(self.tasks) - offset)
-            out.extend(self.tasks[i] for i in order[offset:offset + take])
+            out.extend(self.tasks[i] for i in order[offset : offset + take])
             pos += take
         return out
 

@@ -12,6 +12,7 @@ This is the "rollout → reward" part of the data flow. It knows the ReMA reward
 - ``multi_turn``: 1 iff the trajectory finished through ``[FINISH]`` and is correct, for both.
 - judge tasks: 1 iff the ``[[A]]``/``[[B]]`` verdict matches the label.
 """
+
 from __future__ import annotations
 
 import collections
@@ -21,8 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from rema_jax import rewards as rewards_lib
-from rema_jax.rollout import (META_THINKING, REASONING, SINGLE, ChatEncoder, RolloutConfig,
-                              Trajectory, run_rollout)
+from rema_jax.rollout import META_THINKING, REASONING, SINGLE, ChatEncoder, RolloutConfig, Trajectory, run_rollout
 from rema_jax.rollout.types import Policy
 from rema_jax.sampling import Generation, SamplingParams
 from rema_jax.tasks.types import Task
@@ -45,9 +45,10 @@ def fan_out_plans(policy: Policy, solutions_per_plan: int) -> Policy:
             raise ValueError(f"{len(prompts)} meta-thinking prompts do not split into blocks of {k}")
         heads = prompts[::k]
         for b, head in enumerate(heads):
-            if any(list(p) != list(head) for p in prompts[b * k:(b + 1) * k]):
-                raise ValueError("fan_out_plans: prompts inside a block differ; "
-                                 "it only applies to the first meta-thinking turn")
+            if any(list(p) != list(head) for p in prompts[b * k : (b + 1) * k]):
+                raise ValueError(
+                    "fan_out_plans: prompts inside a block differ; it only applies to the first meta-thinking turn"
+                )
         gens = policy(role, heads, sampling)
         return [g for g in gens for _ in range(k)]
 
@@ -73,6 +74,7 @@ class Experience:
     meta-thinking agent in single-turn mode, the first trajectory of each plan block), and
     ``rewards[role]`` the matching float rewards. ``correct[i]`` is the verdict of trajectory i.
     """
+
     trajectories: list[Trajectory]
     correct: list[bool]
     rows: dict[str, list[Trajectory]]
@@ -84,29 +86,34 @@ class Experience:
 GradeFn = Callable[[Sequence[str], Sequence[Task]], list[rewards_lib.GradeResult]]
 
 
-def collect(policy: Policy, encoder: ChatEncoder, tasks: Sequence[Task], rollout: RolloutConfig,
-            reward: rewards_lib.RewardConfig, grade_fn: GradeFn, *, solutions_per_plan: int = 1,
-            sampling_overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Experience:
+def collect(
+    policy: Policy,
+    encoder: ChatEncoder,
+    tasks: Sequence[Task],
+    rollout: RolloutConfig,
+    reward: rewards_lib.RewardConfig,
+    grade_fn: GradeFn,
+    *,
+    solutions_per_plan: int = 1,
+    sampling_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Experience:
     """Roll out ``tasks`` and compute every role's rewards (see the module docstring)."""
     k = solutions_per_plan
     if k > 1 and rollout.mode != "single_turn":
-        raise ValueError(f"solutions_per_plan={k} only applies to mode 'single_turn', "
-                         f"not {rollout.mode!r}")
+        raise ValueError(f"solutions_per_plan={k} only applies to mode 'single_turn', not {rollout.mode!r}")
     rollout_k = dataclasses.replace(rollout, num_samples=rollout.num_samples * k)
     pol = with_sampling_overrides(fan_out_plans(policy, k), sampling_overrides or {})
     questions = [_question_fields(t) for t in tasks]
     trajs = run_rollout(pol, encoder, questions, rollout_k)
 
     if reward.kind == "judge":
-        scores = [rewards_lib.judge_reward(tr.final_answer, tasks[tr.question_index].label)
-                  for tr in trajs]
+        scores = [rewards_lib.judge_reward(tr.final_answer, tasks[tr.question_index].label) for tr in trajs]
         correct = [s > 0 for s in scores]
         results = None
     else:
         results = grade_fn([tr.final_answer for tr in trajs], [tasks[tr.question_index] for tr in trajs])
         correct = [r.correct for r in results]
-    stats = rewards_lib.grading_metrics(results) if results is not None else {
-        "accuracy": float(np.mean(correct))}
+    stats = rewards_lib.grading_metrics(results) if results is not None else {"accuracy": float(np.mean(correct))}
 
     rows: dict[str, list[Trajectory]] = {}
     rews: dict[str, list[float]] = {}
@@ -116,17 +123,20 @@ def collect(policy: Policy, encoder: ChatEncoder, tasks: Sequence[Task], rollout
     elif rollout.mode == "multi_turn":
         for role in (META_THINKING, REASONING):
             rows[role] = trajs
-            rews[role] = [rewards_lib.multi_turn_reward(tr.finish_reason, c) if reward.kind != "judge"
-                          else (float(c) if tr.finish_reason == "finished" else 0.0)
-                          for c, tr in zip(correct, trajs)]
+            rews[role] = [
+                rewards_lib.multi_turn_reward(tr.finish_reason, c)
+                if reward.kind != "judge"
+                else (float(c) if tr.finish_reason == "finished" else 0.0)
+                for c, tr in zip(correct, trajs)
+            ]
     else:
         rows[REASONING] = trajs
         rews[REASONING] = [_low_level_reward(reward, c, tr) for c, tr in zip(correct, trajs)]
         rows[META_THINKING], rews[META_THINKING] = [], []
         for start in range(0, len(trajs), k):
-            block = trajs[start:start + k]
+            block = trajs[start : start + k]
             plan = block[0].turns_of(META_THINKING)[0].text
-            block_correct = correct[start:start + k]
+            block_correct = correct[start : start + k]
             if reward.kind == "consistency":
                 answers = [rewards_lib.extract_boxed(tr.final_answer) for tr in block]
                 r = rewards_lib.consistency_reward(answers, plan, reward)
@@ -137,10 +147,13 @@ def collect(policy: Policy, encoder: ChatEncoder, tasks: Sequence[Task], rollout
             rows[META_THINKING].append(block[0])
             rews[META_THINKING].append(r)
     return Experience(
-        trajectories=trajs, correct=correct, rows=rows,
+        trajectories=trajs,
+        correct=correct,
+        rows=rows,
         rewards={r: np.asarray(v, np.float32) for r, v in rews.items()},
         group_ids={r: np.asarray([tr.question_index for tr in v], np.int32) for r, v in rows.items()},
-        grade_stats=stats)
+        grade_stats=stats,
+    )
 
 
 def outcome_turn_rewards(rewards_n, turn_ids_nl, loss_mask_nl, max_turns: int) -> np.ndarray:
@@ -185,8 +198,7 @@ def rollout_metrics(exp: Experience) -> dict[str, float]:
     for role, r in exp.rewards.items():
         out[f"{role}/reward_mean"] = float(r.mean())
         out[f"{role}/reward_std"] = float(r.std())
-        lengths = [sum(len(t.token_ids) for t in tr.turns_of(role, include_dummy=False))
-                   for tr in exp.rows[role]]
+        lengths = [sum(len(t.token_ids) for t in tr.turns_of(role, include_dummy=False)) for tr in exp.rows[role]]
         out[f"{role}/response_length"] = float(np.mean(lengths))
         groups: dict[int, list[float]] = collections.defaultdict(list)
         for g, x in zip(exp.group_ids[role], r):

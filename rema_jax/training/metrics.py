@@ -3,6 +3,7 @@
 Only process 0 writes (multi-host runs call ``jax.process_index()``). JSONL is the source of
 truth for plots and for checking that a resumed run matches an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,6 +45,7 @@ class MetricsLogger:
                 f.writelines(kept)
         if tensorboard:
             from tensorboardX import SummaryWriter
+
             self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ Roles are ``"meta_thinking"`` (high level, π_h) and ``"reasoning"`` (low level,
 - ``simultaneous``: both roles every step (shared weights: one model, both roles' sequences in one
   batch — the official multi-turn default).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,9 +24,9 @@ ROLES = ("meta_thinking", "reasoning")
 @dataclasses.dataclass(frozen=True)
 class ScheduleConfig:
     kind: Literal["alternating", "switch_every", "simultaneous"] = "alternating"
-    reasoning_steps: int = 4         # alternating: RA phase length (steps)
-    meta_thinking_steps: int = 4     # alternating: MTA phase length (steps)
-    switch_freq: int = 10            # switch_every: steps per agent
+    reasoning_steps: int = 4  # alternating: RA phase length (steps)
+    meta_thinking_steps: int = 4  # alternating: MTA phase length (steps)
+    switch_freq: int = 10  # switch_every: steps per agent
     start_agent: Literal["meta_thinking", "reasoning"] = "meta_thinking"  # switch_every only
 
     def __post_init__(self):
@@ -37,9 +38,10 @@ class ScheduleConfig:
 @dataclasses.dataclass(frozen=True)
 class Phase:
     """The roles updated at a step, and whether this step opens a new phase."""
+
     trained: tuple[str, ...]
-    index: int          # phase number (0-based); changes when the trained set changes
-    starts: bool        # first step of this phase (run the curriculum filter here)
+    index: int  # phase number (0-based); changes when the trained set changes
+    starts: bool  # first step of this phase (run the curriculum filter here)
 
     @property
     def frozen(self) -> tuple[str, ...]:

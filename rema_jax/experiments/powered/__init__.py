@@ -33,20 +33,68 @@ Modules, in the order the data flows: ``config.py`` (``PoweredConfig``, ``load_p
 resumes the stages; the stage bodies are ``bodies.py``, which tests replace) → ``analysis.py``
 (``report``: statistics, tables, the mechanism table) → ``markdown.py`` and ``plots.py`` (its files).
 """
+
 from rema_jax.experiments.powered.analysis import ReportWriteError, report
-from rema_jax.experiments.powered.config import (META_THINKING, REASONING, RESULTS_STEM, STAGES_FILE, CostModel,
-                                                 PoweredConfig, load_powered_config)
+from rema_jax.experiments.powered.config import (
+    META_THINKING,
+    REASONING,
+    RESULTS_STEM,
+    STAGES_FILE,
+    CostModel,
+    PoweredConfig,
+    load_powered_config,
+)
 from rema_jax.experiments.powered.runner import run_powered
-from rema_jax.experiments.powered.stages import (PhaseSpan, Stage, eval_config, eval_steps, mechanism_eval_every,
-                                                 phase_spans, run_config, sft_agent_steps, sft_label, stage_config,
-                                                 stage_list)
-from rema_jax.experiments.powered.timeplan import (SAMPLER_BATCH_BUCKETS, eval_rows, format_plan, measured_costs,
-                                                   plan, seeds_within_budget)
+from rema_jax.experiments.powered.stages import (
+    PhaseSpan,
+    Stage,
+    eval_config,
+    eval_steps,
+    mechanism_eval_every,
+    phase_spans,
+    run_config,
+    sft_agent_steps,
+    sft_label,
+    stage_config,
+    stage_list,
+)
+from rema_jax.experiments.powered.timeplan import (
+    SAMPLER_BATCH_BUCKETS,
+    eval_rows,
+    format_plan,
+    measured_costs,
+    plan,
+    seeds_within_budget,
+)
 from rema_jax.experiments.records import StageError
 
 __all__ = [
-    "META_THINKING", "REASONING", "RESULTS_STEM", "SAMPLER_BATCH_BUCKETS", "STAGES_FILE", "CostModel", "PhaseSpan",
-    "PoweredConfig", "ReportWriteError", "Stage", "StageError", "eval_config", "eval_rows", "eval_steps",
-    "format_plan", "load_powered_config", "measured_costs", "mechanism_eval_every", "phase_spans", "plan", "report",
-    "run_config", "run_powered", "seeds_within_budget", "sft_agent_steps", "sft_label", "stage_config", "stage_list",
+    "META_THINKING",
+    "REASONING",
+    "RESULTS_STEM",
+    "SAMPLER_BATCH_BUCKETS",
+    "STAGES_FILE",
+    "CostModel",
+    "PhaseSpan",
+    "PoweredConfig",
+    "ReportWriteError",
+    "Stage",
+    "StageError",
+    "eval_config",
+    "eval_rows",
+    "eval_steps",
+    "format_plan",
+    "load_powered_config",
+    "measured_costs",
+    "mechanism_eval_every",
+    "phase_spans",
+    "plan",
+    "report",
+    "run_config",
+    "run_powered",
+    "seeds_within_budget",
+    "sft_agent_steps",
+    "sft_label",
+    "stage_config",
+    "stage_list",
 ]

@@ -2,6 +2,7 @@
 with a 95% two-level bootstrap CI (``rema_jax.eval.stats``), the paired differences, the Table-1 and
 (family, level) tables, and the mechanism table (the RA's success given the MTA's plans at each
 phase's start vs end); written as ``powered_experiment.{md,json}`` and two plots."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,15 @@ def _pct(x: float) -> float:
     return 100.0 * float(x)
 
 
-def report(cfg: PoweredConfig, workdir: str, results_dir: str, done: Mapping[str, Any], *,
-           seeds: Sequence[int], wall_this_run_min: float = 0.0) -> dict[str, Any]:
+def report(
+    cfg: PoweredConfig,
+    workdir: str,
+    results_dir: str,
+    done: Mapping[str, Any],
+    *,
+    seeds: Sequence[int],
+    wall_this_run_min: float = 0.0,
+) -> dict[str, Any]:
     """Statistics, tables and plots from the finished stages; writes ``powered_experiment.{md,json}``,
     ``powered_accuracy.png`` and ``powered_mechanism.png`` under ``results_dir``."""
     from rema_jax.eval import stats
@@ -60,11 +68,20 @@ def report(cfg: PoweredConfig, workdir: str, results_dir: str, done: Mapping[str
             rows.append(v)
             role = "single" if cfg.rl[m].single_agent else REASONING
             diag = rec.get("diagnostics", {}).get(role, {})
-            runs.append({"method": m, "seed": s, "steps": rec["steps"], "accuracy": _pct(v.mean()),
-                         "by_family": {f: _pct(v[qs.family == f].mean()) for f in families},
-                         "reward_first": diag.get("reward_first"), "reward_last": diag.get("reward_last"),
-                         "frac_zero_variance_groups": diag.get("frac_zero_variance_groups"),
-                         "minutes": rec["seconds"] / 60, "resumed_from_step": rec.get("resumed_from_step")})
+            runs.append(
+                {
+                    "method": m,
+                    "seed": s,
+                    "steps": rec["steps"],
+                    "accuracy": _pct(v.mean()),
+                    "by_family": {f: _pct(v[qs.family == f].mean()) for f in families},
+                    "reward_first": diag.get("reward_first"),
+                    "reward_last": diag.get("reward_last"),
+                    "frac_zero_variance_groups": diag.get("frac_zero_variance_groups"),
+                    "minutes": rec["seconds"] / 60,
+                    "resumed_from_step": rec.get("resumed_from_step"),
+                }
+            )
         final[m] = np.stack(rows)
 
     def ci(x, b=None):
@@ -74,17 +91,26 @@ def report(cfg: PoweredConfig, workdir: str, results_dir: str, done: Mapping[str
     methods = {}
     for m in cfg.rl:
         sft = cfg.warm_start[m]
-        methods[m] = {"sft": sft, "start": ci(start[sft]).as_dict(), "final": ci(final[m]).as_dict(),
-                      "rl_minus_start": ci(final[m], start[sft]).as_dict(),
-                      "by_family": {f: ci(final[m][:, qs.family == f]).as_dict() for f in families}}
-    starts = {sft_label(s): {"accuracy": ci(start[s]).as_dict(),
-                             "by_family": {f: ci(start[s][qs.family == f]).as_dict() for f in families}}
-              for s in sft_names}
+        methods[m] = {
+            "sft": sft,
+            "start": ci(start[sft]).as_dict(),
+            "final": ci(final[m]).as_dict(),
+            "rl_minus_start": ci(final[m], start[sft]).as_dict(),
+            "by_family": {f: ci(final[m][:, qs.family == f]).as_dict() for f in families},
+        }
+    starts = {
+        sft_label(s): {
+            "accuracy": ci(start[s]).as_dict(),
+            "by_family": {f: ci(start[s][qs.family == f]).as_dict() for f in families},
+        }
+        for s in sft_names
+    }
     comparisons = []
     for a, b in cfg.comparisons:
         d = ci(final[a], final[b])
-        comparisons.append({"a": a, "b": b, "difference": d.as_dict(),
-                            "reading": stats.reading(d, f"the paired difference {a} − {b}")})
+        comparisons.append(
+            {"a": a, "b": b, "difference": d.as_dict(), "reading": stats.reading(d, f"the paired difference {a} − {b}")}
+        )
 
     # Table 1: rows = families + Average, columns = [VRP] + per SFT: its start, then its methods.
     columns: dict[str, dict[str, float]] = {}
@@ -95,8 +121,7 @@ def report(cfg: PoweredConfig, workdir: str, results_dir: str, done: Mapping[str
         for m in cfg.rl:
             if cfg.warm_start[m] == s:
                 columns[m] = {f: _pct(final[m][:, qs.family == f].mean()) for f in families}
-    table1 = markdown_table(columns, columns=list(columns), benchmarks=families, average=True,
-                            row_header="Task family")
+    table1 = markdown_table(columns, columns=list(columns), benchmarks=families, average=True, row_header="Task family")
     cells = [(f, lv) for f in families for lv in levels if ((qs.family == f) & (qs.level == lv)).any()]
     by_cell: dict[str, dict[str, float]] = {}
     vectors = {"VRP": base} if base is not None else {}
@@ -106,39 +131,61 @@ def report(cfg: PoweredConfig, workdir: str, results_dir: str, done: Mapping[str
     for col, v in vectors.items():
         v2 = np.atleast_2d(v)
         by_cell[col] = {f"{f} L{lv}": _pct(v2[:, (qs.family == f) & (qs.level == lv)].mean()) for f, lv in cells}
-    cell_table = markdown_table(by_cell, columns=list(by_cell), benchmarks=[f"{f} L{lv}" for f, lv in cells],
-                                average=False, row_header="family, level")
+    cell_table = markdown_table(
+        by_cell,
+        columns=list(by_cell),
+        benchmarks=[f"{f} L{lv}" for f, lv in cells],
+        average=False,
+        row_header="family, level",
+    )
     hard = max(levels) if levels else None
     hard_line = None
     if hard is not None:
         at = {sft_label(s): _pct(start[s][qs.level == hard].mean()) for s in sft_names}
-        verdict = ("neither 0% nor 100%: informative" if all(0 < v < 100 for v in at.values())
-                   else "at 0% or 100% for some start: this level cannot show a difference there")
-        hard_line = (f"Level {hard} after SFT: " + ", ".join(f"{k} {v:.1f}%" for k, v in at.items())
-                     + f" ({verdict}).")
+        verdict = (
+            "neither 0% nor 100%: informative"
+            if all(0 < v < 100 for v in at.values())
+            else "at 0% or 100% for some start: this level cannot show a difference there"
+        )
+        hard_line = f"Level {hard} after SFT: " + ", ".join(f"{k} {v:.1f}%" for k, v in at.items()) + f" ({verdict})."
 
     mechanism = _mechanism(cfg, done, qs, start, seeds, ci, resolve)
 
     out = {
         "title": "Powered experiment: ReMA vs VRP_RL from SFTs of the same budget",
         "date": time.strftime("%Y-%m-%d"),
-        "seeds": list(seeds), "seeds_planned": list(cfg.seeds),
+        "seeds": list(seeds),
+        "seeds_planned": list(cfg.seeds),
         "seeds_skipped": [s for s in cfg.seeds if s not in seeds],
-        "heldout_questions": len(qs.uids), "families": families, "levels": levels,
-        "rl_steps": cfg.rl[next(iter(cfg.rl))].loop.steps, "decoding": "greedy",
+        "heldout_questions": len(qs.uids),
+        "families": families,
+        "levels": levels,
+        "rl_steps": cfg.rl[next(iter(cfg.rl))].loop.steps,
+        "decoding": "greedy",
         "model": _model_name(cfg.rl[next(iter(cfg.rl))]),
-        "ci": {"level": 0.95, "method": "percentile bootstrap, two-level: seeds and questions resampled "
-                                        "with replacement, one question resample shared by all seeds",
-               "n_boot": cfg.n_boot},
-        "runs": runs, "methods": methods, "sft_starts": starts, "comparisons": comparisons,
-        "table1": columns, "by_family_level": by_cell, "hard_level": hard_line,
+        "ci": {
+            "level": 0.95,
+            "method": "percentile bootstrap, two-level: seeds and questions resampled "
+            "with replacement, one question resample shared by all seeds",
+            "n_boot": cfg.n_boot,
+        },
+        "runs": runs,
+        "methods": methods,
+        "sft_starts": starts,
+        "comparisons": comparisons,
+        "table1": columns,
+        "by_family_level": by_cell,
+        "hard_level": hard_line,
         "mechanism": mechanism,
         "base": ({"accuracy": ci(base).as_dict()} if base is not None else None),
         "stage_minutes": {k: v["seconds"] / 60 for k, v in done.items() if not k.startswith("_")},
         "total_stage_minutes": sum(v["seconds"] for k, v in done.items() if not k.startswith("_")) / 60,
-        "time_budget_min": cfg.time_budget_min, "wall_this_invocation_min": wall_this_run_min,
-        "sft": {s: {k: v for k, v in done[s].items() if k.endswith(("/loss_first", "/loss_last", "steps_per_agent"))}
-                for s in sft_names},
+        "time_budget_min": cfg.time_budget_min,
+        "wall_this_invocation_min": wall_this_run_min,
+        "sft": {
+            s: {k: v for k, v in done[s].items() if k.endswith(("/loss_first", "/loss_last", "steps_per_agent"))}
+            for s in sft_names
+        },
     }
     readings = [c["reading"] for c in comparisons]
     for m, r in methods.items():
@@ -148,26 +195,33 @@ def report(cfg: PoweredConfig, workdir: str, results_dir: str, done: Mapping[str
         for ph in mech["phases"]:
             if ph["trained"] == META_THINKING:
                 d = stats.Interval(**ph["delta"])
-                readings.append(f"{m}, MTA phase {ph['phase']} (steps {ph['start']}→{ph['end']}, RA frozen): RA "
-                                f"success given the MTA's plans {ph['start_mean']['estimate']:.1f} → "
-                                f"{ph['end_mean']['estimate']:.1f}%; "
-                                + stats.reading(d, "end − start"))
+                readings.append(
+                    f"{m}, MTA phase {ph['phase']} (steps {ph['start']}→{ph['end']}, RA frozen): RA "
+                    f"success given the MTA's plans {ph['start_mean']['estimate']:.1f} → "
+                    f"{ph['end_mean']['estimate']:.1f}%; " + stats.reading(d, "end − start")
+                )
     if out["seeds_skipped"]:
-        readings.append(f"only {len(seeds)} of {len(cfg.seeds)} planned seeds finished within the "
-                        f"{cfg.time_budget_min:.0f}-min budget (seeds {out['seeds_skipped']} skipped): fewer seeds, "
-                        f"the same {len(qs.uids)} held-out questions")
+        readings.append(
+            f"only {len(seeds)} of {len(cfg.seeds)} planned seeds finished within the "
+            f"{cfg.time_budget_min:.0f}-min budget (seeds {out['seeds_skipped']} skipped): fewer seeds, "
+            f"the same {len(qs.uids)} held-out questions"
+        )
     out["readings"] = readings
 
     os.makedirs(results_dir, exist_ok=True)
-    paths = {"md": os.path.join(results_dir, f"{RESULTS_STEM}.md"),
-             "json": os.path.join(results_dir, f"{RESULTS_STEM}.json"),
-             "accuracy_png": os.path.join(results_dir, "powered_accuracy.png"),
-             "mechanism_png": os.path.join(results_dir, "powered_mechanism.png")}
+    paths = {
+        "md": os.path.join(results_dir, f"{RESULTS_STEM}.md"),
+        "json": os.path.join(results_dir, f"{RESULTS_STEM}.json"),
+        "accuracy_png": os.path.join(results_dir, "powered_accuracy.png"),
+        "mechanism_png": os.path.join(results_dir, "powered_mechanism.png"),
+    }
     out["files"] = paths
-    for key, fn in (("accuracy_png", lambda p: plot_accuracy(out, p)),
-                    ("mechanism_png", lambda p: plot_mechanism(out, p)),
-                    ("md", lambda p: write_text(p, report_markdown(out, table1, cell_table))),
-                    ("json", lambda p: write_json(p, out))):
+    for key, fn in (
+        ("accuracy_png", lambda p: plot_accuracy(out, p)),
+        ("mechanism_png", lambda p: plot_mechanism(out, p)),
+        ("md", lambda p: write_text(p, report_markdown(out, table1, cell_table))),
+        ("json", lambda p: write_json(p, out)),
+    ):
         try:
             fn(paths[key])
         except Exception as e:  # noqa: BLE001 — named with the file, re-raised by the caller
@@ -210,8 +264,11 @@ def _mechanism(cfg, done, qs, start, seeds, ci, resolve) -> dict[str, Any]:
                     return None
                 with open(path, encoding="utf-8") as f:
                     recs = [json.loads(line) for line in f if line.strip()]
-                seen += [r.get("phase/trained") for r in recs
-                         if sp.start < r.get("step", -1) <= sp.end and "phase/trained" in r]
+                seen += [
+                    r.get("phase/trained")
+                    for r in recs
+                    if sp.start < r.get("step", -1) <= sp.end and "phase/trained" in r
+                ]
             return None if not seen else all(t == "+".join(sp.trained) for t in seen)
 
         phases = []
@@ -220,12 +277,27 @@ def _mechanism(cfg, done, qs, start, seeds, ci, resolve) -> dict[str, Any]:
                 continue
             a = np.stack([vec(s, sp.start) for s in seeds])
             b = np.stack([vec(s, sp.end) for s in seeds])
-            phases.append({
-                "phase": sp.index, "trained": "+".join(sp.trained), "start": sp.start, "end": sp.end,
-                "only_this_agent_updated": trained_logged(sp),
-                "per_seed": [{"seed": s, "start": _pct(a[i].mean()), "end": _pct(b[i].mean()),
-                              "delta": _pct(b[i].mean() - a[i].mean())} for i, s in enumerate(seeds)],
-                "start_mean": ci(a).as_dict(), "end_mean": ci(b).as_dict(), "delta": ci(b, a).as_dict()})
+            phases.append(
+                {
+                    "phase": sp.index,
+                    "trained": "+".join(sp.trained),
+                    "start": sp.start,
+                    "end": sp.end,
+                    "only_this_agent_updated": trained_logged(sp),
+                    "per_seed": [
+                        {
+                            "seed": s,
+                            "start": _pct(a[i].mean()),
+                            "end": _pct(b[i].mean()),
+                            "delta": _pct(b[i].mean() - a[i].mean()),
+                        }
+                        for i, s in enumerate(seeds)
+                    ],
+                    "start_mean": ci(a).as_dict(),
+                    "end_mean": ci(b).as_dict(),
+                    "delta": ci(b, a).as_dict(),
+                }
+            )
         mta = [p for p in phases if p["trained"] == META_THINKING]
         pooled = None
         if len(mta) > 1:  # all MTA phases: (phase, question) pairs as the units

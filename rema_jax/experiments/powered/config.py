@@ -1,6 +1,7 @@
 """The powered experiment's config: ``PoweredConfig`` (SFT stages, RL methods, their warm starts, seeds,
 held-out questions, time budget), its cross-checks, ``CostModel`` (the plan's per-unit costs) and
 ``load_powered_config`` (ConfigDict / dict → validated config, errors naming the dotted path)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,6 +23,7 @@ class CostModel:
     (2 shared CPU cores, SmolLM2-135M): one SFT step of one agent (batch 4), one RL step
     (4 questions × 4 samples), one sampler row of a held-out evaluation (greedy; ``eval_rows``
     counts the padding of the batch bucket), and the fixed cost of a stage (model load, compiles)."""
+
     sft_step_s: float = 13.1
     rl_step_s: float = 54.0
     eval_row_s: float = 1.9
@@ -39,6 +41,7 @@ class PoweredConfig:
     ``model.init_adapters_from`` and the eval settings are set per run); ``warm_start``: method →
     its SFT stage. ``comparisons``: (a, b) pairs reported as paired differences a − b, the first
     being the headline."""
+
     sft: Mapping[str, SFTConfig]
     rl: Mapping[str, TrainConfig]
     warm_start: Mapping[str, str]
@@ -69,39 +72,53 @@ class PoweredConfig:
         # each method with its SFT: one model, one adapter layout, one split (bootstrap's checks)
         for method, rl in self.rl.items():
             try:
-                BootstrapConfig(sft=self.sft[self.warm_start[method]], rl=rl,
-                                heldout_questions=self.heldout_questions)
+                BootstrapConfig(sft=self.sft[self.warm_start[method]], rl=rl, heldout_questions=self.heldout_questions)
             except ValueError as e:
                 raise ValueError(f"method {method} (from {self.warm_start[method]}): {e}") from None
         first = next(iter(self.rl))
         for method, rl in self.rl.items():  # every method: the same held-out questions and RL budget
-            for section, names in (("data", ("source", "families", "levels", "train_per_cell",
-                                             "test_per_cell", "split_seed")),
-                                   ("model", ("source", "random_init", "dtype")),
-                                   ("loop", ("steps", "questions_per_step")),
-                                   ("optimizer", ("learning_rate",))):
+            for section, names in (
+                ("data", ("source", "families", "levels", "train_per_cell", "test_per_cell", "split_seed")),
+                ("model", ("source", "random_init", "dtype")),
+                ("loop", ("steps", "questions_per_step")),
+                ("optimizer", ("learning_rate",)),
+            ):
                 for name in names:
                     x, y = (getattr(getattr(c, section), name) for c in (self.rl[first], rl))
                     if x != y:
-                        raise ValueError(f"rl.{method}.{section}.{name}={y!r} differs from rl.{first}: "
-                                         f"{x!r}; the methods must share the held-out split and the RL budget")
+                        raise ValueError(
+                            f"rl.{method}.{section}.{name}={y!r} differs from rl.{first}: "
+                            f"{x!r}; the methods must share the held-out split and the RL budget"
+                        )
         sft_first = next(iter(self.sft))
         for name, s in self.sft.items():  # every SFT: the same budget on the same worked examples
-            for path in ("data.families", "data.levels", "data.train_per_cell", "data.examples_per_cell",
-                         "data.split_seed", "loop.epochs", "loop.batch_size", "loop.seed", "optimizer"):
+            for path in (
+                "data.families",
+                "data.levels",
+                "data.train_per_cell",
+                "data.examples_per_cell",
+                "data.split_seed",
+                "loop.epochs",
+                "loop.batch_size",
+                "loop.seed",
+                "optimizer",
+            ):
                 x, y = (_get(c, path) for c in (self.sft[sft_first], s))
                 if x != y:
-                    raise ValueError(f"sft.{name}.{path}={y!r} differs from sft.{sft_first}: {x!r}; the "
-                                     "SFT stages must have the same budget on the same worked examples")
+                    raise ValueError(
+                        f"sft.{name}.{path}={y!r} differs from sft.{sft_first}: {x!r}; the "
+                        "SFT stages must have the same budget on the same worked examples"
+                    )
         for sft_name in self.sft:  # one greedy step-0 eval per SFT serves all its methods
             methods = [m for m, s in self.warm_start.items() if s == sft_name]
             for m in methods[1:]:
                 if self.rl[m].rollout != self.rl[methods[0]].rollout:
-                    raise ValueError(f"rl.{m}.rollout differs from rl.{methods[0]}.rollout, but both start "
-                                     f"from {sft_name}, whose held-out evaluation they share")
+                    raise ValueError(
+                        f"rl.{m}.rollout differs from rl.{methods[0]}.rollout, but both start "
+                        f"from {sft_name}, whose held-out evaluation they share"
+                    )
         if self.base_eval and not any(c.single_agent for c in self.rl.values()):
-            raise ValueError("base_eval evaluates the untrained model with the VRP prompt: needs a "
-                             "single-agent method")
+            raise ValueError("base_eval evaluates the untrained model with the VRP prompt: needs a single-agent method")
 
 
 def _get(obj: Any, dotted: str) -> Any:
@@ -135,12 +152,16 @@ def load_powered_config(raw: Any) -> PoweredConfig:
     order = list(plain.get("methods") or plain["rl"])
     if sorted(order) != sorted(plain["rl"]):
         raise ConfigError(f"config.methods={order} must list the methods of config.rl: {sorted(plain['rl'])}")
-    sft_order = list(dict.fromkeys([plain["warm_start"].get(m) for m in order if m in plain["warm_start"]]
-                                   + sorted(plain["sft"])))
+    sft_order = list(
+        dict.fromkeys([plain["warm_start"].get(m) for m in order if m in plain["warm_start"]] + sorted(plain["sft"]))
+    )
     sft = {n: load(load_sft_config, plain["sft"][n], f"config.sft.{n}") for n in sft_order if n in plain["sft"]}
     rl = {n: load(load_train_config, plain["rl"][n], f"config.rl.{n}") for n in order}
-    rest = {k: v for k, v in plain.items()
-            if k not in ("sft", "rl", "warm_start", "seeds", "costs", "comparisons", "methods")}
+    rest = {
+        k: v
+        for k, v in plain.items()
+        if k not in ("sft", "rl", "warm_start", "seeds", "costs", "comparisons", "methods")
+    }
     if "seeds" in plain:
         s = plain["seeds"]
         rest["seeds"] = tuple(range(s)) if isinstance(s, int) else tuple(s)

@@ -1,6 +1,7 @@
 """Runs (or resumes) the powered experiment's stages: ``stages.json`` (written atomically) records the
 finished ones, a stage or half-done run made with a different config is refused, the time budget drops
 whole seed groups, a failed stage is named with the directory it was writing; then the report."""
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,10 @@ def _config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
 
 def _check_same_config(st: Stage, recorded: Mapping[str, Any] | None, now: Mapping[str, Any], where: str) -> None:
     if recorded is not None and recorded != now:
-        raise ConfigError(f"stage {st.name}: {where} was made with a different config ({_config_diff(recorded, now)}); "
-                          "use a new --workdir, or restore the old settings")
+        raise ConfigError(
+            f"stage {st.name}: {where} was made with a different config ({_config_diff(recorded, now)}); "
+            "use a new --workdir, or restore the old settings"
+        )
 
 
 def run_powered(cfg: PoweredConfig, workdir: str, results_dir: str, *, progress: bool = True) -> dict[str, Any]:
@@ -72,32 +75,42 @@ def run_powered(cfg: PoweredConfig, workdir: str, results_dir: str, *, progress:
     keep, total = seeds_within_budget(cfg, rows, done)
     print(format_plan(cfg, done), flush=True)
     if len(keep) < len(cfg.seeds):
-        print(f"[powered] time budget {cfg.time_budget_min:.0f} min: running seeds {keep} of {list(cfg.seeds)}",
-              flush=True)
+        print(
+            f"[powered] time budget {cfg.time_budget_min:.0f} min: running seeds {keep} of {list(cfg.seeds)}",
+            flush=True,
+        )
 
     for st in stage_list(cfg):
         if st.seed is not None and st.seed not in keep:
             continue
         if st.name in done:
             _check_same_config(st, done[st.name].get("config"), stage_config(cfg, st), f"its record in {stages_path}")
-            print(f"[powered] stage {st.name}: done in an earlier run ({done[st.name]['seconds'] / 60:.1f} min), "
-                  "skipped", flush=True)
+            print(
+                f"[powered] stage {st.name}: done in an earlier run ({done[st.name]['seconds'] / 60:.1f} min), skipped",
+                flush=True,
+            )
             continue
         # before a seed group starts: re-check the budget with the stage times measured so far
         started = any(f"{m}/seed{st.seed}" in done for m in cfg.rl)
         if st.seed is not None and st.seed != keep[0] and cfg.time_budget_min and not started:
             now, _ = seeds_within_budget(cfg, plan(cfg, {k: v for k, v in done.items() if not k.startswith("_")}), done)
             if st.seed not in now:
-                print(f"[powered] seed {st.seed} no longer fits the {cfg.time_budget_min:.0f}-min budget "
-                      "with the measured stage times: no further seed is started", flush=True)
-                keep = keep[:keep.index(st.seed)]
+                print(
+                    f"[powered] seed {st.seed} no longer fits the {cfg.time_budget_min:.0f}-min budget "
+                    "with the measured stage times: no further seed is started",
+                    flush=True,
+                )
+                keep = keep[: keep.index(st.seed)]
                 continue
         directory = os.path.join(workdir, st.directory)
         previous = os.path.join(directory, "config.json")
         if st.kind == "rl" and os.path.exists(previous) and os.path.isdir(os.path.join(directory, "checkpoints")):
             with open(previous, encoding="utf-8") as f:  # the trainer would resume from these checkpoints
-                now = json.loads(json.dumps(to_dict(run_config(cfg, st.method, st.seed,
-                                                               _adapters(st.sft, workdir, done))), default=str))
+                now = json.loads(
+                    json.dumps(
+                        to_dict(run_config(cfg, st.method, st.seed, _adapters(st.sft, workdir, done))), default=str
+                    )
+                )
                 _check_same_config(st, json.load(f), now, f"the checkpoint in {directory}")
         print(f"\n[powered] stage {st.name} → {directory}", flush=True)
         t0 = time.perf_counter()
@@ -108,14 +121,22 @@ def run_powered(cfg: PoweredConfig, workdir: str, results_dir: str, *, progress:
             partial[st.name] = partial.get(st.name, 0.0) + time.perf_counter() - t0
             write_json(stages_path, done)
             if isinstance(e, (UserError, FileNotFoundError)):
-                raise StageError(f"powered stage {st.name!r} failed while writing {_where(directory)}: "
-                                 f"{type(e).__name__}: {e}") from e
+                raise StageError(
+                    f"powered stage {st.name!r} failed while writing {_where(directory)}: {type(e).__name__}: {e}"
+                ) from e
             if isinstance(e, Exception):
                 e.add_note(f"powered stage {st.name!r} failed while writing {_where(directory)}")
             raise
         result["seconds"] = time.perf_counter() - t0 + done.get("_partial", {}).pop(st.name, 0.0)
-        result.update({"kind": st.kind, "method": st.method, "seed": st.seed, "directory": st.directory,
-                       "config": stage_config(cfg, st)})
+        result.update(
+            {
+                "kind": st.kind,
+                "method": st.method,
+                "seed": st.seed,
+                "directory": st.directory,
+                "config": stage_config(cfg, st),
+            }
+        )
         done[st.name] = result
         write_json(stages_path, done)
 
@@ -123,17 +144,23 @@ def run_powered(cfg: PoweredConfig, workdir: str, results_dir: str, *, progress:
     if not finished_seeds:
         raise StageError(f"powered report: no seed finished every method ({sorted(cfg.rl)}) in {workdir}")
     try:
-        return report(cfg, workdir, results_dir, done, seeds=finished_seeds,
-                      wall_this_run_min=(time.perf_counter() - t_start) / 60)
+        return report(
+            cfg,
+            workdir,
+            results_dir,
+            done,
+            seeds=finished_seeds,
+            wall_this_run_min=(time.perf_counter() - t_start) / 60,
+        )
     except ReportWriteError as e:
         raise StageError(f"powered stage 'report' failed while writing {e.path}: {e.cause}") from e
     except (UserError, FileNotFoundError) as e:
-        raise StageError(f"powered stage 'report' failed while reading the stages' files: "
-                         f"{type(e).__name__}: {e}") from e
+        raise StageError(
+            f"powered stage 'report' failed while reading the stages' files: {type(e).__name__}: {e}"
+        ) from e
 
 
-def _run_stage(cfg: PoweredConfig, st: Stage, workdir: str, done: Mapping[str, Any],
-               progress: bool) -> dict[str, Any]:
+def _run_stage(cfg: PoweredConfig, st: Stage, workdir: str, done: Mapping[str, Any], progress: bool) -> dict[str, Any]:
     """Runs one stage; paths in the returned record are relative to ``workdir``. The stage bodies are
     looked up in ``bodies`` at call time (tests replace them)."""
     directory = os.path.join(workdir, st.directory)

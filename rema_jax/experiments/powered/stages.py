@@ -1,6 +1,7 @@
 """What the powered experiment runs: the schedule's phases and evaluation steps of one RL run, the
 stage list (seed-major), each stage's config (RL run, greedy held-out evaluation) and the record of
 what a stage's outcome depends on (``stage_config``, checked on resume)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,7 +21,7 @@ class PhaseSpan:
     index: int
     trained: tuple[str, ...]
     start: int  # first step of the phase (the policy *before* it = the checkpoint at `start`)
-    end: int    # the checkpoint after its last step
+    end: int  # the checkpoint after its last step
 
 
 def phase_spans(rl: TrainConfig) -> list[PhaseSpan]:
@@ -58,8 +59,8 @@ def eval_steps(rl: TrainConfig) -> list[int]:
 @dataclasses.dataclass(frozen=True)
 class Stage:
     name: str
-    kind: str              # "base_eval" | "sft" | "sft_eval" | "rl"
-    directory: str         # relative to the workdir
+    kind: str  # "base_eval" | "sft" | "sft_eval" | "rl"
+    directory: str  # relative to the workdir
     sft: str | None = None
     method: str | None = None
     seed: int | None = None
@@ -81,8 +82,16 @@ def stage_list(cfg: PoweredConfig) -> list[Stage]:
         out.append(Stage(f"{name}_eval", "sft_eval", f"{name}_eval", sft=name))
     for seed in cfg.seeds:
         for method in cfg.rl:
-            out.append(Stage(f"{method}/seed{seed}", "rl", os.path.join(method, f"seed{seed}"),
-                             sft=cfg.warm_start[method], method=method, seed=seed))
+            out.append(
+                Stage(
+                    f"{method}/seed{seed}",
+                    "rl",
+                    os.path.join(method, f"seed{seed}"),
+                    sft=cfg.warm_start[method],
+                    method=method,
+                    seed=seed,
+                )
+            )
     return out
 
 
@@ -90,10 +99,10 @@ def run_config(cfg: PoweredConfig, method: str, seed: int, adapters: str | None)
     """One RL run's config: the method's, from ``adapters``, with ``loop.seed = seed``, evals on the
     held-out questions at every phase boundary and the end (no step-0 eval: the SFT stage's)."""
     rl = cfg.rl[method]
-    loop = dataclasses.replace(rl.loop, seed=seed, eval_before=False, eval_questions=cfg.heldout_questions,
-                               eval_every=mechanism_eval_every(rl))
-    return dataclasses.replace(rl, loop=loop,
-                               model=dataclasses.replace(rl.model, init_adapters_from=adapters))
+    loop = dataclasses.replace(
+        rl.loop, seed=seed, eval_before=False, eval_questions=cfg.heldout_questions, eval_every=mechanism_eval_every(rl)
+    )
+    return dataclasses.replace(rl, loop=loop, model=dataclasses.replace(rl.model, init_adapters_from=adapters))
 
 
 def eval_config(cfg: PoweredConfig, sft_name: str | None, adapters: str | None) -> TrainConfig:
@@ -124,8 +133,15 @@ def stage_config(cfg: PoweredConfig, st: Stage) -> dict[str, Any]:
         c: Any = cfg.sft[st.sft]
     elif st.kind in ("sft_eval", "base_eval"):  # what a greedy held-out evaluation depends on
         e = eval_config(cfg, st.sft, None)
-        c = {"model": e.model, "adapter": e.adapter, "rollout": e.rollout, "data": e.data, "grading": e.grading,
-             "questions": cfg.heldout_questions, "sft": cfg.sft[st.sft] if st.sft else None}
+        c = {
+            "model": e.model,
+            "adapter": e.adapter,
+            "rollout": e.rollout,
+            "data": e.data,
+            "grading": e.grading,
+            "questions": cfg.heldout_questions,
+            "sft": cfg.sft[st.sft] if st.sft else None,
+        }
     else:
         c = {"rl": to_dict(run_config(cfg, st.method, st.seed, None)), "sft": to_dict(cfg.sft[st.sft])}
     return json.loads(json.dumps(to_dict(c), default=str))

@@ -1,5 +1,6 @@
 """The time plan: predicted minutes per stage (recorded, measured from finished stages, or the
 ``CostModel``), the seed groups that fit ``time_budget_min``, and the printed plan (``--plan``)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +10,6 @@ import numpy as np
 
 from rema_jax.experiments.powered.config import META_THINKING, CostModel, PoweredConfig
 from rema_jax.experiments.powered.stages import Stage, eval_steps, phase_spans, run_config, sft_agent_steps, stage_list
-
 
 # The sampler's default batch buckets (rema_jax.sampling.Sampler): a held-out evaluation of n
 # questions runs as one batch padded to the next bucket (chunks of the largest), so it costs
@@ -29,16 +29,22 @@ def _stage_formula(cfg: PoweredConfig, stage: Stage, costs: CostModel) -> tuple[
     rows = eval_rows(q)
     if stage.kind == "sft":
         n = sft_agent_steps(cfg.sft[stage.sft])
-        return (n * costs.sft_step_s + costs.stage_overhead_s,
-                f"{n} agent-steps × {costs.sft_step_s:.1f} s + {costs.stage_overhead_s:.0f} s")
+        return (
+            n * costs.sft_step_s + costs.stage_overhead_s,
+            f"{n} agent-steps × {costs.sft_step_s:.1f} s + {costs.stage_overhead_s:.0f} s",
+        )
     if stage.kind in ("sft_eval", "base_eval"):
-        return (rows * costs.eval_row_s + costs.stage_overhead_s,
-                f"{q} questions ({rows} rows) × {costs.eval_row_s:.2f} s + {costs.stage_overhead_s:.0f} s")
+        return (
+            rows * costs.eval_row_s + costs.stage_overhead_s,
+            f"{q} questions ({rows} rows) × {costs.eval_row_s:.2f} s + {costs.stage_overhead_s:.0f} s",
+        )
     rl = run_config(cfg, stage.method, stage.seed, None)
     n_eval = len(eval_steps(rl))
-    return (rl.loop.steps * costs.rl_step_s + n_eval * rows * costs.eval_row_s + costs.stage_overhead_s,
-            f"{rl.loop.steps} steps × {costs.rl_step_s:.0f} s + {n_eval} eval(s) × {rows} rows × "
-            f"{costs.eval_row_s:.2f} s + {costs.stage_overhead_s:.0f} s")
+    return (
+        rl.loop.steps * costs.rl_step_s + n_eval * rows * costs.eval_row_s + costs.stage_overhead_s,
+        f"{rl.loop.steps} steps × {costs.rl_step_s:.0f} s + {n_eval} eval(s) × {rows} rows × "
+        f"{costs.eval_row_s:.2f} s + {costs.stage_overhead_s:.0f} s",
+    )
 
 
 def measured_costs(cfg: PoweredConfig, done: Mapping[str, Any]) -> CostModel:
@@ -66,22 +72,38 @@ def plan(cfg: PoweredConfig, done: Mapping[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for st in stage_list(cfg):
         if st.name in done:
-            rows.append({"stage": st.name, "status": "done", "minutes": done[st.name]["seconds"] / 60,
-                         "basis": "recorded", "seed": st.seed})
+            rows.append(
+                {
+                    "stage": st.name,
+                    "status": "done",
+                    "minutes": done[st.name]["seconds"] / 60,
+                    "basis": "recorded",
+                    "seed": st.seed,
+                }
+            )
             continue
         same = [r["seconds"] for n, r in done.items() if st.kind == "rl" and r.get("method") == st.method]
         if same:
-            rows.append({"stage": st.name, "status": "todo", "minutes": float(np.mean(same)) / 60,
-                         "basis": f"measured: finished {st.method} run(s)", "seed": st.seed})
+            rows.append(
+                {
+                    "stage": st.name,
+                    "status": "todo",
+                    "minutes": float(np.mean(same)) / 60,
+                    "basis": f"measured: finished {st.method} run(s)",
+                    "seed": st.seed,
+                }
+            )
             continue
         secs, basis = _stage_formula(cfg, st, costs)
-        rows.append({"stage": st.name, "status": "todo", "minutes": secs / 60, "basis": f"{measured}: {basis}",
-                     "seed": st.seed})
+        rows.append(
+            {"stage": st.name, "status": "todo", "minutes": secs / 60, "basis": f"{measured}: {basis}", "seed": st.seed}
+        )
     return rows
 
 
-def seeds_within_budget(cfg: PoweredConfig, rows: Sequence[Mapping[str, Any]],
-                        done: Mapping[str, Any]) -> tuple[list[int], float]:
+def seeds_within_budget(
+    cfg: PoweredConfig, rows: Sequence[Mapping[str, Any]], done: Mapping[str, Any]
+) -> tuple[list[int], float]:
     """The seed groups that fit the budget, in order (the first always runs), and the predicted total
     minutes of the stages that will run (recorded + predicted)."""
     total = sum(r["minutes"] for r in rows if r["seed"] is None)
@@ -102,13 +124,17 @@ def format_plan(cfg: PoweredConfig, done: Mapping[str, Any]) -> str:
     rows = plan(cfg, {k: v for k, v in done.items() if not k.startswith("_")})
     keep, total = seeds_within_budget(cfg, rows, done)
     rl0 = run_config(cfg, next(iter(cfg.rl)), cfg.seeds[0], None)
-    lines = [f"powered experiment: {len(cfg.rl)} methods ({', '.join(cfg.rl)}) × seeds {list(cfg.seeds)}, "
-             f"{cfg.heldout_questions} held-out questions, RL {rl0.loop.steps} steps per run"]
+    lines = [
+        f"powered experiment: {len(cfg.rl)} methods ({', '.join(cfg.rl)}) × seeds {list(cfg.seeds)}, "
+        f"{cfg.heldout_questions} held-out questions, RL {rl0.loop.steps} steps per run"
+    ]
     for m, c in cfg.rl.items():
         r = run_config(cfg, m, cfg.seeds[0], None)
         mta = [s for s in phase_spans(r) if s.trained == (META_THINKING,)]
-        lines.append(f"  {m:<18} from {cfg.warm_start[m]}; held-out evals at steps {eval_steps(r)}"
-                     + (f"; MTA phases {[(s.start, s.end) for s in mta]}" if mta else ""))
+        lines.append(
+            f"  {m:<18} from {cfg.warm_start[m]}; held-out evals at steps {eval_steps(r)}"
+            + (f"; MTA phases {[(s.start, s.end) for s in mta]}" if mta else "")
+        )
     width = max(len(r["stage"]) for r in rows)
     lines.append(f"  {'stage'.ljust(width)}  status  minutes  basis")
     for r in rows:
@@ -116,8 +142,17 @@ def format_plan(cfg: PoweredConfig, done: Mapping[str, Any]) -> str:
         status = "skip" if skip else r["status"]
         lines.append(f"  {r['stage'].ljust(width)}  {status:<6}  {r['minutes']:7.1f}  {r['basis']}")
     budget = cfg.time_budget_min
-    lines.append(f"  {'total'.ljust(width)}          {total:7.1f}  "
-                 + (f"budget {budget:.0f} min: " + ("all seeds fit" if len(keep) == len(cfg.seeds) else
-                    f"seeds {[s for s in cfg.seeds if s not in keep]} do not fit and are skipped")
-                    if budget else "no time budget"))
+    lines.append(
+        f"  {'total'.ljust(width)}          {total:7.1f}  "
+        + (
+            f"budget {budget:.0f} min: "
+            + (
+                "all seeds fit"
+                if len(keep) == len(cfg.seeds)
+                else f"seeds {[s for s in cfg.seeds if s not in keep]} do not fit and are skipped"
+            )
+            if budget
+            else "no time budget"
+        )
+    )
     return "\n".join(lines)
