@@ -38,6 +38,9 @@ EXTRAS = {
         "ipykernel>=6.29",
         "ruff==0.17.6",  # formatting and lint (pyproject.toml; .ci/run checks both); pinned: styles change
     ],
+    # Accelerators: jax with its CUDA 12 or TPU runtime (benchmarks/gpu_suite.py measures what they do).
+    "cuda": ["jax[cuda12]>=0.4.30"],
+    "tpu": ["jax[tpu]>=0.4.30"],
 }
 
 setup(
