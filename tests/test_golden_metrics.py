@@ -25,10 +25,10 @@ import sys
 import jax
 import numpy as np
 import pytest
+from test_trainer_paths import NO_EVAL, TINY, alternating_rewards  # the same tiny shapes and rewards
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden"
-TINY = {"num_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8}
 BUILTIN = {
     "source": "builtin",
     "benchmark": None,
@@ -39,7 +39,6 @@ BUILTIN = {
     "train_per_cell": 4,
     "test_per_cell": 0,
 }
-NO_EVAL = {"eval_questions": 0, "eval_before": False, "eval_every": 0}
 STEPS = 3
 RTOL_OTHER_MACHINE = 1e-4
 
@@ -102,12 +101,6 @@ def setups() -> dict[str, dict]:
         },
     )
     return {"default_rl": default_rl, "paper_multi_turn": multi_turn}
-
-
-def alternating_rewards(exp):
-    for role in exp.rewards:
-        exp.rewards[role] = (np.arange(len(exp.rewards[role])) % 2 == 0).astype(np.float32)
-    return exp
 
 
 def fingerprint() -> dict:
