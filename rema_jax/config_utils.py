@@ -7,6 +7,7 @@ dotted path of the field before any compute starts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -39,10 +40,8 @@ def _check_type(value: Any, hint: Any, path: str) -> Any:
                 if value is None:
                     return None
                 continue
-            try:
+            with contextlib.suppress(ConfigError):  # another member may accept it; the error below names the union
                 return _check_type(value, arg, path)
-            except ConfigError:
-                pass  # the next member may accept it; the error below names the whole union
         raise ConfigError(f"{path}: expected {hint}, got {value!r} ({type(value).__name__})")
     if origin is typing.Literal:
         if value not in args:
