@@ -41,30 +41,6 @@ GAP_TOL = 1e-5  # mean |behaviour - recomputed| log-prob per sampled token, T = 
 _TOKENIZERS = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-    """Each Trainer compiles its own sampler and update (~20 s of CPU); identical programs in the
-    next Trainer of this module are read back from a persistent cache (restored afterwards)."""
-    from jax._src import compilation_cache as jax_cc
-
-    from rema_jax import compile_cache
-
-    keys = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_enable_xla_caches",
-        "jax_enable_compilation_cache",
-    )
-    before = {k: getattr(jax.config, k) for k in keys if hasattr(jax.config, k)}
-    applied = compile_cache._applied
-    compile_cache.enable_compilation_cache(str(tmp_path_factory.mktemp("xla")), min_compile_time_secs=0.0)
-    yield
-    for k, v in before.items():
-        jax.config.update(k, v)
-    compile_cache._applied = applied
-    jax_cc.reset_cache()
-
-
 @pytest.fixture(autouse=True)
 def _cached_tokenizer(monkeypatch, smollm2_gguf):
     """Every Trainer here reads the same GGUF tokenizer (~10 s each on 2 busy cores): read it once."""
