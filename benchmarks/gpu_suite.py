@@ -492,29 +492,12 @@ def update_row(cfg, run: dict, ns, prof: dict, peak_tflops: float, datasheet: fl
 
 
 def synthetic_tokenizer():
-    """A byte-level BPE (600 tokens, ChatML template, EOS <|im_end|>) trained in-process on the agents'
-    prompts, so prompts have realistic lengths without a model file."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
+    """The tiny ChatML BPE of `rema_jax.models.testing` (600 tokens, EOS <|im_end|>) trained in-process
+    on all of the agents' prompts, so prompts have realistic lengths without a model file."""
+    from rema_jax.models.testing import chatml_bpe_tokenizer
     from rema_jax.rollout import prompts as P
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = [v for k, v in sorted(vars(P).items()) if k.isupper() and isinstance(v, str)]
-    trainer = trainers.BpeTrainer(
-        vocab_size=600,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(corpus * 4, trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    hf.chat_template = (
-        "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + "
-        "'\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    )
-    return hf
+    return chatml_bpe_tokenizer("\n".join(v for k, v in sorted(vars(P).items()) if k.isupper() and isinstance(v, str)))
 
 
 def _smollm2_available() -> bool:

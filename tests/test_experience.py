@@ -11,10 +11,10 @@ import re
 
 import numpy as np
 import pytest
-from tiny_tokenizer import chatml_bpe_tokenizer
 
 from rema_jax import rewards as rewards_lib
 from rema_jax import rollout as R
+from rema_jax.models.testing import chatml_bpe_tokenizer
 from rema_jax.rollout import prompts as P
 from rema_jax.sampling import Generation
 from rema_jax.tasks.types import Task, judge_task

@@ -23,7 +23,7 @@ def test_grpo_matches_reference_and_groups_per_role():
     g = np.array([0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 2])
     role = np.array([0] * 6 + [1] * 6)
     m = _mask(n, l)
-    out = np.asarray(adv.grpo_advantages(rewards_n=r, group_ids_n=g, loss_mask_nl=m, role_ids_n=role))
+    out = np.asarray(adv.grpo_advantages(rewards_b=r, group_ids_b=g, loss_mask_bt=m, role_ids_b=role))
     for i in range(n):
         same = (g == g[i]) & (role == role[i])
         if same.sum() == 1:  # size-1 group: mean 0, std 1
@@ -38,10 +38,10 @@ def test_grpo_identical_rewards_give_zero_and_dr_grpo():
     r = np.array([1.0, 1.0, 0.0, 1.0], np.float32)
     g = np.array([0, 0, 1, 1])
     m = np.ones((4, 3), np.float32)
-    out = np.asarray(adv.grpo_advantages(rewards_n=r, group_ids_n=g, loss_mask_nl=m))
+    out = np.asarray(adv.grpo_advantages(rewards_b=r, group_ids_b=g, loss_mask_bt=m))
     np.testing.assert_allclose(out[:2], 0.0)
     np.testing.assert_allclose(out[2], -0.5 / (np.std([0, 1], ddof=1) + 1e-6), rtol=1e-5)
-    dr = np.asarray(adv.dr_grpo_advantages(rewards_n=r, group_ids_n=g, loss_mask_nl=m))
+    dr = np.asarray(adv.dr_grpo_advantages(rewards_b=r, group_ids_b=g, loss_mask_bt=m))
     np.testing.assert_allclose(dr[:, 0], [0, 0, -0.5, 0.5])
 
 
@@ -81,7 +81,7 @@ def test_reinforce_pp_outcome_with_kl():
     cfg = adv.AdvantageConfig(estimator="reinforce_pp", kl_coef=0.1)
     out = np.asarray(
         adv.compute_advantages(
-            cfg, rewards_n=r, group_ids_n=np.zeros(n), loss_mask_nl=m, old_logprobs_nl=old, ref_logprobs_nl=ref
+            cfg, rewards_b=r, group_ids_b=np.zeros(n), loss_mask_bt=m, old_logprobs_bt=old, ref_logprobs_bt=ref
         )
     )
     np.testing.assert_allclose(out, _reinforce_pp_reference(r, m, old, ref, 0.1), rtol=1e-4, atol=1e-5)
@@ -95,7 +95,7 @@ def test_reinforce_pp_turn_level_rewards_reset_between_turns():
     tid = np.array([[-1, 0, 0, -1, -1, 1, 1, 1, -1], [-1, 0, -1, -1, 1, 1, -1, -1, -1]])
     tr = np.array([[0.0, 1.0], [0.5, -1.0]])
     out = np.asarray(
-        adv.reinforce_pp_advantages(rewards_n=tr.sum(1), loss_mask_nl=m, turn_ids_nl=tid, turn_rewards_nk=tr)
+        adv.reinforce_pp_advantages(rewards_b=tr.sum(1), loss_mask_bt=m, turn_ids_bt=tid, turn_rewards_bk=tr)
     )
     ref = _reinforce_pp_reference(tr.sum(1), m, turn_rewards=tr, turn_ids=tid)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)

@@ -186,11 +186,11 @@ def test_kl_and_entropy_terms():
     )
     ent = np.full_like(logp, 2.0)
     l0, _ = L.ppo_loss(logp, old, adv, mask, tid, base)
-    l1, met = L.ppo_loss(logp, old, adv, mask, tid, with_kl, ref_logp_bl=ref, entropy_bl=ent)
+    l1, met = L.ppo_loss(logp, old, adv, mask, tid, with_kl, ref_logp_bt=ref, entropy_bt=ent)
     k1 = ((logp - ref) * mask).sum() / mask.sum()
     assert float(l1) == pytest.approx(float(l0) + 0.5 * k1 - 0.1 * 2.0, rel=1e-5)
     assert float(met["kl_ref"]) == pytest.approx(k1, rel=1e-5)
-    with pytest.raises(ValueError, match="no ref_logp_bl"):
+    with pytest.raises(ValueError, match="no ref_logp_bt"):
         L.ppo_loss(logp, old, adv, mask, tid, with_kl)
 
 

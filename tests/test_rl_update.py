@@ -60,7 +60,7 @@ DEFAULT_ADVANTAGE = rl.AdvantageConfig()
 def add_rl_fields(batch, params, role, logprob_fn, adv_cfg=DEFAULT_ADVANTAGE):
     b = dict(batch)
     b["advantages"] = np.asarray(
-        rl.compute_advantages(adv_cfg, rewards_n=b["rewards"], group_ids_n=b["group_ids"], loss_mask_nl=b["loss_mask"])
+        rl.compute_advantages(adv_cfg, rewards_b=b["rewards"], group_ids_b=b["group_ids"], loss_mask_bt=b["loss_mask"])
     )
     b["old_logprobs"] = np.asarray(logprob_fn(params, role, b))
     return b

@@ -10,9 +10,9 @@ import re
 
 import numpy as np
 import pytest
-from tiny_tokenizer import chatml_bpe_tokenizer
 
 from rema_jax import rollout as R
+from rema_jax.models.testing import chatml_bpe_tokenizer
 from rema_jax.rollout import prompts as P
 from rema_jax.sampling import Generation
 

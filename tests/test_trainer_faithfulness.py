@@ -195,7 +195,7 @@ def test_whiten_scope_is_validated():
 @pytest.fixture(scope="module")
 def curriculum_trainer(tmp_path_factory):
     """A trainer that only needs a tokenizer: the tiny in-process ChatML one, no model file."""
-    from tiny_tokenizer import chatml_bpe_tokenizer
+    from rema_jax.models.testing import chatml_bpe_tokenizer
 
     cfg = load_train_config(
         tiny_train_config(

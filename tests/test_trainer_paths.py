@@ -467,13 +467,13 @@ def test_paper_single_turn_config_steps(tmp_path):
     # The update got REINFORCE++ advantages with the KL to the reference folded into the reward.
     (b,) = updates[2].values()
     inputs = dict(
-        rewards_n=b["rewards"],
-        group_ids_n=b["group_ids"],
-        loss_mask_nl=b["loss_mask"],
-        turn_ids_nl=b["turn_ids"],
-        old_logprobs_nl=b["old_logprobs"],
+        rewards_b=b["rewards"],
+        group_ids_b=b["group_ids"],
+        loss_mask_bt=b["loss_mask"],
+        turn_ids_bt=b["turn_ids"],
+        old_logprobs_bt=b["old_logprobs"],
     )
-    with_kl = np.asarray(rl.compute_advantages(cfg.advantage, **inputs, ref_logprobs_nl=b["ref_logprobs"]))
+    with_kl = np.asarray(rl.compute_advantages(cfg.advantage, **inputs, ref_logprobs_bt=b["ref_logprobs"]))
     without = np.asarray(rl.compute_advantages(dataclasses.replace(cfg.advantage, kl_coef=0.0), **inputs))
     np.testing.assert_allclose(b["advantages"], with_kl, rtol=1e-6, atol=1e-7)
     assert np.abs(b["advantages"] - without).max() > 1e-3  # the KL term is in them (~5e-3 here)

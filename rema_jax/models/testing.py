@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,3 +55,36 @@ def random_params(config: ModelConfig, key: jax.Array, std: float = 0.5) -> Para
             value = noise * (2 * std / np.sqrt(shape[0]))
         out.append(value.astype(config.params_dtype))
     return jax.tree.unflatten(treedef, out)
+
+
+# ---------------------------------------------------------------------------- a tiny chat tokenizer
+CHATML = (
+    "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + "
+    "'\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@functools.lru_cache(maxsize=None)
+def chatml_bpe_tokenizer(extra_text: str = ""):
+    """A tiny byte-level BPE tokenizer (600 tokens, any text encodes) with a ChatML template and EOS
+    ``<|im_end|>``, trained in-process on the agents' system prompts plus ``extra_text``: real
+    chat-template and EOS behaviour for rollout, trainer and benchmark runs on random models, without
+    a model file. Needs ``tokenizers`` and ``transformers`` (imported here, on first use)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from rema_jax.rollout import prompts as P
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [P.CODE_MT_MTA_SYSTEM, P.CODE_MT_RA_SYSTEM, P.PAPER_MAMRP_HIGH_SYSTEM, extra_text]
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus * 4, trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    hf.chat_template = CHATML
+    return hf

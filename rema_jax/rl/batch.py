@@ -1,6 +1,6 @@
 """The typed batch of one role's rows that the log-prob passes and the RL update read.
 
-Every array field is ``[N, L]`` over the same N rows and L positions, aligned as Contract 4 (docs/
+Every array field is ``[B, T]`` over the same B rows and T positions, aligned as Contract 4 (docs/
 architecture.md): position t of ``loss_mask``/``turn_ids``/``advantages``/``*_logprobs`` scores token t
 given tokens < t. A ``TrainBatch`` is a pytree (``flax.struct.dataclass``), so it goes through
 ``jax.jit``, ``tree_map`` (mini/micro-batch splits) and sharding rules as it is; fields left ``None``
@@ -26,13 +26,13 @@ RL_FIELDS = ("advantages", "old_logprobs")
 class TrainBatch:
     """One role's rows.
 
-    tokens:         int32   [N, L]  token ids, right-padded
-    attention_mask: int32   [N, L]  1 on real tokens
-    loss_mask:      float32 [N, L]  1 where the token is the role's own output (trained)
-    turn_ids:       int32   [N, L]  the turn of each loss token (0 .. max_turns-1), -1 elsewhere
-    advantages:     float32 [N, L]  per-token advantages (the update only)
-    old_logprobs:   float32 [N, L]  log π_old of each token, 0 outside loss_mask (the update only)
-    ref_logprobs:   float32 [N, L]  log π_ref, when a KL term reads it
+    tokens:         int32   [B, T]  token ids, right-padded
+    attention_mask: int32   [B, T]  1 on real tokens
+    loss_mask:      float32 [B, T]  1 where the token is the role's own output (trained)
+    turn_ids:       int32   [B, T]  the turn of each loss token (0 .. max_turns-1), -1 elsewhere
+    advantages:     float32 [B, T]  per-token advantages (the update only)
+    old_logprobs:   float32 [B, T]  log π_old of each token, 0 outside loss_mask (the update only)
+    ref_logprobs:   float32 [B, T]  log π_ref, when a KL term reads it
     """
 
     tokens: Array
@@ -54,7 +54,7 @@ class TrainBatch:
 
     def checked(self, role: str, *, rl_fields: bool, ref: bool) -> "TrainBatch":
         """This batch with exactly the fields a pass needs (``ref_logprobs`` dropped when ``ref`` is
-        False), after checking they are present and all ``[N, L]`` like ``tokens``."""
+        False), after checking they are present and all ``[B, T]`` like ``tokens``."""
         need = MODEL_FIELDS + (RL_FIELDS if rl_fields else ()) + (("ref_logprobs",) if ref else ())
         missing = [k for k in need if getattr(self, k) is None]
         if missing:

@@ -1,6 +1,6 @@
 """Turn-level PPO loss, KL to the reference, entropy, and the log-prob utility (jit-able jnp).
 
-Inputs follow Contract 4 (docs/architecture.md): `[B, L]` arrays where position t holds a target
+Inputs follow Contract 4 (docs/architecture.md): `[B, T]` arrays where position t holds a target
 token, `loss_mask` marks this role's generated tokens and `turn_ids` their turn (-1 elsewhere).
 
 Loss (per unit u = a token, or a turn in the turn-ratio modes):
@@ -206,13 +206,13 @@ def sparse_token_logprobs_and_entropy(
     return logp_bt, ent_bt
 
 
-def kl_estimate(logp_bl, ref_logp_bl, estimator: str = "k3", clamp: float = 10.0):
+def kl_estimate(logp_bt, ref_logp_bt, estimator: str = "k3", clamp: float = 10.0):
     """Per-token estimate of KL(pi || pi_ref) from samples of pi, in fp32, clamped to +-clamp.
 
     k1 = logp - ref;  k2 = 0.5 (logp - ref)^2;  k3 = exp(ref - logp) - (ref - logp) - 1
     (k3 is verl's `low_var_kl`).
     """
-    d = logp_bl.astype(jnp.float32) - ref_logp_bl.astype(jnp.float32)
+    d = logp_bt.astype(jnp.float32) - ref_logp_bt.astype(jnp.float32)
     if estimator == "k1":
         kl = d
     elif estimator == "k2":
@@ -227,25 +227,25 @@ def kl_estimate(logp_bl, ref_logp_bl, estimator: str = "k3", clamp: float = 10.0
 # ----------------------------------------------------------------------------------------------
 # Segments
 # ----------------------------------------------------------------------------------------------
-def _turn_segments(mask_bl, turn_ids_bl, max_turns: int):
+def _turn_segments(mask_bt, turn_ids_bt, max_turns: int):
     """Flat segment id b * K + k per loss token (dump segment B*K elsewhere) and B*K."""
-    b = mask_bl.shape[0]
-    valid = (mask_bl > 0) & (turn_ids_bl >= 0) & (turn_ids_bl < max_turns)
-    seg = jnp.arange(b)[:, None] * max_turns + jnp.clip(turn_ids_bl, 0, max_turns - 1)
+    b = mask_bt.shape[0]
+    valid = (mask_bt > 0) & (turn_ids_bt >= 0) & (turn_ids_bt < max_turns)
+    seg = jnp.arange(b)[:, None] * max_turns + jnp.clip(turn_ids_bt, 0, max_turns - 1)
     return jnp.where(valid, seg, b * max_turns), b * max_turns
 
 
-def _turn_sum(x_bl, seg, nseg, b, k):
-    return jax.ops.segment_sum(x_bl.reshape(-1), seg.reshape(-1), num_segments=nseg + 1)[:nseg].reshape(b, k)
+def _turn_sum(x_bt, seg, nseg, b, k):
+    return jax.ops.segment_sum(x_bt.reshape(-1), seg.reshape(-1), num_segments=nseg + 1)[:nseg].reshape(b, k)
 
 
-def loss_normalizers(loss_mask_bl, turn_ids_bl, max_turns: int) -> dict:
+def loss_normalizers(loss_mask_bt, turn_ids_bt, max_turns: int) -> dict:
     """Counts used as loss denominators: loss tokens, valid turns, sequences with a loss token.
 
     Tokens outside [0, max_turns) turns are ignored in every count, like in the loss.
     """
-    mask = (loss_mask_bl > 0) & (turn_ids_bl >= 0) & (turn_ids_bl < max_turns)
-    seg, nseg = _turn_segments(mask.astype(jnp.float32), turn_ids_bl, max_turns)
+    mask = (loss_mask_bt > 0) & (turn_ids_bt >= 0) & (turn_ids_bt < max_turns)
+    seg, nseg = _turn_segments(mask.astype(jnp.float32), turn_ids_bt, max_turns)
     b = mask.shape[0]
     cnt_bk = _turn_sum(mask.astype(jnp.float32), seg, nseg, b, max_turns)
     return {
@@ -272,27 +272,27 @@ def _clipped_pg(adv, ratio, cfg: LossConfig):
 
 
 def ppo_loss(
-    logp_bl,
-    old_logp_bl,
-    adv_bl,
-    loss_mask_bl,
-    turn_ids_bl,
+    logp_bt,
+    old_logp_bt,
+    adv_bt,
+    loss_mask_bt,
+    turn_ids_bt,
     cfg: LossConfig,
     *,
-    entropy_bl=None,
-    ref_logp_bl=None,
+    entropy_bt=None,
+    ref_logp_bt=None,
     normalizers: Optional[dict] = None,
 ):
     """Turn-level / token-level PPO loss (see module docstring). Returns (loss, metrics).
 
-    logp_bl: current log-probs (differentiated); old_logp_bl: recomputed old policy log-probs;
-    adv_bl: token advantages; entropy_bl / ref_logp_bl optional. `normalizers` (from
+    logp_bt: current log-probs (differentiated); old_logp_bt: recomputed old policy log-probs;
+    adv_bt: token advantages; entropy_bt / ref_logp_bt optional. `normalizers` (from
     `loss_normalizers` over a whole mini-batch) replaces the local denominators.
     Metrics (scalars): pg_loss, loss, clip_frac, dual_clip_frac, approx_kl (mean old - logp
     over tokens), ratio_mean / ratio_max (over units), entropy, kl_ref (when given).
     """
     f32 = jnp.float32
-    b, _ = logp_bl.shape
+    b, _ = logp_bt.shape
     k = cfg.max_turns
     agg_mode = cfg.agg
     if agg_mode == SUM_NORM and cfg.token_sum_norm is None:
@@ -302,10 +302,10 @@ def ppo_loss(
             f"LossConfig.token_sum_norm is only used by agg_mode={SUM_NORM!r}, "
             f"got agg_mode={cfg.agg_mode!r} (-> {agg_mode!r})"
         )
-    mask = ((loss_mask_bl > 0) & (turn_ids_bl >= 0) & (turn_ids_bl < k)).astype(f32)
-    seg, nseg = _turn_segments(mask, turn_ids_bl, k)
+    mask = ((loss_mask_bt > 0) & (turn_ids_bt >= 0) & (turn_ids_bt < k)).astype(f32)
+    seg, nseg = _turn_segments(mask, turn_ids_bt, k)
     local = normalizers is None
-    norms = loss_normalizers(mask, turn_ids_bl, k) if local else normalizers
+    norms = loss_normalizers(mask, turn_ids_bt, k) if local else normalizers
     tok_den = jnp.maximum(norms["tokens"], 1.0)
     turn_den = jnp.maximum(norms["turns"], 1.0)
     seq_den = jnp.maximum(norms["seqs"], 1.0)
@@ -314,20 +314,20 @@ def ppo_loss(
     seq_tok = mask.sum(1)
     seq_turns = turn_valid.sum(1)
 
-    def tsum(x):  # [B, L] -> [B, K] masked per-turn sums
+    def tsum(x):  # [B, T] -> [B, K] masked per-turn sums
         return _turn_sum(x * mask, seg, nseg, b, k)
 
-    def agg_tokens(x_bl):
+    def agg_tokens(x_bt):
         """Aggregate a per-token quantity (in the turn modes: per-turn means first)."""
         if agg_mode == SUM_NORM:  # = agg_turns of the per-turn means
-            return jnp.sum(x_bl * mask) / (cfg.token_sum_norm * seq_den)
+            return jnp.sum(x_bt * mask) / (cfg.token_sum_norm * seq_den)
         if agg_mode == "token_mean":
-            return jnp.sum(x_bl * mask) / tok_den
+            return jnp.sum(x_bt * mask) / tok_den
         if agg_mode == "turn_mean" or cfg.turn_level:
-            turn_mean = tsum(x_bl) / jnp.maximum(cnt_bk, 1.0)
+            turn_mean = tsum(x_bt) / jnp.maximum(cnt_bk, 1.0)
             return agg_turns(turn_mean)
         # token ratio + trajectory_mean: per-sequence token mean, then mean over sequences
-        return jnp.sum(jnp.sum(x_bl * mask, 1) / jnp.maximum(seq_tok, 1.0)) / seq_den
+        return jnp.sum(jnp.sum(x_bt * mask, 1) / jnp.maximum(seq_tok, 1.0)) / seq_den
 
     def agg_turns(v_bk):
         if agg_mode == SUM_NORM:  # each turn's value once per token of the turn
@@ -338,9 +338,9 @@ def ppo_loss(
         per_seq = jnp.sum(v_bk * turn_valid, 1) / jnp.maximum(seq_turns, 1.0)
         return jnp.sum(per_seq) / seq_den
 
-    logp = logp_bl.astype(f32)
-    old = old_logp_bl.astype(f32)
-    adv = adv_bl.astype(f32)
+    logp = logp_bt.astype(f32)
+    old = old_logp_bt.astype(f32)
+    adv = adv_bt.astype(f32)
     log_ratio = logp - old
     if cfg.ratio_mode == "token":
         ratio = jnp.exp(jnp.clip(log_ratio, -cfg.token_log_ratio_clip, cfg.token_log_ratio_clip))
@@ -369,19 +369,19 @@ def ppo_loss(
         "ratio_mean": jnp.sum(ratio * unit_mask) / unit_den,
         "ratio_max": jnp.max(jnp.where(unit_mask > 0, ratio, 0.0)),  # ratios are > 0
     }
-    if ref_logp_bl is not None:
-        kl = kl_estimate(logp, ref_logp_bl, cfg.kl_estimator, cfg.kl_clamp)
+    if ref_logp_bt is not None:
+        kl = kl_estimate(logp, ref_logp_bt, cfg.kl_estimator, cfg.kl_clamp)
         metrics["kl_ref"] = jnp.sum(kl * mask) / local_tok
         if cfg.kl_coef > 0:
             loss = loss + cfg.kl_coef * agg_tokens(kl)
     elif cfg.kl_coef > 0:
-        raise ValueError("LossConfig.kl_coef > 0 but no ref_logp_bl was given")
-    if entropy_bl is not None:
-        ent = entropy_bl.astype(f32)
+        raise ValueError("LossConfig.kl_coef > 0 but no ref_logp_bt was given")
+    if entropy_bt is not None:
+        ent = entropy_bt.astype(f32)
         metrics["entropy"] = jnp.sum(ent * mask) / local_tok
         if cfg.entropy_coef > 0:
             loss = loss - cfg.entropy_coef * agg_tokens(ent)
     elif cfg.entropy_coef > 0:
-        raise ValueError("LossConfig.entropy_coef > 0 but no entropy_bl was given")
+        raise ValueError("LossConfig.entropy_coef > 0 but no entropy_bt was given")
     metrics["loss"] = loss
     return loss, metrics

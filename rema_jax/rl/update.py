@@ -1,13 +1,13 @@
 """One jitted RL update: mini-batches x micro-batches, gradient accumulation, masked step.
 
-`logprobs_fn(params, role, batch) -> (logp_bl, entropy_bl)` (or `logits_fn(params, role, batch) ->
+`logprobs_fn(params, role, batch) -> (logp_bt, entropy_bt)` (or `logits_fn(params, role, batch) ->
 logits_btv`) is supplied by the caller (the learner builds it from `rema_jax.models.forward`, picking
 the role's adapter); `role` is a static string and `batch` a `TrainBatch` with its model fields.
 
 A rollout batch is `{role: TrainBatch}` (`rema_jax.rl.batch`; mappings with the same field names are
 accepted) with tokens, attention_mask, loss_mask, turn_ids, advantages, old_logprobs[, ref_logprobs],
-all [N_role, L]. Each role's rows are split into `num_mini_batches` optimizer steps, each into
-`num_micro_batches` accumulation steps (N_role must be divisible by their product). Loss
+all [B_role, T]. Each role's rows are split into `num_mini_batches` optimizer steps, each into
+`num_micro_batches` accumulation steps (B_role must be divisible by their product). Loss
 denominators are counted over each whole mini-batch across all its roles, so the accumulated
 loss equals the loss of the merged mini-batch (the official shared-weights merge).
 """
@@ -27,7 +27,7 @@ from rema_jax.rl.optimizer import MultiAgentOptimizer, check_trained
 
 LogitsFn = Callable[[Mapping[str, Any], str, TrainBatch], jax.Array]
 LogprobsFn = Callable[[Mapping[str, Any], str, TrainBatch], tuple[jax.Array, jax.Array]]
-"""`logprobs_fn(params, role, batch) -> (logp_bl, entropy_bl)`, Contract 4 aligned: an alternative
+"""`logprobs_fn(params, role, batch) -> (logp_bt, entropy_bt)`, Contract 4 aligned: an alternative
 to `logits_fn` for callers that compute log-probs more cheaply (e.g. only at loss positions with
 `losses.sparse_token_logprobs_and_entropy`)."""
 
@@ -145,8 +145,8 @@ def make_update_fn(
             mb.loss_mask,
             mb.turn_ids,
             loss_cfg,
-            entropy_bl=ent,
-            ref_logp_bl=mb.ref_logprobs,
+            entropy_bt=ent,
+            ref_logp_bt=mb.ref_logprobs,
             normalizers=norms,
         )
 
@@ -188,7 +188,7 @@ def make_update_fn(
             zeros = jax.tree_util.tree_map(jnp.zeros_like, trained_params)
             (grads, loss), met = jax.lax.scan(
                 micro_step, (zeros, jnp.zeros((), jnp.float32)), mini
-            )  # scans the micro axis of [u, b, L]
+            )  # scans the micro axis of [u, b, T]
             new_params, new_opt, step_met = optimizer.step(grads, opt_state, params, trained)
             finite = jnp.isfinite(loss) & jnp.isfinite(step_met["grad_norm"])
             keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
@@ -202,7 +202,7 @@ def make_update_fn(
 
         (params, opt_state), mets = jax.lax.scan(
             mini_step, (state.params, state.opt_state), split
-        )  # scans the mini axis of [m, u, b, L]
+        )  # scans the mini axis of [m, u, b, T]
         all_finite = jnp.all(mets["finite"] > 0)
         revert = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
             lambda a, b: jnp.where(all_finite, a, b), new, old
@@ -238,7 +238,7 @@ def check_update_batch(
     batch: TrainBatch | Mapping[str, Any], role: str, loss_cfg: losses.LossConfig, update_cfg: UpdateConfig
 ) -> TrainBatch:
     """The batch an update of ``role`` reads, checked on the host (every path runs this): the RL
-    fields present and ``[N, L]``, ``ref_logprobs`` kept only for a KL term, loss tokens' turn ids in
+    fields present and ``[B, T]``, ``ref_logprobs`` kept only for a KL term, loss tokens' turn ids in
     ``[0, max_turns)``, and N divisible by the mini × micro split."""
     b = as_train_batch(batch).checked(role, rl_fields=True, ref=loss_cfg.kl_coef > 0)
     _check_turn_ids(b, role, loss_cfg.max_turns)
@@ -259,7 +259,7 @@ def compute_logprobs_fn(
     chunk_size: int | None = None,
     logprobs_fn: LogprobsFn | None = None,
 ):
-    """Jitted `fn(params, role, batch) -> logp_nl [N, L] float32` (0 outside loss_mask).
+    """Jitted `fn(params, role, batch) -> logp_bt [B, T] float32` (0 outside loss_mask).
 
     Used after the rollout to recompute old log-probs under the training graph (and reference
     log-probs with a reference `logits_fn`); the same log-softmax as the loss. `role` is static.

@@ -65,7 +65,7 @@ def shard_update_fn(
 
 
 def shard_logprobs_fn(logprobs_fn: Callable, plan: ShardingPlan, params: Any, batch: Mapping[str, Any], role: str):
-    """`fn(params, batch) -> logp_nl [N, L]` for one `role`: `rema_jax.rl.compute_logprobs_fn`'s jitted
+    """`fn(params, batch) -> logp_bt [B, T]` for one `role`: `rema_jax.rl.compute_logprobs_fn`'s jitted
     core under the mesh, params laid out by the rules, batch rows and the output split over `data`×`fsdp`.
 
     Compiled for the shapes of `params`/`batch` (pass the placed trees; `batch` is a `TrainBatch` with

@@ -18,7 +18,7 @@ from rema_jax.rl.advantages import AdvantageConfig
 from rema_jax.rl.losses import DEFAULT_AGG_MODE, SUM_NORM, LossConfig
 from rema_jax.rl.optimizer import OptimizerConfig
 from rema_jax.rl.update import UpdateConfig
-from rema_jax.rollout import RolloutConfig
+from rema_jax.rollout import REASONING, RolloutConfig
 from rema_jax.sharding.mesh import MeshConfig
 from rema_jax.tasks.builtin import FAMILIES, NUM_LEVELS
 from rema_jax.tasks.loaders import resolve_paths
@@ -244,7 +244,7 @@ class TrainConfig:
             if n % chunk:
                 raise ValueError(
                     f"{n} {name} rows per step (questions_per_step × num_samples"
-                    f"{' × solutions_per_plan' if name == 'ra' else ''}) are not divisible by "
+                    f"{' × solutions_per_plan' if name == REASONING else ''}) are not divisible by "
                     f"num_mini_batches × num_micro_batches = {chunk}"
                 )
         if -1 not in (self.mesh.data, self.mesh.fsdp):  # else checked once the device count is known
@@ -258,9 +258,10 @@ class TrainConfig:
 
     @property
     def rows_per_step(self) -> dict[str, int]:
-        """Training rows per step by role kind: ``mta`` (questions × samples) and ``ra`` (× solutions per plan)."""
-        mta = self.loop.questions_per_step * self.rollout.num_samples
-        return {"mta": mta, "ra": mta * self.loop.solutions_per_plan}
+        """Training rows per step, by role: questions × samples, and × solutions per plan for the
+        reasoning agent (each plan is answered ``solutions_per_plan`` times)."""
+        rows = self.loop.questions_per_step * self.rollout.num_samples
+        return {r: rows * (self.loop.solutions_per_plan if r == REASONING else 1) for r in self.rollout.agent_roles}
 
     def check_batch_shards(self, batch_shards: int) -> None:
         """Raises ``ValueError`` unless every micro-batch (rows / (mini × micro)) splits evenly over

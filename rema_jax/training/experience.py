@@ -156,17 +156,17 @@ def collect(
     )
 
 
-def outcome_turn_rewards(rewards_n, turn_ids_nl, loss_mask_nl, max_turns: int) -> np.ndarray:
-    """Per-turn rewards ``[N, max_turns]`` of an outcome reward: row ``i``'s scalar on its last turn
+def outcome_turn_rewards(rewards_b, turn_ids_bt, loss_mask_bt, max_turns: int) -> np.ndarray:
+    """Per-turn rewards ``[B, max_turns]`` of an outcome reward: row ``i``'s scalar on its last turn
     (the largest turn id under its loss mask), 0 on the others and on rows without loss tokens.
 
     The official reward manager puts the multi-turn reward at turn ``num_turns - 1``; with
     gamma_turn = 1 the turn-level return is then ``R`` for every turn, which REINFORCE++ places on
-    the last token of each turn (``rl.advantages.reinforce_pp_advantages(turn_rewards_nk=...)``).
+    the last token of each turn (``rl.advantages.reinforce_pp_advantages(turn_rewards_bk=...)``).
     """
-    r = np.asarray(rewards_n, np.float32)
-    mask = np.asarray(loss_mask_nl) > 0
-    last = np.where(mask, np.asarray(turn_ids_nl), -1).max(axis=1)
+    r = np.asarray(rewards_b, np.float32)
+    mask = np.asarray(loss_mask_bt) > 0
+    last = np.where(mask, np.asarray(turn_ids_bt), -1).max(axis=1)
     if (last >= max_turns).any():
         raise ValueError(f"turn id {int(last.max())} >= max_turns={max_turns}")
     out = np.zeros((r.shape[0], max_turns), np.float32)

@@ -12,11 +12,9 @@ from rema_jax.training.layout import AgentLayout
 def check_memory(cfg: TrainConfig, layout: AgentLayout, model_config, sampler, mesh) -> sharding.MemoryPlan:
     """Plans per-device memory for this run's shapes, prints the table (main process) and refuses a run
     that cannot fit (``MemoryPlanError`` with the breakdown) before anything is compiled."""
-    from rema_jax.rollout import META_THINKING, SINGLE
-
     chunk = cfg.update.num_mini_batches * cfg.update.num_micro_batches
     rows = cfg.rows_per_step
-    role_rows = [rows["mta"] if r in (META_THINKING, SINGLE) else rows["ra"] for r in layout.roles]
+    role_rows = [rows[r] for r in layout.roles]
     # one micro-batch holds every trained role's rows: all roles in shared mode, one otherwise
     train_rows = sum(role_rows) // chunk if layout.shared else max(role_rows) // chunk
     buckets = sampler.batch_buckets

@@ -24,7 +24,7 @@ from rema_jax.training import experience as experience_lib
 class RoleBatch:
     """One trained role's rows of a step.
 
-    sequences: the rollout side, ``[N, L]`` / ``[N]`` (``rewards`` and ``group_ids`` filled in)
+    sequences: the rollout side, ``[B, T]`` / ``[B]`` (``rewards`` and ``group_ids`` filled in)
     train:     what the learner reads; ``old_logprobs`` / ``ref_logprobs`` / ``advantages`` set by the step
     """
 
@@ -70,7 +70,7 @@ def behaviour_logprob_gap(batch: RoleBatch) -> float | None:
 
 
 def step_advantages(config, batches: Mapping[str, RoleBatch]) -> dict[str, np.ndarray]:
-    """Token advantages ``{role: [N, L]}`` of every role trained in one step.
+    """Token advantages ``{role: [B, T]}`` of every role trained in one step.
 
     Multi-turn rollouts pass per-turn rewards (each row's outcome on its last turn,
     ``experience.outcome_turn_rewards``), so REINFORCE++ puts the turn-level return on the last
@@ -78,22 +78,22 @@ def step_advantages(config, batches: Mapping[str, RoleBatch]) -> dict[str, np.nd
     outcome would sit on the last loss token only and every earlier turn would get return 0.
     With ``advantage.whiten_scope="batch"`` the roles' rows are one estimator call (REINFORCE++
     whitens them together like the official merged two-role batch; GRPO groups stay per
-    (role, question) through ``role_ids_n``); ``"role"`` makes one call per role.
+    (role, question) through ``role_ids_b``); ``"role"`` makes one call per role.
     """
     cfg = config.advantage
     inputs = {}
     for role, rb in batches.items():
         s, t = rb.sequences, rb.train
         x = {
-            "rewards_n": s.rewards,
-            "group_ids_n": s.group_ids,
-            "loss_mask_nl": t.loss_mask,
-            "turn_ids_nl": t.turn_ids,
-            "old_logprobs_nl": t.old_logprobs,
-            "ref_logprobs_nl": t.ref_logprobs,
+            "rewards_b": s.rewards,
+            "group_ids_b": s.group_ids,
+            "loss_mask_bt": t.loss_mask,
+            "turn_ids_bt": t.turn_ids,
+            "old_logprobs_bt": t.old_logprobs,
+            "ref_logprobs_bt": t.ref_logprobs,
         }
         if config.rollout.mode == "multi_turn":
-            x["turn_rewards_nk"] = experience_lib.outcome_turn_rewards(
+            x["turn_rewards_bk"] = experience_lib.outcome_turn_rewards(
                 s.rewards, t.turn_ids, t.loss_mask, config.loss.max_turns
             )
         inputs[role] = x
@@ -104,7 +104,7 @@ def step_advantages(config, batches: Mapping[str, RoleBatch]) -> dict[str, np.nd
         k: None if inputs[roles[0]][k] is None else np.concatenate([inputs[r][k] for r in roles])
         for k in inputs[roles[0]]
     }
-    sizes = [len(inputs[r]["rewards_n"]) for r in roles]
-    merged["role_ids_n"] = np.repeat(np.arange(len(roles)), sizes)
+    sizes = [len(inputs[r]["rewards_b"]) for r in roles]
+    merged["role_ids_b"] = np.repeat(np.arange(len(roles)), sizes)
     adv = np.asarray(rl.compute_advantages(cfg, **merged))
     return dict(zip(roles, np.split(adv, np.cumsum(sizes)[:-1])))

@@ -18,6 +18,7 @@ from rema_jax.experiments.powered.markdown import report_markdown
 from rema_jax.experiments.powered.plots import plot_accuracy, plot_mechanism
 from rema_jax.experiments.powered.stages import eval_steps, phase_spans, run_config, sft_label
 from rema_jax.experiments.records import write_json, write_text
+from rema_jax.rollout import SINGLE
 from rema_jax.training.config import TrainConfig
 
 
@@ -66,7 +67,7 @@ def report(
             rec = done[f"{m}/seed{s}"]
             v = qs.vector(resolve(rec["eval_files"][str(rec["steps"])]))
             rows.append(v)
-            role = "single" if cfg.rl[m].single_agent else REASONING
+            role = SINGLE if cfg.rl[m].single_agent else REASONING
             diag = rec.get("diagnostics", {}).get(role, {})
             runs.append(
                 {

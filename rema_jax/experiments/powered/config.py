@@ -12,7 +12,6 @@ from rema_jax.sft.train import SFTConfig
 from rema_jax.training.bootstrap import BootstrapConfig
 from rema_jax.training.config import TrainConfig
 
-META_THINKING, REASONING = "meta_thinking", "reasoning"
 STAGES_FILE = "stages.json"
 RESULTS_STEM = "powered_experiment"
 
