@@ -1,13 +1,26 @@
 """Shared pytest fixtures: CPU-only JAX by default, full-precision fp32 matmuls, the embedded
 SmolLM2 GGUF, shared data paths."""
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Entry points run by tests (subprocesses) keep no persistent compilation cache, so the suite never
-# writes to ~/.cache; tests/test_compile_cache.py passes its own temporary directories.
-os.environ["REMA_JAX_COMPILATION_CACHE"] = "off"
+
+# One temporary persistent XLA cache for the whole run, never ~/.cache: the test process, the entry
+# points it runs as subprocesses (kill-and-resume, the mesh runs, the notebook) and pytest-xdist
+# workers all read and write the same directory, so a program compiled once (the tiny model's
+# sampler, update, log-prob passes) is read back everywhere else. The process that creates it
+# removes it at exit; processes that inherit the variable reuse it. tests/test_compile_cache.py
+# passes its own directories.
+_CACHE_OWNER_VAR = "REMA_JAX_TEST_CACHE_OWNER"
+if not os.environ.get(_CACHE_OWNER_VAR):
+    _session_cache = tempfile.mkdtemp(prefix="rema_jax_test_xla_")
+    os.environ[_CACHE_OWNER_VAR] = str(os.getpid())
+    os.environ["REMA_JAX_COMPILATION_CACHE"] = _session_cache
+    atexit.register(shutil.rmtree, _session_cache, ignore_errors=True)
 
 import jax
 import pytest
@@ -53,10 +66,10 @@ def shared_data():
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _session_compilation_cache(tmp_path_factory):
-    """One persistent XLA cache for the whole run (a temporary directory, never ~/.cache): every
-    Trainer / SFT run / sampler builds fresh jitted closures, and identical programs compiled by an
-    earlier test are read back instead of recompiled. Restored at the end of the session."""
+def _session_compilation_cache():
+    """Points this process's jax at the run's shared cache directory (see the top of this file):
+    every Trainer / SFT run / sampler builds fresh jitted closures, and identical programs compiled by
+    an earlier test are read back instead of recompiled. Restored at the end of the session."""
     import jax
     from jax._src import compilation_cache as jax_cc
 
@@ -70,7 +83,7 @@ def _session_compilation_cache(tmp_path_factory):
     )
     before = {k: getattr(jax.config, k) for k in keys if hasattr(jax.config, k)}
     applied = compile_cache._applied
-    compile_cache.enable_compilation_cache(str(tmp_path_factory.mktemp("xla_session")), min_compile_time_secs=0.0)
+    compile_cache.enable_compilation_cache(os.environ["REMA_JAX_COMPILATION_CACHE"], min_compile_time_secs=0.0)
     yield
     for k, v in before.items():
         jax.config.update(k, v)

@@ -2,8 +2,8 @@
 unwritable directory, a second process reading what the first wrote, and the entry points' flag.
 
 The cache is process-wide jax state, so everything that compiles runs in a subprocess with its own
-temporary directory; nothing here writes to ~/.cache (conftest turns the cache off for the suite's
-other subprocesses).
+temporary directory; nothing here writes to ~/.cache (conftest gives the suite's
+other subprocesses one temporary cache).
 """
 
 import json
