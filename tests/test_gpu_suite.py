@@ -118,7 +118,6 @@ def test_smoke_reports_every_stage(smoke):
     # The table names every stage; the JSON is the last line.
     for name in ("ceilings", "sampler", "update", "trainer"):
         assert any(line.startswith(name) for line in stdout.splitlines()), name
-    assert wall < 120, f"--smoke took {wall:.0f} s"
 
 
 def _suite_module():

@@ -36,8 +36,6 @@ resumes the stages; the stage bodies are ``bodies.py``, which tests replace) →
 
 from rema_jax.experiments.powered.analysis import ReportWriteError, report
 from rema_jax.experiments.powered.config import (
-    META_THINKING,
-    REASONING,
     RESULTS_STEM,
     STAGES_FILE,
     CostModel,
@@ -67,6 +65,7 @@ from rema_jax.experiments.powered.timeplan import (
     seeds_within_budget,
 )
 from rema_jax.experiments.records import StageError
+from rema_jax.rollout import META_THINKING, REASONING
 
 __all__ = [
     "META_THINKING",

@@ -13,12 +13,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from rema_jax.experiments.heldout import Questions
-from rema_jax.experiments.powered.config import META_THINKING, REASONING, RESULTS_STEM, PoweredConfig
+from rema_jax.experiments.powered.config import RESULTS_STEM, PoweredConfig
 from rema_jax.experiments.powered.markdown import report_markdown
 from rema_jax.experiments.powered.plots import plot_accuracy, plot_mechanism
 from rema_jax.experiments.powered.stages import eval_steps, phase_spans, run_config, sft_label
 from rema_jax.experiments.records import write_json, write_text
-from rema_jax.rollout import SINGLE
+from rema_jax.rollout import META_THINKING, REASONING, SINGLE
 from rema_jax.training.config import TrainConfig
 
 

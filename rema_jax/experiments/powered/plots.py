@@ -7,8 +7,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from rema_jax.experiments.powered.config import META_THINKING
 from rema_jax.experiments.powered.stages import sft_label
+from rema_jax.rollout import META_THINKING
 
 
 def plot_accuracy(out: Mapping[str, Any], path: str) -> None:

@@ -8,8 +8,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from rema_jax.experiments.powered.config import META_THINKING, CostModel, PoweredConfig
+from rema_jax.experiments.powered.config import CostModel, PoweredConfig
 from rema_jax.experiments.powered.stages import Stage, eval_steps, phase_spans, run_config, sft_agent_steps, stage_list
+from rema_jax.rollout import META_THINKING
 
 # The sampler's default batch buckets (rema_jax.sampling.Sampler): a held-out evaluation of n
 # questions runs as one batch padded to the next bucket (chunks of the largest), so it costs
