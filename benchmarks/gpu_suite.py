@@ -129,8 +129,13 @@ def profile(smoke: bool) -> dict:
     }
 
 
-def model_config(name: str, dtype: str):
-    """A `ModelConfig` of one of train_step.MODELS' shapes, or the tiny Qwen2-like `tiny-qwen2`."""
+def model_config(name: str, dtype: str, kernels: dict | None = None):
+    """A `ModelConfig` of one of train_step.MODELS' shapes, or the tiny Qwen2-like `tiny-qwen2`, with
+    `kernels` (`attention_impl`, `decode_attention_impl`) set."""
+    return _model_config(name, dtype).replace(**(kernels or {}))
+
+
+def _model_config(name: str, dtype: str):
     from rema_jax.models.config import ModelConfig
     from rema_jax.models.testing import tiny_config
 
@@ -249,7 +254,7 @@ def stage_sampler(out: dict, prof: dict, args, copy_bw: float | None) -> None:
     from rema_jax.models.testing import random_params
     from rema_jax.sampling import Sampler
 
-    cfg = model_config(prof["sampler_model"], prof["sampler_dtype"])
+    cfg = model_config(prof["sampler_model"], prof["sampler_dtype"], args.kernels)
     prompt, new, batches = prof["prompt_len"], prof["new_tokens"], prof["sampler_batches"]
     out.update(model=prof["sampler_model"], dtype=prof["sampler_dtype"], prompt_len=prompt, new_tokens=new)
     out["batches"] = rows = {}
@@ -453,7 +458,7 @@ def stage_update(out: dict, prof: dict, args, peak_tflops: float | None, datashe
     mesh = make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))
     try:
         for model, batch, seq in prof["update_shapes"]:
-            cfg = model_config(model, prof["update_dtype"])
+            cfg = model_config(model, prof["update_dtype"], args.kernels)
             plan = ShardingPlan(mesh, cfg)
             ns = types.SimpleNamespace(batch=batch, seq=seq, lora_rank=16, logprob_chunk=None)
             for mode in modes:
@@ -664,9 +669,22 @@ def parse_args(argv=None):
     p.add_argument("--torch-threads", type=int, default=2, help="transformers on CPU")
     p.add_argument("--peak-tflops", type=float, default=None, help="datasheet bf16 peak, when the device is unknown")
     p.add_argument("--compilation-cache", default=None, help="a persistent XLA cache directory (default: none)")
+    p.add_argument(
+        "--attention-impl",
+        choices=("reference", "xla", "cudnn"),
+        default="reference",
+        help="block attention of the update and the prefill (ModelConfig.attention_impl)",
+    )
+    p.add_argument(
+        "--decode-attention-impl",
+        choices=("dense", "ragged"),
+        default="dense",
+        help="the sampler's decode attention (ModelConfig.decode_attention_impl)",
+    )
     p.add_argument("--transformers-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.stages = [s for s in args.stages.split(",") if s]
+    args.kernels = {"attention_impl": args.attention_impl, "decode_attention_impl": args.decode_attention_impl}
     unknown = sorted(set(args.stages) - set(STAGES))
     if unknown:
         p.error(f"unknown stage(s) {unknown}; choose from {STAGES}")
@@ -706,6 +724,7 @@ def main(argv=None) -> dict:
         "jaxlib_version": jaxlib.__version__,
         "cpu_model": train_step.cpu_model(),
         "datasheet_bf16_tflops": datasheet,
+        "kernels": args.kernels,
     }
     print(
         f"machine: {machine['device_kind']} x{machine['device_count']} ({machine['backend']}), jax "

@@ -67,12 +67,22 @@ def _ok_or_reason(where: str, record: dict) -> bool:
     return False
 
 
+# The smoke run switches both attention kernels from their defaults, so the suite's kernel flags are
+# exercised end to end (the default kernels are what every other test runs).
+KERNEL_FLAGS = ("--attention-impl=xla", "--decode-attention-impl=ragged")
+
+
 @pytest.fixture(scope="module")
 def smoke():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, SUITE, "--smoke"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, SUITE, "--smoke", *KERNEL_FLAGS],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     wall = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -85,6 +95,7 @@ def test_smoke_reports_every_stage(smoke):
     machine = result["machine"]
     assert machine["device_kind"] and machine["jax_version"] and machine["backend"] == "cpu"
     assert machine["datasheet_bf16_tflops"] is None  # a CPU has no datasheet bf16 peak in the table
+    assert machine["kernels"] == {"attention_impl": "xla", "decode_attention_impl": "ragged"}
     stages = result["stages"]
     assert sorted(stages) == ["ceilings", "sampler", "trainer", "update"]
     # Nothing is over a limit in the smoke run (generous limits): every stage measured everything.

@@ -17,6 +17,8 @@ from rema_jax.errors import UserError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ATTENTION_IMPLS = ("reference", "xla", "cudnn")
+DECODE_ATTENTION_IMPLS = ("dense", "ragged")
 
 
 class ModelConfigError(ValueError, UserError):
@@ -63,6 +65,9 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     family: str = "llama"
+    # Kernel choices (numerics equal within fp32 rounding; see rema_jax.models.layers):
+    attention_impl: str = "reference"  # block attention (training, prefill): reference | xla | cudnn
+    decode_attention_impl: str = "dense"  # one-token decode attention: dense | ragged
 
     def __post_init__(self):
         for name in (
@@ -86,6 +91,15 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ModelConfigError(f"ModelConfig.{name}={getattr(self, name)!r}; expected one of {sorted(_DTYPES)}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ModelConfigError(
+                f"ModelConfig.attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}"
+            )
+        if self.decode_attention_impl not in DECODE_ATTENTION_IMPLS:
+            raise ModelConfigError(
+                f"ModelConfig.decode_attention_impl={self.decode_attention_impl!r}; expected one of "
+                f"{DECODE_ATTENTION_IMPLS}"
+            )
         if self.family not in SUPPORTED_MODEL_TYPES:
             raise ModelConfigError(f"ModelConfig.family={self.family!r}; supported: {SUPPORTED_MODEL_TYPES}")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, Llama3RopeScaling):

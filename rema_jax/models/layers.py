@@ -25,6 +25,7 @@ __all__ = [
     "ATTENTION_PROJS",
     "MLP_PROJS",
     "MASK_VALUE",
+    "RAGGED_BLOCK",
     "rms_norm",
     "rope_cos_sin",
     "apply_rope_cos_sin",
@@ -51,6 +52,9 @@ MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
 # slot) gets a uniform distribution instead of NaN, and representable in bfloat16 too. exp() of it
 # minus any real score is exactly 0, so a row with at least one allowed key ignores masked keys.
 MASK_VALUE = -1e30
+
+# Slots per block of the ragged decode attention (a multiple of the usual cache buckets).
+RAGGED_BLOCK = 128
 
 
 def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:
@@ -79,14 +83,44 @@ def _masked_probs(scores: jnp.ndarray, mask: jnp.ndarray, dtype: Any) -> jnp.nda
 
 
 def dot_product_attention(
-    q_bthd: jnp.ndarray, k_bskd: jnp.ndarray, v_bskd: jnp.ndarray, mask_bts: jnp.ndarray
+    q_bthd: jnp.ndarray,
+    k_bskd: jnp.ndarray,
+    v_bskd: jnp.ndarray,
+    mask_bts: jnp.ndarray,
+    implementation: str = "reference",
 ) -> jnp.ndarray:
     """Grouped-query attention of a block of queries (training forward, prefill); `[B, T, heads, hd]`.
 
-    `mask_bts` is True where query t may attend key s. Scores and softmax are float32. A query row
-    with no allowed key (a pad slot) gets a uniform, finite distribution, never NaN; its output is
-    meaningless and must be ignored by the caller.
+    `mask_bts` is True where query t may attend key s. A query row with no allowed key (a pad slot)
+    gets a finite output, never NaN; it is meaningless and must be ignored by the caller.
+
+    `implementation` (`ModelConfig.attention_impl`):
+      - `reference`: the einsum path below; float32 scores and softmax, probabilities cast to q's
+        dtype. Every test and the golden metrics are recorded with it.
+      - `xla` / `cudnn`: `jax.nn.dot_product_attention` with that implementation. `cudnn` is the
+        fused flash-attention kernel on NVIDIA GPUs (bf16/fp16 only); `xla` is jax's own composition,
+        the fallback on every backend. Same math; results differ from `reference` in rounding only.
     """
+    if implementation == "reference":
+        return _reference_attention(q_bthd, k_bskd, v_bskd, mask_bts)
+    if implementation not in ("xla", "cudnn"):
+        raise ValueError(f"attention implementation {implementation!r}; expected reference, xla or cudnn")
+    if implementation == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(
+            f"attention_impl='cudnn' needs an NVIDIA GPU (the default backend is {jax.default_backend()!r}); "
+            "use 'xla' or 'reference'"
+        )
+    out = jax.nn.dot_product_attention(
+        q_bthd,
+        k_bskd.astype(q_bthd.dtype),
+        v_bskd.astype(q_bthd.dtype),
+        mask=mask_bts[:, None, :, :],
+        implementation=implementation,
+    )
+    return out.astype(q_bthd.dtype)
+
+
+def _reference_attention(q_bthd, k_bskd, v_bskd, mask_bts):
     b, t, h, d = q_bthd.shape
     kv = k_bskd.shape[2]
     q = q_bthd.reshape(b, t, kv, h // kv, d)
@@ -96,9 +130,36 @@ def dot_product_attention(
     return out.reshape(b, t, h, d)
 
 
-def decode_attention(q_bhd: jnp.ndarray, cache: "KVCache", mask_bc: jnp.ndarray) -> jnp.ndarray:
+def decode_attention(
+    q_bhd: jnp.ndarray,
+    cache: "KVCache",
+    mask_bc: jnp.ndarray,
+    implementation: str = "dense",
+    filled=None,
+    block: int = RAGGED_BLOCK,
+) -> jnp.ndarray:
     """One query per row `q_bhd [B, heads, hd]` against a `KVCache` (`mask_bc [B, C]`: attendable
-    slots); `[B, heads, hd]`. Same math as `dot_product_attention`, contracted in the cache layout."""
+    slots); `[B, heads, hd]`. Same math as `dot_product_attention`, contracted in the cache layout.
+
+    `implementation` (`ModelConfig.decode_attention_impl`):
+      - `dense`: scores against all C slots, masked (reads the whole cache every step).
+      - `ragged`: reads only the slots `[0, filled)` (`filled`, a traced int: the slots written so
+        far, the same for every row), in blocks of `block` slots with an online softmax
+        (flash-decoding): running max m, normaliser l and output acc per query,
+            m' = max(m, max_c s_c),  l' = l e^{m - m'} + sum_c e^{s_c - m'},
+            acc' = acc e^{m - m'} + sum_c e^{s_c - m'} v_c,  out = acc / l.
+        A decode step's cost then grows with the tokens generated so far instead of the cache length.
+        Requires `C % block == 0` (else `block` shrinks to the largest divisor of C up to it).
+    """
+    if implementation == "dense":
+        return _dense_decode_attention(q_bhd, cache, mask_bc)
+    if implementation != "ragged":
+        raise ValueError(f"decode attention implementation {implementation!r}; expected dense or ragged")
+    c = cache.k.shape[2]
+    return _ragged_decode_attention(q_bhd, cache, mask_bc, c if filled is None else filled, _divisor_block(c, block))
+
+
+def _dense_decode_attention(q_bhd, cache, mask_bc):
     b, h, d = q_bhd.shape
     kv = cache.k.shape[1]
     q = q_bhd.reshape(b, kv, h // kv, d)
@@ -106,6 +167,44 @@ def decode_attention(q_bhd: jnp.ndarray, cache: "KVCache", mask_bc: jnp.ndarray)
     probs = _masked_probs(scores, mask_bc[:, None, None, :], q.dtype)
     out = jnp.einsum("bkgc,bkcd->bkgd", probs, cache.v.astype(q.dtype))
     return out.reshape(b, h, d)
+
+
+def _divisor_block(c: int, block: int) -> int:
+    block = max(1, min(block, c))
+    while c % block:
+        block -= 1
+    return block
+
+
+def _ragged_decode_attention(q_bhd, cache, mask_bc, filled, block: int):
+    b, h, d = q_bhd.shape
+    kv = cache.k.shape[1]
+    q = q_bhd.reshape(b, kv, h // kv, d)
+    n_blocks = jnp.maximum((jnp.asarray(filled, jnp.int32) + block - 1) // block, 1)
+
+    def body(i, carry):
+        m, l, acc = carry
+        start = i * block
+        k = jax.lax.dynamic_slice_in_dim(cache.k, start, block, axis=2).astype(q.dtype)
+        v = jax.lax.dynamic_slice_in_dim(cache.v, start, block, axis=2).astype(q.dtype)
+        allowed = jax.lax.dynamic_slice_in_dim(mask_bc, start, block, axis=1)[:, None, None, :]
+        s = jnp.einsum("bkgd,bkcd->bkgc", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
+        s = jnp.where(allowed, s, MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        p = jnp.exp(s - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        l = l * corr + jnp.sum(p, axis=-1)
+        pv = jnp.einsum("bkgc,bkcd->bkgd", p.astype(q.dtype), v, preferred_element_type=jnp.float32)
+        return m_new, l, acc * corr[..., None] + pv
+
+    g = h // kv
+    init = (
+        jnp.full((b, kv, g), -jnp.inf, jnp.float32),
+        jnp.zeros((b, kv, g), jnp.float32),
+        jnp.zeros((b, kv, g, d), jnp.float32),
+    )
+    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    return (acc / l[..., None]).astype(q.dtype).reshape(b, h, d)
 
 
 def mlp_hidden(gate: jnp.ndarray, up: jnp.ndarray) -> jnp.ndarray:

@@ -148,7 +148,7 @@ class Attention(nn.Module):
         k = Proj(features=nkv * hd, use_bias=cfg.attention_bias, name="k_proj", **kw)(x_btd, xa.get("k_proj"))
         v = Proj(features=nkv * hd, use_bias=cfg.attention_bias, name="v_proj", **kw)(x_btd, xa.get("v_proj"))
         q, k, v = layers.qkv_heads(cfg, q, k, v, cos_btd, sin_btd)
-        out = layers.dot_product_attention(q, k, v, mask_bts).reshape(b, t, nh * hd)
+        out = layers.dot_product_attention(q, k, v, mask_bts, cfg.attention_impl).reshape(b, t, nh * hd)
         return Proj(features=cfg.hidden_size, name="o_proj", **kw)(out)
 
 

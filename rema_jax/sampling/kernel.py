@@ -126,7 +126,7 @@ def _attend_block(
         out_kv.append((k, v))
         if past is not None:
             k, v = _prepend(past[i], out_kv[-1])
-        att = layers.dot_product_attention(q, k, v, mask_bts).reshape(b, t, -1)
+        att = layers.dot_product_attention(q, k, v, mask_bts, config.attention_impl).reshape(b, t, -1)
         x = x + att @ layer.w_o
         x = x + _mlp(config, layer, x)
     return x, out_kv
@@ -191,7 +191,7 @@ def decode_step(
     for layer, kv in zip(fp.layers, caches):
         q, k, v = _qkv(config, layer, x[:, None], cos, sin)
         kv = layers.kv_cache_write(kv, k, v, slot)
-        att = layers.decode_attention(q[:, 0], kv, valid_bc).reshape(b, -1)
+        att = layers.decode_attention(q[:, 0], kv, valid_bc, config.decode_attention_impl, slot + 1).reshape(b, -1)
         x = x + att @ layer.w_o
         x = x + _mlp(config, layer, x)
         new_caches.append(kv)

@@ -47,7 +47,7 @@ def build_base_model(section: ModelSection, mesh=None, tokenizer=None) -> tuple[
             loaded, _ = sharding.load_sharded(
                 section.source, mesh, dtype=section.dtype, param_dtype=section.param_dtype
             )
-        return loaded.config, loaded.params, loaded.tokenizer
+        return _with_kernels(loaded.config, section), loaded.params, loaded.tokenizer
     from rema_jax.models.testing import random_params, tiny_config
     from rema_jax.models.tokenizer import load_tokenizer
 
@@ -74,4 +74,9 @@ def build_base_model(section: ModelSection, mesh=None, tokenizer=None) -> tuple[
     overrides.update(shape)
     config = tiny_config(**overrides)
     params = random_params(config, jax.random.key(stable_seed(seed, "random_init")), std=init_std)
-    return config, params, tokenizer
+    return _with_kernels(config, section), params, tokenizer
+
+
+def _with_kernels(config, section: ModelSection):
+    """``config`` with the section's attention kernels (static fields: part of every jit key)."""
+    return config.replace(attention_impl=section.attention_impl, decode_attention_impl=section.decode_attention_impl)

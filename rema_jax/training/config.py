@@ -35,7 +35,11 @@ class ModelSection:
     tokenizer (and vocabulary) of ``source`` — for tests and smoke runs.
     max_cache_len: the sampler's KV-cache length (prompt bucket + new tokens).
     init_adapters_from: ``<sft workdir>/adapters`` (``launch/sft.py``): start each agent from its
-    supervised warm-start instead of a fresh adapter."""
+    supervised warm-start instead of a fresh adapter.
+    attention_impl: block attention of the training passes and the prefill: ``reference`` (the
+    einsum path the tests are recorded with), ``xla`` or ``cudnn`` (``jax.nn.dot_product_attention``;
+    cudnn = fused flash attention, NVIDIA GPUs, bf16). decode_attention_impl: ``dense`` (every cache
+    slot, masked) or ``ragged`` (only the slots written so far, blocked online softmax)."""
 
     source: str = "smollm2-135m"
     dtype: str = "float32"
@@ -43,6 +47,8 @@ class ModelSection:
     random_init: dict[str, Any] | None = None
     max_cache_len: int = 1024
     init_adapters_from: str | None = None
+    attention_impl: Literal["reference", "xla", "cudnn"] = "reference"
+    decode_attention_impl: Literal["dense", "ragged"] = "dense"
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
