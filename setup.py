@@ -33,6 +33,7 @@ EXTRAS = {
         "torch==2.13.0",
         "accelerate>=0.30",  # transformers' GGUF loading
         "pytest>=8.0",
+        "pytest-xdist>=3.5",  # the README runs the suite on 2 workers (-n 2)
         "nbclient>=0.10",
         "nbformat>=5.10",
         "ipykernel>=6.29",

@@ -26,6 +26,11 @@ def get_config() -> ml_collections.ConfigDict:
     rl.loop.eval_questions = 48
     rl.loop.eval_every = 0
     rl.loop.steps = 4  # one RA phase, then one MTA phase (2 steps each), to keep the job near 15 min
+    # 2 questions × 4 plans × 2 solutions: the same 8 MTA / 16 RA rows per step as 4 × 2 × 2, but GRPO
+    # groups of 4 plans (8 solutions) per question, so fewer groups have all-equal rewards (with 2
+    # plans, 56% of the MTA's groups had zero reward variance after SFT).
+    rl.rollout.num_samples = 4
+    rl.loop.questions_per_step = 2
     sft = sft_default.get_config()
     sft.loop.max_seq_len = 320  # the longest worked conversation is 286 tokens: no padding to 384
     sft.data.test_per_cell = rl.data.test_per_cell

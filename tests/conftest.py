@@ -8,6 +8,10 @@ import shutil
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# torch (the transformers references) would start one OpenMP thread per core in every xdist worker and
+# subprocess; its spinning threads then fight JAX's for the same cores. One thread each is plenty for
+# the reference forwards.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # One temporary persistent XLA cache for the whole run, never ~/.cache: the test process, the entry
 # points it runs as subprocesses (kill-and-resume, the mesh runs, the notebook) and pytest-xdist
@@ -89,3 +93,27 @@ def _session_compilation_cache():
         jax.config.update(k, v)
     compile_cache._applied = applied
     jax_cc.reset_cache()
+
+
+# The longest modules first (seconds on 2 cores, from `--durations`): with `-n 2 --dist loadscope`
+# (pytest.ini) each module runs whole on one xdist worker, so its module-scoped fixtures (the real
+# model, the mesh subprocesses) are built once, and starting the big ones first keeps both workers
+# busy to the end instead of leaving one long module alone at the tail.
+LONGEST_MODULES_FIRST = (
+    "test_trainer.py",
+    "test_trainer_mesh.py",
+    "test_trainer_faithfulness.py",
+    "test_sampler_real.py",
+    "test_sharding_mesh8.py",
+    "test_trainer_paths.py",
+    "test_sampler.py",
+    "test_sft.py",
+    "test_notebook.py",
+    "test_golden_metrics.py",
+    "test_bootstrap.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a module kept

@@ -225,3 +225,27 @@ def test_unsupported_config_fields(checkpoint, change, match):
     with pytest.raises(ModelConfigError, match=match) as info:
         load_hf_dir(checkpoint)
     assert str(f) in str(info.value)
+
+
+def test_tokenizer_is_built_once_per_file_and_each_caller_gets_its_own(tmp_path):
+    import os
+
+    from rema_jax.models import tokenizer as tokenizer_lib
+    from rema_jax.models.testing import chatml_bpe_tokenizer
+
+    chatml_bpe_tokenizer().save_pretrained(tmp_path)
+    tokenizer_lib._load_once.cache_clear()
+    a = tokenizer_lib.load_tokenizer(tmp_path)
+    b = tokenizer_lib.load_tokenizer(tmp_path)
+    assert tokenizer_lib._load_once.cache_info().misses == 1  # converted once, copied after
+    assert a is not b and a.encode("7 times 8") == b.encode("7 times 8") and a.chat_template == b.chat_template
+    a.add_special_tokens({"additional_special_tokens": ["<extra>"]})  # a caller's change stays its own
+    assert len(b) == len(tokenizer_lib.load_tokenizer(tmp_path)) == len(a) - 1
+    # a rewritten file is read again
+    path = tmp_path / "tokenizer.json"
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    tokenizer_lib.load_tokenizer(tmp_path)
+    assert tokenizer_lib._load_once.cache_info().misses == 2
+    with pytest.raises(CheckpointError, match="cannot load the tokenizer"):
+        tokenizer_lib.load_tokenizer(tmp_path / "missing")

@@ -134,6 +134,7 @@ def _assert_gap_small(metrics, roles):
 # ----------------------------------------------------------------------------- NaN guard via train()
 
 
+@pytest.mark.slow  # 60 s; the default run keeps test_trainer's non-finite-update and kill-and-resume tests
 def test_nan_step_in_train_keeps_last_checkpoint_and_a_rerun_resumes(tmp_path, monkeypatch):
     """Steps 1-2 train normally; step 3's rewards are NaN. train() raises NonFiniteUpdateError,
     the trainer's state and step index are the step-2 ones, checkpoint 2 is byte-identical to what
