@@ -68,6 +68,7 @@ class ModelConfig:
     # Kernel choices (numerics equal within fp32 rounding; see rema_jax.models.layers):
     attention_impl: str = "reference"  # block attention (training, prefill): reference | xla | cudnn
     decode_attention_impl: str = "dense"  # one-token decode attention: dense | ragged
+    remat: bool = False  # training forward: recompute each layer in the backward pass (same values)
 
     def __post_init__(self):
         for name in (

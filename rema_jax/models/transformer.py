@@ -197,8 +197,11 @@ class Transformer(nn.Module):
         )
         x = embed(tokens_bt)
         cos, sin = layers.rope_cos_sin(positions_bt, cfg)
+        # remat: each layer's backward recomputes its forward from the layer input (same values),
+        # so only the layer inputs stay alive between the passes (see rema_jax.host_memory).
+        layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
         for i in range(cfg.num_layers):
-            x = DecoderLayer(cfg, self.lora_scale, name=f"layers_{i}")(x, cos, sin, mask_bts)
+            x = layer_cls(cfg, self.lora_scale, name=f"layers_{i}")(x, cos, sin, mask_bts)
         x = RMSNorm(cfg, name="norm")(x)
         if logits_at_bk is not None:  # project only the positions the caller needs
             x = jnp.take_along_axis(x, logits_at_bk[..., None].astype(jnp.int32), axis=1)

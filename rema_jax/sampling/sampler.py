@@ -85,6 +85,17 @@ class Sampler:
         return old
 
     @property
+    def fused_cache_size(self) -> int:
+        """How many agents' fused weights are kept between calls."""
+        return self._fused_cache_size
+
+    def release_fused(self) -> int:
+        """Drops the cached fused weights (one base-sized copy per agent); the next `generate` fuses
+        again. Compiled executables are kept. Returns how many copies were dropped."""
+        n, self._fused = len(self._fused), []
+        return n
+
+    @property
     def compile_seconds(self) -> float:
         """Total wall time spent compiling."""
         return self._compile_seconds

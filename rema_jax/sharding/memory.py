@@ -28,6 +28,11 @@ from rema_jax.sharding.mesh import mesh_sizes
 from rema_jax.sharding.rules import CACHE_AXES, DEFAULT_RULES, Rules, ShardingPlan, iter_param_specs, shard_shape
 
 GiB = 1024**3
+# With remat, XLA:CPU still kept this share of the non-remat activations live in the measured RL
+# update (SmolLM2, 8 x 352 rows: 3566 MiB of scratch, logits included, against 6803 MiB without
+# remat under the same scheduler; benchmarks/update_memory.py), far above the theoretical
+# "layer inputs + one layer".
+REMAT_LIVE_FRACTION = 0.4
 KV_CACHE_AXES = CACHE_AXES  # the sampler's cache (`layers.KVCache`, `[B, kv_heads, C, head_dim]`)
 
 
@@ -102,14 +107,25 @@ def lora_shapes(
     return out
 
 
-def activation_bytes_per_token(config: ModelConfig, seq_len: int, sizes: dict[str, int], lora_rank: int = 0) -> float:
-    """Estimated bytes one training token keeps alive for the backward pass (no rematerialisation).
+def activation_bytes_per_token(
+    config: ModelConfig,
+    seq_len: int,
+    sizes: dict[str, int],
+    lora_rank: int = 0,
+    *,
+    remat: bool = False,
+    include_logits: bool = True,
+) -> float:
+    """Estimated bytes of backward-pass scratch per training token.
 
-    Per layer, in the compute dtype: the residual input and the two norm outputs plus the post-
-    attention residual (4·H), q/k/v and the attention output (2·nh·hd + 2·nkv·hd), gate/up/product
-    (3·F), LoRA `x@A` terms (7·r); attention probabilities (nh·T, compute dtype) and float32 scores
-    (nh·T). Plus float32 logits, log-softmax and their gradient (3·V). Head/MLP/vocab terms are
-    divided by the `tensor` axis when it divides them (as the rules shard them).
+    Per layer, in the compute dtype unless said: the residual input, norm outputs and post-attention
+    residual (4·H), q/k/v and the attention output (2·nh·hd + 2·nkv·hd), the gated MLP's
+    intermediates and their gradients (5·F), LoRA `x@A` terms (7·r); attention: float32 scores, the
+    masked scores and the broadcast mask (3·nh·T·4) and the probabilities (nh·T). Calibrated on
+    XLA:CPU (SmolLM2, 8×352 rows: 8.1 GB measured without remat). ``remat``: `REMAT_LIVE_FRACTION`
+    of that (measured; in theory only the layer inputs and one layer's scratch). ``include_logits``: plus float32 logits,
+    log-softmax and their gradient at every position (3·V; the plan counts them at the loss
+    positions instead). Head/MLP/vocab terms are divided by the `tensor` axis when it divides them.
     """
     t = sizes.get("tensor", 1)
     th = t if config.num_heads % t == 0 else 1
@@ -121,10 +137,24 @@ def activation_bytes_per_token(config: ModelConfig, seq_len: int, sizes: dict[st
     per_layer = (
         (4 * config.hidden_size + 7 * lora_rank) * c
         + (2 * nh * hd / th + 2 * nkv * hd / tkv) * c
-        + 3 * config.intermediate_size / tf * c
-        + nh * seq_len / th * (c + 4)
+        + 5 * config.intermediate_size / tf * c
+        + nh * seq_len / th * (c + 12)
     )
-    return config.num_layers * per_layer + 3 * config.vocab_size / tv * 4
+    layers_b = config.num_layers * per_layer * (REMAT_LIVE_FRACTION if remat else 1.0)
+    return layers_b + (3 * config.vocab_size / tv * 4 if include_logits else 0)
+
+
+def prefill_bytes_per_token(config: ModelConfig, prompt_len: int, sizes: dict[str, int]) -> float:
+    """Estimated live bytes per prompt token of one prefill layer (forward only, layers in turn):
+    hidden states (4·H), q/k/v (2·nh·hd + 2·nkv·hd), MLP intermediates (3·F) in the compute dtype,
+    float32 scores and masked scores plus the probabilities (nh·P·(8 + c))."""
+    t = sizes.get("tensor", 1)
+    th = t if config.num_heads % t == 0 else 1
+    c = _itemsize(config.compute_dtype)
+    hd, nh, nkv = config.head_dim, config.num_heads, config.num_kv_heads
+    return (
+        4 * config.hidden_size + 2 * nh * hd / th + 2 * nkv * hd / th + 3 * config.intermediate_size / t
+    ) * c + nh * prompt_len / th * (8 + c)
 
 
 def plan_memory(
@@ -144,6 +174,12 @@ def plan_memory(
     fused_copies: int = 2,
     lora_dtype: str = "float32",
     reference_copy: bool = False,
+    loss_positions: Optional[int] = None,
+    eval_batch: int = 0,
+    prompt_len: Optional[int] = None,
+    remat: bool = False,
+    runtime_bytes: int = 0,
+    compiler_bytes: int = 0,
 ) -> MemoryPlan:
     """Per-device memory of a ReMA run on `mesh` (a `Mesh` or a dict of axis sizes).
 
@@ -156,6 +192,12 @@ def plan_memory(
     `reference_copy`: a frozen copy of the starting trainable trees is kept for a KL term
     (`AgentLayout.copies_reference`): the shared model, or every agent's warm-start adapter.
     The optimizer state is updated in place (the learner donates it), so it is counted once.
+    `loss_positions`: the vocabulary positions per row of the loss (the learner's `max_loss_tokens`;
+    None = every position). `eval_batch`: the held-out evaluation's sampler batch (its KV cache and
+    prefill count when larger than the rollout's). `prompt_len`: the prefill's prompt bucket
+    (default `cache_len`). `remat`: the training forward recomputes layers (`ModelConfig.remat`).
+    `runtime_bytes` / `compiler_bytes`: the process's XLA runtime and the compiler's resident heap
+    (host memory on CPU, where they share RAM with the arrays; 0 on accelerators).
     """
     if adapter_kind not in ("lora", "full", "shared"):
         raise ValueError(f"plan_memory: adapter_kind={adapter_kind!r}; expected 'lora', 'full' or 'shared'")
@@ -174,18 +216,35 @@ def plan_memory(
         adapters_b, trainable_b = 0, params_b
     opt_b = optimizer_moments * trainable_b
     grads_b = trainable_b
-    fused_b = fused_copies * _tree_bytes(base_rows, plan, _itemsize(config.compute_dtype))
+    c_item = _itemsize(config.compute_dtype)
+    head_rows = [(("lm_head", "kernel"), (config.hidden_size, config.vocab_size))]
+    head_b = _tree_bytes(head_rows, plan, c_item) if config.tie_word_embeddings else 0
+    fused_b = fused_copies * (_tree_bytes(base_rows, plan, c_item) + head_b)  # + the transposed tied head
 
-    cache_shape = layers.kv_cache_shape(config, rollout_batch, cache_len)  # what the sampler allocates
+    sampler_batch = max(rollout_batch, eval_batch)
+    cache_shape = layers.kv_cache_shape(config, sampler_batch, cache_len)  # what the sampler allocates
     cache_block = shard_shape(cache_shape, plan.spec(KV_CACHE_AXES, cache_shape, "kv_cache"), sizes)
     kv_b = 2 * config.num_layers * math.prod(cache_block) * _itemsize(layers.kv_cache_dtype(config))
+    p_len = cache_len if prompt_len is None else prompt_len
+    sampler_block = shard_shape((sampler_batch,), plan.batch_spec((sampler_batch,)), sizes)[0]
+    prefill_b = int(sampler_block * p_len * prefill_bytes_per_token(config, p_len, sizes))
 
     batch_block = shard_shape((train_batch,), plan.batch_spec((train_batch,)), sizes)[0]
     act_b = int(
         batch_block
         * train_seq
-        * activation_bytes_per_token(config, train_seq, sizes, lora_rank if adapter_kind == "lora" else 0)
+        * activation_bytes_per_token(
+            config,
+            train_seq,
+            sizes,
+            lora_rank if adapter_kind == "lora" else 0,
+            remat=remat,
+            include_logits=False,
+        )
     )
+    k = train_seq if loss_positions is None else min(loss_positions, train_seq)
+    tv = sizes.get("tensor", 1) if config.vocab_size % sizes.get("tensor", 1) == 0 else 1
+    logits_b = int(batch_block * k * 3 * config.vocab_size / tv * 4)  # fp32 logits, log-softmax, gradient
 
     reference_b = trainable_b if reference_copy else 0  # the shared model or the agents' adapters
     rows = {
@@ -196,17 +255,25 @@ def plan_memory(
         "gradients": grads_b,
         "sampler fused weights": fused_b,
         "kv cache": kv_b,
+        "prefill (estimate)": prefill_b,
+        "LM head copy (update)": head_b,
         "activations (estimate)": act_b,
+        "logits at loss positions": logits_b,
+        "XLA runtime": int(runtime_bytes),
+        "XLA compiler": int(compiler_bytes),
     }
-    resident = params_b + adapters_b + reference_b + opt_b
+    resident = params_b + adapters_b + reference_b + opt_b + int(runtime_bytes) + int(compiler_bytes)
     notes = (
         f"{adapter_kind} x{num_agents} agents, {optimizer_moments} optimizer moments per trainable value",
-        f"update micro-batch {train_batch}x{train_seq} ({batch_block} rows/device); rollout batch "
-        f"{rollout_batch}, cache {cache_len}",
-        "rollout = params+adapters+reference+optimizer+fused+kv; "
-        "update = params+adapters+reference+optimizer+grads+activations",
+        f"update micro-batch {train_batch}x{train_seq} ({batch_block} rows/device), {k} loss positions, "
+        f"remat {'on' if remat else 'off'}; sampler batch {sampler_batch} (rollout {rollout_batch}, "
+        f"eval {eval_batch}), prompt {p_len}, cache {cache_len}",
+        "rollout = params+adapters+reference+optimizer+fused+kv+prefill+runtime+compiler; "
+        "update = params+adapters+reference+optimizer+grads+LM head+activations+logits+runtime+compiler",
     )
-    return MemoryPlan(rows, resident + fused_b + kv_b, resident + grads_b + act_b, sizes, notes)
+    return MemoryPlan(
+        rows, resident + fused_b + kv_b + prefill_b, resident + grads_b + head_b + act_b + logits_b, sizes, notes
+    )
 
 
 def device_memory_bytes(device: Optional[jax.Device] = None, default: Optional[int] = None) -> Optional[int]:

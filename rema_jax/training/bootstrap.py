@@ -29,6 +29,7 @@ from rema_jax.config_utils import from_dict, to_dict
 from rema_jax.errors import UserError
 from rema_jax.experiments.heldout import heldout_scores
 from rema_jax.experiments.records import StageError, read_json, rl_diagnostics, write_json
+from rema_jax.host_memory import peak_rss_mib, release_memory, reset_peak_rss
 from rema_jax.sft.train import SFTConfig
 from rema_jax.training.config import TrainConfig
 
@@ -169,6 +170,7 @@ def run_bootstrap(config: BootstrapConfig, workdir: str, *, progress: bool = Tru
             )
             continue
         print(f"\n[bootstrap] stage {name} → {dirs[name]}", flush=True)
+        reset_peak_rss()
         t0 = time.perf_counter()
         try:
             if name == "base":
@@ -185,6 +187,9 @@ def run_bootstrap(config: BootstrapConfig, workdir: str, *, progress: bool = Tru
             e.add_note(f"bootstrap stage {name!r} failed while writing {dirs[name]}")
             raise
         result["seconds"] = time.perf_counter() - t0
+        result["peak_rss_mib"] = peak_rss_mib()
+        print(f"[bootstrap] stage {name}: peak RSS {result['peak_rss_mib']} MiB", flush=True)
+        release_memory()  # the stage's model, sampler and executables are garbage now: give them back
         stages[name] = result
         write_json(stages_path, stages)
 
@@ -201,6 +206,7 @@ def _summarize(config: BootstrapConfig, stages: Mapping[str, Any], workdir: str)
         "heldout_by_family": {k: v["by_family"] for k, v in scores.items()},
         "heldout_questions": scores["base"]["questions"],
         "seconds": {**{k: stages[k]["seconds"] for k in STAGES}, "total": sum(stages[k]["seconds"] for k in STAGES)},
+        "peak_rss_mib": {k: stages[k].get("peak_rss_mib") for k in STAGES},  # per stage (host memory)
         "rl_steps": stages["rl"]["steps"],
         "rl_diagnostics": stages["rl"]["diagnostics"],
         "sft": {k: v for k, v in stages["sft"].items() if k != "seconds"},

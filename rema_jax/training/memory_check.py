@@ -5,8 +5,15 @@ from __future__ import annotations
 import jax
 
 from rema_jax import sharding
+from rema_jax.sampling.bucketing import length_bucket
 from rema_jax.training.config import TrainConfig
 from rema_jax.training.layout import AgentLayout
+
+# Host memory that is neither arrays nor XLA scratch, measured with the main command on CPU: the
+# process with jax, the tokenizer and the loaded modules (about 450 MiB), and the heap XLA's
+# compiler leaves behind after compiling the update (about 700 MiB; benchmarks/update_memory.py).
+CPU_RUNTIME_BYTES = 450 * 2**20
+CPU_COMPILER_BYTES = 700 * 2**20
 
 
 def check_memory(cfg: TrainConfig, layout: AgentLayout, model_config, sampler, mesh) -> sharding.MemoryPlan:
@@ -19,6 +26,13 @@ def check_memory(cfg: TrainConfig, layout: AgentLayout, model_config, sampler, m
     train_rows = sum(role_rows) // chunk if layout.shared else max(role_rows) // chunk
     buckets = sampler.batch_buckets
     rollout_rows = next((b for b in buckets if b >= max(role_rows)), buckets[-1])
+    eval_rows = (
+        next((b for b in buckets if b >= cfg.loop.eval_questions), buckets[-1]) if cfg.loop.eval_questions else 0
+    )
+    rounds = cfg.rollout.max_turns if cfg.rollout.mode == "multi_turn" else 1
+    loss_positions = min(rounds * (cfg.rollout.max_new_tokens + 1), cfg.loop.max_seq_len)  # Learner.max_loss_tokens
+    # the host's own rows only where the one device is the host (a CPU mesh's devices share them)
+    cpu = mesh is None and jax.devices()[0].platform == "cpu"
     plan = sharding.plan_memory(
         model_config,
         mesh if mesh is not None else {"data": 1, "fsdp": 1, "tensor": 1},
@@ -31,6 +45,13 @@ def check_memory(cfg: TrainConfig, layout: AgentLayout, model_config, sampler, m
         rollout_batch=rollout_rows,
         cache_len=cfg.model.max_cache_len,
         reference_copy=layout.copies_reference(warm_started=bool(cfg.model.init_adapters_from)),
+        fused_copies=sampler.fused_cache_size,
+        loss_positions=loss_positions,
+        eval_batch=eval_rows,
+        prompt_len=length_bucket(cfg.rollout.max_prompt_len),
+        remat=model_config.remat,
+        runtime_bytes=CPU_RUNTIME_BYTES if cpu else 0,
+        compiler_bytes=CPU_COMPILER_BYTES if cpu else 0,
     )
     device_bytes = sharding.device_memory_bytes(default=cfg.memory.device_bytes)
     if sharding.is_main_process():

@@ -26,7 +26,12 @@ class RolloutWorker:
     def __init__(self, config, model_config, tokenizer):
         self.config = config
         self.encoder = ChatEncoder(tokenizer)
-        self.sampler = Sampler(model_config, tokenizer, max_cache_len=config.model.max_cache_len)
+        # A multi-turn rollout alternates the agents call by call, so both fused copies pay off; a
+        # single-turn one calls each agent once, and the copies are dropped after every rollout.
+        fused = 2 if config.rollout.mode == "multi_turn" else 1
+        self.sampler = Sampler(
+            model_config, tokenizer, max_cache_len=config.model.max_cache_len, fused_cache_size=fused
+        )
         self.grader = get_grader(config.grading)
 
     def grade(self, predictions: Sequence[str], tasks: Sequence[Task]):
@@ -53,16 +58,19 @@ class RolloutWorker:
         rollout = self.config.rollout
         if num_samples is not None:
             rollout = dataclasses.replace(rollout, num_samples=num_samples)
-        return experience_lib.collect(
-            self.policy(view, seed),
-            self.encoder,
-            tasks,
-            rollout,
-            self.config.reward,
-            self.grade,
-            solutions_per_plan=solutions_per_plan,
-            sampling_overrides=overrides,
-        )
+        try:
+            return experience_lib.collect(
+                self.policy(view, seed),
+                self.encoder,
+                tasks,
+                rollout,
+                self.config.reward,
+                self.grade,
+                solutions_per_plan=solutions_per_plan,
+                sampling_overrides=overrides,
+            )
+        finally:  # the agents change before the next rollout: their fused copies are never reused
+            self.sampler.release_fused()
 
     def evaluate(self, view: PolicyView, tasks: Sequence[Task], seed: int, samples_path: Optional[str]):
         """Greedy pass@1 of the agents on ``tasks``; per-sample JSONL at ``samples_path`` (recomputed,
@@ -81,11 +89,14 @@ class RolloutWorker:
         )
         if samples_path is not None and os.path.exists(samples_path):
             os.remove(samples_path)
-        return evaluate_benchmark(
-            list(tasks),
-            solver,
-            benchmark="heldout",
-            mode=self.config.rollout.mode,
-            settings=settings,
-            samples_path=samples_path,
-        )
+        try:
+            return evaluate_benchmark(
+                list(tasks),
+                solver,
+                benchmark="heldout",
+                mode=self.config.rollout.mode,
+                settings=settings,
+                samples_path=samples_path,
+            )
+        finally:
+            self.sampler.release_fused()

@@ -30,6 +30,7 @@ import jax
 
 from rema_jax import sharding
 from rema_jax.errors import UserError
+from rema_jax.host_memory import release_memory
 from rema_jax.tasks.types import Task
 from rema_jax.training import experience as experience_lib
 from rema_jax.training import learner as learner_lib
@@ -153,6 +154,7 @@ class Trainer:
             metrics.update(_reduce_host_metrics(metrics))
 
         t0 = time.perf_counter()
+        release_memory(clear_jax_caches=False)  # the rollout's freed buffers, before the update's scratch
         trained_agents = self.layout.agents_of(phase.trained)
         try:
             upd = self.learner.update({r: b.train for r, b in batches.items()}, trained_agents)

@@ -1,0 +1,98 @@
+"""Host memory of CPU runs: XLA:CPU's scheduler, and giving freed memory back between phases.
+
+* XLA:CPU's default *concurrency-optimized* scheduler orders a program for parallelism and keeps
+  every layer's backward temporaries alive at once, which also defeats rematerialisation (the RL
+  update of the main command: 8.1 GB of scratch with or without ``ModelConfig.remat``).
+  ``use_memory_scheduler()`` switches it off through ``XLA_FLAGS`` (the same ops, so the same values,
+  in an order that reuses buffers); ``import rema_jax`` calls it, which takes effect when the XLA
+  backend has not started yet. ``REMA_JAX_CPU_SCHEDULER=concurrency`` keeps XLA's default.
+* XLA:CPU buffers and numpy arrays come from the C heap. Freed blocks below glibc's mmap threshold
+  stay in the process (they count in its RSS) until ``malloc_trim`` returns them, so the peak of a
+  later phase would stack on the leftovers of an earlier one: ``release_memory()``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import gc
+import os
+
+SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+_FLAG_NAME = SCHEDULER_FLAG.split("=")[0]
+_MIN_JAXLIB = (0, 6)  # has the flag (an unknown flag in XLA_FLAGS aborts the process)
+
+
+def use_memory_scheduler() -> bool:
+    """Adds ``SCHEDULER_FLAG`` to ``XLA_FLAGS`` unless set there already, opted out, or the jaxlib is
+    older than ``_MIN_JAXLIB``. Returns whether the flag is in ``XLA_FLAGS`` now."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if _FLAG_NAME in flags:
+        return SCHEDULER_FLAG in flags
+    if os.environ.get("REMA_JAX_CPU_SCHEDULER", "memory") != "memory":
+        return False
+    try:
+        from importlib.metadata import version
+
+        if tuple(int(x) for x in version("jaxlib").split(".")[:2]) < _MIN_JAXLIB:
+            return False
+    except Exception:  # no jaxlib metadata (e.g. a source build): leave XLA's default
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {SCHEDULER_FLAG}".strip()
+    return True
+
+
+@functools.cache
+def _libc():
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        return libc if hasattr(libc, "malloc_trim") else None  # glibc only (not musl, not macOS)
+    except OSError:
+        return None
+
+
+def malloc_trim() -> bool:
+    """Returns the C heap's free pages to the system (glibc ``malloc_trim(0)``); False where unavailable."""
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
+def release_memory(*, clear_jax_caches: bool = True) -> bool:
+    """Collects garbage, optionally drops JAX's compiled-function caches (their executables and
+    constants; the next call of a jitted function compiles again, or reads the persistent cache),
+    and trims the C heap. Call it between stages, never inside a step. Returns ``malloc_trim()``'s."""
+    gc.collect()
+    if clear_jax_caches:
+        import jax  # here: importing this module stays cheap (the bootstrap validates configs first)
+
+        jax.clear_caches()
+    return malloc_trim()
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident set (``VmHWM``, MiB) since start or ``reset_peak_rss``; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Restarts ``peak_rss_mib`` from the current RSS (Linux ``clear_refs``); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

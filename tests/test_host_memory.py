@@ -1,0 +1,109 @@
+"""Host memory (issue 12 item 4): releasing the sampler's fused copies and the C heap, XLA:CPU's
+memory scheduler, remat, and the memory plan's rows for what the main command holds. A few seconds."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rema_jax import host_memory
+from rema_jax.models import forward
+from rema_jax.models.adapters import Adapter, AdapterConfig, init_adapter
+from rema_jax.models.testing import chatml_bpe_tokenizer, random_params, tiny_config
+from rema_jax.sampling import Sampler, SamplingParams
+from rema_jax.sharding import plan_memory
+from rema_jax.sharding.memory import REMAT_LIVE_FRACTION
+
+ONE = {"data": 1, "fsdp": 1, "tensor": 1}
+
+
+def test_release_memory_collects_and_trims():
+    assert host_memory.release_memory(clear_jax_caches=False) == host_memory.malloc_trim()
+    x = jax.jit(lambda a: a + 1)(jnp.zeros(3))
+    host_memory.release_memory()  # drops jit caches: the function still runs (compiles again)
+    np.testing.assert_array_equal(jax.jit(lambda a: a + 1)(x), np.full(3, 2.0))
+
+
+def test_use_memory_scheduler_sets_the_flag_once(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_foo=1")
+    monkeypatch.delenv("REMA_JAX_CPU_SCHEDULER", raising=False)
+    assert host_memory.use_memory_scheduler()
+    flags = __import__("os").environ["XLA_FLAGS"]
+    assert flags == f"--xla_foo=1 {host_memory.SCHEDULER_FLAG}"
+    assert host_memory.use_memory_scheduler() and __import__("os").environ["XLA_FLAGS"] == flags
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=true")
+    assert not host_memory.use_memory_scheduler()  # the user's setting wins
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("REMA_JAX_CPU_SCHEDULER", "concurrency")
+    assert not host_memory.use_memory_scheduler() and __import__("os").environ["XLA_FLAGS"] == ""
+
+
+def test_sampler_release_fused_drops_copies_and_keeps_executables():
+    tok = chatml_bpe_tokenizer()
+    cfg = tiny_config(vocab_size=len(tok))
+    params = random_params(cfg, jax.random.key(0))
+    sampler = Sampler(cfg, tok, max_cache_len=64, fused_cache_size=1)
+    assert sampler.fused_cache_size == 1
+    sp = SamplingParams(max_new_tokens=4, greedy=True, ignore_eos=True)
+    first = sampler.generate(params, None, [[5, 6, 7]], sp)
+    compiled = sampler.compile_count
+    assert sampler.release_fused() == 1 and sampler.release_fused() == 0
+    again = sampler.generate(params, None, [[5, 6, 7]], sp)
+    assert sampler.compile_count == compiled  # re-fused with the same executable, nothing recompiled
+    assert again[0].token_ids == first[0].token_ids
+
+
+def test_remat_gives_the_same_loss_and_gradients_within_fp32_rounding():
+    cfg = tiny_config()
+    params = random_params(cfg, jax.random.key(0))
+    ad = init_adapter(cfg, params, AdapterConfig(kind="lora", rank=4, alpha=8.0), jax.random.key(1))
+    weights = jax.tree.map(lambda x: x + 0.01, ad.weights)  # non-zero B: every factor gets a gradient
+    tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, cfg.vocab_size)
+
+    def loss(w, c):
+        logits = forward(c, params, tokens, Adapter(weights=w, kind="lora", scale=ad.scale))
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
+
+    v0, g0 = jax.jit(jax.value_and_grad(loss), static_argnums=1)(weights, cfg)
+    v1, g1 = jax.jit(jax.value_and_grad(loss), static_argnums=1)(weights, cfg.replace(remat=True))
+    np.testing.assert_allclose(float(v0), float(v1), rtol=1e-6)  # the same ops, fused differently by XLA
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(a))))
+
+
+def test_memory_plan_counts_head_eval_batch_logits_remat_and_runtime():
+    cfg = tiny_config(tie_word_embeddings=True)
+    base = plan_memory(cfg, ONE, train_batch=4, train_seq=64, rollout_batch=8, cache_len=96, fused_copies=1)
+    head = cfg.hidden_size * cfg.vocab_size * 4
+    params_only = base.rows["params (base)"]
+    assert base.rows["sampler fused weights"] == params_only + head  # the transposed tied LM head
+    assert base.rows["LM head copy (update)"] == head
+    assert plan_memory(tiny_config(), ONE).rows["LM head copy (update)"] == 0  # untied: lm_head is a param
+    # vocabulary logits only at the loss positions: fp32 logits, log-softmax and gradient
+    sparse = plan_memory(cfg, ONE, train_batch=4, train_seq=64, loss_positions=10)
+    assert sparse.rows["logits at loss positions"] == 4 * 10 * 3 * cfg.vocab_size * 4
+    # the eval's batch sizes the KV cache and prefill when larger than the rollout's
+    ev = plan_memory(cfg, ONE, rollout_batch=8, eval_batch=48, cache_len=96)
+    kv8 = plan_memory(cfg, ONE, rollout_batch=8, cache_len=96).rows["kv cache"]
+    assert ev.rows["kv cache"] == 6 * kv8 and ev.rows["prefill (estimate)"] > 0
+    # remat: the measured share of the activations XLA:CPU keeps live
+    off = plan_memory(cfg, ONE, train_batch=4, train_seq=64)
+    on = plan_memory(cfg, ONE, train_batch=4, train_seq=64, remat=True)
+    frac = on.rows["activations (estimate)"] / off.rows["activations (estimate)"]
+    assert abs(frac - REMAT_LIVE_FRACTION) < 1e-3
+    # host runtime and compiler count in both phases
+    extra = plan_memory(cfg, ONE, runtime_bytes=100, compiler_bytes=20)
+    plain = plan_memory(cfg, ONE)
+    assert extra.rollout_bytes - plain.rollout_bytes == 120 == extra.update_bytes - plain.update_bytes
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_memory_plan_rows_sum_to_the_phases(remat):
+    p = plan_memory(tiny_config(tie_word_embeddings=True), ONE, remat=remat, loss_positions=8, eval_batch=16)
+    r = p.rows
+    resident = sum(r[k] for k in ("params (base)", "adapters", "reference copy (KL)", "optimizer state"))
+    resident += r["XLA runtime"] + r["XLA compiler"]
+    roll = ("sampler fused weights", "kv cache", "prefill (estimate)")
+    upd = ("gradients", "LM head copy (update)", "activations (estimate)", "logits at loss positions")
+    assert p.rollout_bytes == resident + sum(r[k] for k in roll)
+    assert p.update_bytes == resident + sum(r[k] for k in upd)
