@@ -10,6 +10,12 @@ split into layout / rollout worker / learner).
 Rewards are replaced by 1, 0, 1, 0, … per group (a random model's real rewards are all equal, so the
 updates would be zero and the comparison weak). ``time/`` and ``throughput/`` keys are dropped.
 
+The records were made with the plain training passes (``update.share_prefix=False``, set below). With
+shared prefixes (the default) the same first 3 steps must give the plain run's metrics on the same
+machine within ``RTOL_SHARED_PREFIX`` (fp32 sums in another order): the "must not change" check of
+issue 12, plus ``ATOL_NOISE`` absolute: values that are themselves fp32 rounding (the first step's
+loss, a sum of advantages that cancel to ~5e-8; ``*/behaviour_logprob_gap``, ~3e-7) differ by ~1e-7.
+
 Comparison: bit-for-bit (every float as recorded) on a machine with the recording's fingerprint
 (jax version and CPU vector extensions); elsewhere XLA may emit different kernels (AVX2 vs AVX-512),
 so floats are compared to 1e-4 relative and everything else exactly.
@@ -48,6 +54,9 @@ RTOL_OTHER_MACHINE = 1e-4
 # Metrics that are not noise are >= 5e-4 here, so the floor is <= 0.2% of them; RTOL_OTHER_MACHINE holds them.
 ATOL_OTHER_MACHINE = 1e-6
 NOISE_METRICS_ATOL = {"behaviour_logprob_gap": 1e-5}
+RTOL_SHARED_PREFIX = 1e-4
+ATOL_NOISE = 1e-6
+_PLAIN_RUNS: dict[str, list[dict]] = {}  # this session's plain runs, reused by the shared-prefix check
 
 pytestmark = pytest.mark.real_model  # the trainer reads SmolLM2's tokenizer
 
@@ -76,6 +85,7 @@ def setups() -> dict[str, dict]:
             "rollout": {"num_samples": 2, "max_new_tokens": 6, "max_prompt_len": 255},
             "adapter": {"rank": 4, "alpha": 8.0},
             "optimizer": {"learning_rate": 3e-2},
+            "update": {"share_prefix": False},
             "data": BUILTIN,
             "loop": {"steps": STEPS, "questions_per_step": 2, "max_seq_len": 262, **NO_EVAL},
             "checkpoint": {"every": STEPS, "keep_last": 1},
@@ -101,7 +111,7 @@ def setups() -> dict[str, dict]:
             "loss": {"max_turns": 2},
             "grading": {"workers": 1},
             "optimizer": {"learning_rate": 1e-3},
-            "update": {"num_mini_batches": 2, "num_micro_batches": 1},
+            "update": {"num_mini_batches": 2, "num_micro_batches": 1, "share_prefix": False},
             "data": BUILTIN,
             "loop": {"steps": STEPS, "questions_per_step": 2, "max_seq_len": 262, **NO_EVAL},
             "checkpoint": {"every": STEPS, "keep_last": 1},
@@ -126,13 +136,15 @@ def fingerprint() -> dict:
     return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "isa": isa, "backend": jax.default_backend()}
 
 
-def run_setup(name: str, workdir: str) -> list[dict]:
+def run_setup(name: str, workdir: str, share_prefix: bool = False) -> list[dict]:
     """Train ``name`` for STEPS steps and return its metrics records without time/throughput keys."""
     from rema_jax.training import loop as loop_lib
     from rema_jax.training.config import load_train_config
     from rema_jax.training.metrics import read_jsonl
 
-    cfg = load_train_config(setups()[name])
+    cfg = setups()[name]
+    cfg["update"] = {**cfg["update"], "share_prefix": share_prefix}
+    cfg = load_train_config(cfg)
     loop_lib.train(cfg, workdir, progress=False, reward_override=alternating_rewards)
     return [
         {k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))}
@@ -140,14 +152,15 @@ def run_setup(name: str, workdir: str) -> list[dict]:
     ]
 
 
-def _compare(got, want, exact: bool, where: str = ""):
+def _compare(got, want, exact: bool, where: str = "", rtol: float = RTOL_OTHER_MACHINE, atol: float | None = None):
     if isinstance(want, dict):
         assert isinstance(got, dict) and sorted(got) == sorted(want), (where, sorted(set(got) ^ set(want)))
         for k in want:
-            _compare(got[k], want[k], exact, f"{where}/{k}")
+            _compare(got[k], want[k], exact, f"{where}/{k}", rtol, atol)
     elif isinstance(want, float) and not exact:
-        atol = NOISE_METRICS_ATOL.get(where.rsplit("/", 1)[-1], ATOL_OTHER_MACHINE)
-        assert isinstance(got, (int, float)) and np.isclose(got, want, rtol=RTOL_OTHER_MACHINE, atol=atol), (
+        if atol is None:
+            atol = NOISE_METRICS_ATOL.get(where.rsplit("/", 1)[-1], ATOL_OTHER_MACHINE)
+        assert isinstance(got, (int, float)) and np.isclose(got, want, rtol=rtol, atol=atol), (
             where,
             got,
             want,
@@ -159,11 +172,34 @@ def _compare(got, want, exact: bool, where: str = ""):
 @pytest.mark.parametrize("name", ["default_rl", "paper_multi_turn"])
 def test_first_steps_match_the_recorded_metrics(name, tmp_path):
     record = json.loads((GOLDEN / f"metrics_{name}.json").read_text())
-    got = run_setup(name, str(tmp_path / name))
+    got = _PLAIN_RUNS[name] = run_setup(name, str(tmp_path / name))
     assert len(got) == STEPS
     exact = record["fingerprint"] == fingerprint()
     for step, (g, w) in enumerate(zip(got, record["records"]), start=1):
         _compare(g, w, exact, f"{name} step {step}")
+
+
+@pytest.mark.parametrize("name", ["default_rl", "paper_multi_turn"])
+def test_shared_prefix_passes_give_the_same_first_steps(name, tmp_path, monkeypatch):
+    """``update.share_prefix=True`` (the default) vs False on this machine: the same metrics within
+    RTOL_SHARED_PREFIX, with the shared-prefix plan in use on every pass."""
+    from rema_jax.training import learner as learner_lib
+
+    plain = _PLAIN_RUNS.get(name) or run_setup(name, str(tmp_path / "plain"))
+    planned = []
+    real = learner_lib.Learner.with_prefix
+
+    def counting(self, batch, chunks):
+        out = real(self, batch, chunks)
+        planned.append(out.prefix is not None)
+        return out
+
+    monkeypatch.setattr(learner_lib.Learner, "with_prefix", counting)
+    got = run_setup(name, str(tmp_path / name), share_prefix=True)
+    assert planned and all(planned), planned
+    assert len(got) == STEPS
+    for step, (g, w) in enumerate(zip(got, plain), start=1):
+        _compare(g, w, False, f"{name} step {step} (share_prefix)", RTOL_SHARED_PREFIX, ATOL_NOISE)
 
 
 if __name__ == "__main__":  # re-record, with the test session's settings (tests/conftest.py)

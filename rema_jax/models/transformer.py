@@ -138,7 +138,11 @@ class Attention(nn.Module):
     lora_scale: float = 1.0
 
     @nn.compact
-    def __call__(self, x_btd, cos_btd, sin_btd, mask_bts):
+    def __call__(self, x_btd, cos_btd, sin_btd, mask_bts, prefix_kv=None):
+        """Output `[B, T, hidden]` and this block's rotated `(k, v)` `[B, T, kv_heads, hd]`.
+
+        `prefix_kv`: keys/values `[B, P, kv_heads, hd]` placed before this block's own (a shared
+        prefix); `mask_bts` then covers `P + T` keys."""
         cfg = self.config
         b, t, _ = x_btd.shape
         hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
@@ -148,8 +152,13 @@ class Attention(nn.Module):
         k = Proj(features=nkv * hd, use_bias=cfg.attention_bias, name="k_proj", **kw)(x_btd, xa.get("k_proj"))
         v = Proj(features=nkv * hd, use_bias=cfg.attention_bias, name="v_proj", **kw)(x_btd, xa.get("v_proj"))
         q, k, v = layers.qkv_heads(cfg, q, k, v, cos_btd, sin_btd)
-        out = layers.dot_product_attention(q, k, v, mask_bts, cfg.attention_impl).reshape(b, t, nh * hd)
-        return Proj(features=cfg.hidden_size, name="o_proj", **kw)(out)
+        keys, values = (
+            (k, v)
+            if prefix_kv is None
+            else (jnp.concatenate([prefix_kv[0], k], 1), jnp.concatenate([prefix_kv[1], v], 1))
+        )
+        out = layers.dot_product_attention(q, keys, values, mask_bts, cfg.attention_impl).reshape(b, t, nh * hd)
+        return Proj(features=cfg.hidden_size, name="o_proj", **kw)(out), (k, v)
 
 
 class MLP(nn.Module):
@@ -171,11 +180,14 @@ class DecoderLayer(nn.Module):
     lora_scale: float = 1.0
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask_bts):
+    def __call__(self, x, cos, sin, mask_bts, prefix_kv=None):
+        """`(x_out, (k, v))`: the layer's output and its attention block's keys/values (see `Attention`)."""
         kw = dict(config=self.config, lora_scale=self.lora_scale)
-        x = x + Attention(name="self_attn", **kw)(RMSNorm(self.config, name="input_layernorm")(x), cos, sin, mask_bts)
+        attn = Attention(name="self_attn", **kw)
+        h, kv = attn(RMSNorm(self.config, name="input_layernorm")(x), cos, sin, mask_bts, prefix_kv)
+        x = x + h
         x = x + MLP(name="mlp", **kw)(RMSNorm(self.config, name="post_attention_layernorm")(x))
-        return x
+        return x, kv
 
 
 class Transformer(nn.Module):
@@ -187,32 +199,56 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens_bt, positions_bt, mask_bts, logits_at_bk=None):
         cfg = self.config
-        embed = nn.Embed(
-            cfg.vocab_size,
-            cfg.hidden_size,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.params_dtype,
-            embedding_init=nn.initializers.normal(0.02),
-            name="embed_tokens",
-        )
+        embed = embedding(cfg)
         x = embed(tokens_bt)
         cos, sin = layers.rope_cos_sin(positions_bt, cfg)
         # remat: each layer's backward recomputes its forward from the layer input (same values),
         # so only the layer inputs stay alive between the passes (see rema_jax.host_memory).
         layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
         for i in range(cfg.num_layers):
-            x = layer_cls(cfg, self.lora_scale, name=f"layers_{i}")(x, cos, sin, mask_bts)
-        x = RMSNorm(cfg, name="norm")(x)
-        if logits_at_bk is not None:  # project only the positions the caller needs
-            x = jnp.take_along_axis(x, logits_at_bk[..., None].astype(jnp.int32), axis=1)
-        if cfg.tie_word_embeddings:
-            logits = matmul_2d(x, embed.embedding.astype(x.dtype).T)  # = embed.attend(x), 2-D
-        else:
-            logits = Proj(cfg, cfg.vocab_size, name="lm_head")(x)
-        return logits.astype(jnp.float32)
+            x, _ = layer_cls(cfg, self.lora_scale, name=f"layers_{i}")(x, cos, sin, mask_bts)
+        return lm_logits(cfg, embed, x, logits_at_bk)
+
+
+def embedding(cfg: ModelConfig) -> nn.Embed:
+    """The `embed_tokens` module (create inside a compact `__call__`)."""
+    return nn.Embed(
+        cfg.vocab_size,
+        cfg.hidden_size,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.params_dtype,
+        embedding_init=nn.initializers.normal(0.02),
+        name="embed_tokens",
+    )
+
+
+def lm_logits(cfg: ModelConfig, embed: nn.Embed, x_btd, logits_at_bk=None) -> jnp.ndarray:
+    """Final norm + vocabulary projection of the last hidden states `[B, T, hidden]` (only at
+    `logits_at_bk [B, K]` when given), float32. Call inside a compact `__call__`."""
+    x = RMSNorm(cfg, name="norm")(x_btd)
+    if logits_at_bk is not None:  # project only the positions the caller needs
+        x = jnp.take_along_axis(x, logits_at_bk[..., None].astype(jnp.int32), axis=1)
+    if cfg.tie_word_embeddings:
+        logits = matmul_2d(x, embed.embedding.astype(x.dtype).T)  # = embed.attend(x), 2-D
+    else:
+        logits = Proj(cfg, cfg.vocab_size, name="lm_head")(x)
+    return logits.astype(jnp.float32)
 
 
 # ---------------------------------------------------------------------------- pure forward
+def model_variables(params: Params, adapter: Optional[Adapter]) -> tuple[dict[str, Any], float]:
+    """The Linen variables (`params`, plus the `lora` collection) and the LoRA scale for `adapter`."""
+    if adapter is None:
+        return {"params": params}, 1.0
+    if not isinstance(adapter, Adapter):
+        raise TypeError(f"adapter must be a rema_jax.models.adapters.Adapter or None, got {type(adapter)}")
+    if adapter.kind == "full":
+        return {"params": adapter.weights}, 1.0
+    if adapter.kind == "lora":
+        return {"params": params, "lora": adapter.weights}, float(adapter.scale)
+    raise ValueError(f"unknown adapter kind {adapter.kind!r}")
+
+
 def forward(
     config: ModelConfig,
     params: Params,
@@ -240,18 +276,7 @@ def forward(
     if tokens_bt.ndim != 2:
         raise ValueError(f"tokens_bt must be [batch, time], got shape {tokens_bt.shape}")
     b, t = tokens_bt.shape
-    variables: dict[str, Any] = {"params": params}
-    lora_scale = 1.0
-    if adapter is not None:
-        if not isinstance(adapter, Adapter):
-            raise TypeError(f"adapter must be a rema_jax.models.adapters.Adapter or None, got {type(adapter)}")
-        if adapter.kind == "full":
-            variables = {"params": adapter.weights}
-        elif adapter.kind == "lora":
-            variables["lora"] = adapter.weights
-            lora_scale = float(adapter.scale)
-        else:
-            raise ValueError(f"unknown adapter kind {adapter.kind!r}")
+    variables, lora_scale = model_variables(params, adapter)
 
     mask_bt = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     if mask_bt.shape != (b, t):

@@ -32,6 +32,7 @@ from rema_jax.rl.optimizer import (
     make_schedule,
     tree_bitwise_equal,
 )
+from rema_jax.rl.prefix_plan import PrefixPlan, plan_prefix
 from rema_jax.rl.update import (
     RLState,
     UpdateConfig,

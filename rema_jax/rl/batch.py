@@ -4,7 +4,8 @@ Every array field is ``[B, T]`` over the same B rows and T positions, aligned as
 architecture.md): position t of ``loss_mask``/``turn_ids``/``advantages``/``*_logprobs`` scores token t
 given tokens < t. A ``TrainBatch`` is a pytree (``flax.struct.dataclass``), so it goes through
 ``jax.jit``, ``tree_map`` (mini/micro-batch splits) and sharding rules as it is; fields left ``None``
-are absent from the tree.
+are absent from the tree. ``prefix`` (a ``rl.PrefixPlan``, optional) tells the passes which rows share
+a token prefix; its row fields split with the batch (see ``rl.prefix_plan``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any, Mapping, Optional
 import flax
 import jax
 import numpy as np
+
+from rema_jax.rl.prefix_plan import PrefixPlan
 
 Array = Any  # jax.Array or np.ndarray (host batches before they are placed)
 
@@ -33,6 +36,8 @@ class TrainBatch:
     advantages:     float32 [B, T]  per-token advantages (the update only)
     old_logprobs:   float32 [B, T]  log π_old of each token, 0 outside loss_mask (the update only)
     ref_logprobs:   float32 [B, T]  log π_ref, when a KL term reads it
+    prefix:         PrefixPlan      shared prefixes of the rows, for as many micro-batches as the pass splits
+                                    into (None: the plain path)
     """
 
     tokens: Array
@@ -42,6 +47,7 @@ class TrainBatch:
     advantages: Optional[Array] = None
     old_logprobs: Optional[Array] = None
     ref_logprobs: Optional[Array] = None
+    prefix: Optional[PrefixPlan] = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -49,23 +55,28 @@ class TrainBatch:
         return tuple(np.shape(self.tokens))
 
     def model_inputs(self) -> "TrainBatch":
-        """The four fields a forward / log-prob pass reads (the RL fields dropped)."""
+        """The four fields a forward / log-prob pass reads, and ``prefix`` (the RL fields dropped)."""
         return self.replace(advantages=None, old_logprobs=None, ref_logprobs=None)
 
     def checked(self, role: str, *, rl_fields: bool, ref: bool) -> "TrainBatch":
         """This batch with exactly the fields a pass needs (``ref_logprobs`` dropped when ``ref`` is
-        False), after checking they are present and all ``[B, T]`` like ``tokens``."""
+        False) and ``prefix``, after checking they are present and all ``[B, T]`` like ``tokens``."""
         need = MODEL_FIELDS + (RL_FIELDS if rl_fields else ()) + (("ref_logprobs",) if ref else ())
         missing = [k for k in need if getattr(self, k) is None]
         if missing:
             have = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
             raise ValueError(f"batch for role {role!r} is missing {missing}; has {have}")
-        out = self.replace(**{f.name: None for f in dataclasses.fields(self) if f.name not in need})
+        keep = need + ("prefix",)
+        out = self.replace(**{f.name: None for f in dataclasses.fields(self) if f.name not in keep})
         for k in need:
             if np.shape(getattr(out, k)) != self.shape:
                 raise ValueError(
                     f"batch[{role!r}].{k} has shape {np.shape(getattr(out, k))}, expected {self.shape} (like 'tokens')"
                 )
+        if out.prefix is not None and np.shape(out.prefix.row_prefix) != self.shape[:1]:
+            raise ValueError(
+                f"batch[{role!r}].prefix plans {np.shape(out.prefix.row_prefix)} rows, not {self.shape[0]}"
+            )
         return out
 
 
@@ -73,7 +84,7 @@ def as_train_batch(batch: TrainBatch | Mapping[str, Array]) -> TrainBatch:
     """A ``TrainBatch`` from itself or from a mapping with its field names (other keys are ignored)."""
     if isinstance(batch, TrainBatch):
         return batch
-    names = [f.name for f in dataclasses.fields(TrainBatch)]
+    names = [f.name for f in dataclasses.fields(TrainBatch) if f.name != "prefix"]
     missing = [k for k in MODEL_FIELDS if k not in batch and k != "turn_ids"]
     if missing:
         raise ValueError(f"batch is missing {missing}; has {sorted(batch)}")

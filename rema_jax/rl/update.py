@@ -50,16 +50,22 @@ def _as_logprobs_fn(
 @dataclasses.dataclass(frozen=True)
 class UpdateConfig:
     """num_mini_batches: optimizer steps per rollout batch (paper: 4; official example: 1).
-    num_micro_batches: gradient-accumulation steps per mini-batch (memory only)."""
+    num_micro_batches: gradient-accumulation steps per mini-batch (memory only).
+    share_prefix: the learner's update and old / reference log-prob passes compute a token prefix
+    that rows share once per micro-batch (`rl.plan_prefix`, `models.forward_shared_prefix`); same
+    results as off up to float rounding. The mesh path always runs the plain passes."""
 
     num_mini_batches: int = 1
     num_micro_batches: int = 1
+    share_prefix: bool = True
 
     def __post_init__(self):
         for name in ("num_mini_batches", "num_micro_batches"):
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= 1):
                 raise ValueError(f"UpdateConfig.{name} must be an int >= 1, got {v!r}")
+        if not isinstance(self.share_prefix, bool):
+            raise ValueError(f"UpdateConfig.share_prefix must be a bool, got {self.share_prefix!r}")
 
 
 class RLState(NamedTuple):

@@ -9,6 +9,11 @@ the same cores are compiled with explicit in/out shardings (``sharding.shard_upd
 
 Log-probs are needed at response tokens only, so the passes project to the vocabulary there alone
 (``rl.sparse_token_logprobs_and_entropy`` with ``max_loss_tokens`` gathered positions per row).
+
+With ``update.share_prefix`` (one device only) each pass first plans, on the host, which rows of each
+of its micro-batches share a prompt (``rl.plan_prefix``, attached as ``TrainBatch.prefix``), and the
+model runs every shared prefix once (``models.forward_shared_prefix``). The mesh path keeps the plain
+passes: a plan's unique prefixes do not split over the data axis like rows do.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rema_jax import models, rl, sharding
@@ -81,8 +87,15 @@ class Learner:
 
         def logprobs_fn(params, role, batch: TrainBatch):
             base, adapter = view(params, role)
+            prefix = batch.prefix
+
+            def shared_logits_at(pos_bk):  # full-row positions -> the row's suffix positions
+                at_bk = jnp.maximum(pos_bk - prefix.prefix_len[:, None], 0)
+                return models.forward_shared_prefix(self.model_config, base, prefix, adapter, logits_at_bk=at_bk)
 
             def logits_at(pos_bk):
+                if prefix is not None:
+                    return shared_logits_at(pos_bk)
                 return models.forward(
                     self.model_config,
                     base,
@@ -105,10 +118,17 @@ class Learner:
         """log π_ref ``[N, L]`` under the reference policy (``AgentLayout.reference_view``)."""
         return self._logprobs(self.ref_logprob_fn, role, batch)
 
+    def with_prefix(self, batch: TrainBatch, chunks: int) -> TrainBatch:
+        """``batch`` with the shared-prefix plan of its ``chunks`` micro-batches (``prefix`` None when
+        ``update.share_prefix`` is off, on the mesh path, or when sharing would not save work)."""
+        if not self.config.update.share_prefix or self.plan is not None or batch.shape[0] % chunks:
+            return batch.replace(prefix=None)  # (rows that do not split are refused by the pass's own check)
+        return batch.replace(prefix=rl.plan_prefix(batch.tokens, batch.attention_mask, batch.loss_mask, chunks))
+
     def _logprobs(self, fn, role: str, batch: TrainBatch) -> np.ndarray:
         params = self.params
         if self.plan is None:
-            return np.asarray(fn(params, role, batch))
+            return np.asarray(fn(params, role, self.with_prefix(batch, self.config.update.num_micro_batches)))
         gb = self._global(rl.update.logprob_inputs(batch, role))
         key = (id(fn), role, gb.shape)
         if key not in self._mesh_steps:
@@ -123,7 +143,9 @@ class Learner:
         gradient is not finite, the state is left as it was and ``NonFiniteUpdateError`` is raised.
         Returns the update's scalar metrics ("<role>/<loss metric>", "loss", "grad_norm", "lr")."""
         if self.plan is None:
-            new_state, metrics = self.update_fn(self.state, batches, trained_agents, constants=self.constants)
+            chunks = self.config.update.num_mini_batches * self.config.update.num_micro_batches
+            planned = {r: self.with_prefix(rl.as_train_batch(b), chunks) for r, b in batches.items()}
+            new_state, metrics = self.update_fn(self.state, planned, trained_agents, constants=self.constants)
         else:
             checked = {r: rl.check_update_batch(b, r, self.config.loss, self.config.update) for r, b in batches.items()}
             placed = {r: self._global(b) for r, b in checked.items()}

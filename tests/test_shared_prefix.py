@@ -1,0 +1,273 @@
+"""Shared-prefix training passes (``rl.plan_prefix`` + ``models.forward_shared_prefix``) against the
+plain path: the plan's groups, buckets and fallback; log-probs, loss and gradients of a tiny random
+model within 1e-5 (fp32) for LoRA, full and shared agents on single- and multi-turn rows; the update
+with micro-batches; one compilation for two steps of different content in the same bucket. The real
+SmolLM2 on real rollout rows is one slow test.
+
+Cheap on purpose (the suite has a time budget): one 2-layer model, one learner per agent kind built
+once per module, and each pass compiled once per path.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rema_jax import rl
+from rema_jax.models.testing import random_params, tiny_config
+from rema_jax.training.config import load_train_config
+from rema_jax.training.layout import AgentLayout
+from rema_jax.training.learner import Learner
+
+TOL = 1e-5
+T = 128
+ROLE = "meta_thinking"
+
+
+# ---------------------------------------------------------------------------- rows
+def make_rows(seed: int, layout=((50, 50, 50, 44), (61, 61, 40, None))):
+    """Right-padded rows ``[B, T]`` in 2 chunks: each entry is a prompt id (rows with the same
+    (chunk, length) share their prompt) or None (a row without loss tokens). Odd rows are
+    multi-turn: turn 0, a user message (no loss), turn 1."""
+    rng = np.random.default_rng(seed)
+    rows = [x for chunk in layout for x in chunk]
+    b = len(rows)
+    tokens = np.zeros((b, T), np.int32)
+    mask = np.zeros((b, T), np.int32)
+    loss = np.zeros((b, T), np.float32)
+    turns = np.full((b, T), -1, np.int32)
+    prompts = {}
+    for i, plen in enumerate(rows):
+        chunk = i // len(layout[0])
+        if plen is None:
+            n = 30
+            tokens[i, :n], mask[i, :n] = rng.integers(3, 128, n), 1
+            continue
+        prompt = prompts.setdefault((chunk, plen), rng.integers(3, 128, plen))
+        t1 = int(rng.integers(4, 9))
+        pieces = [(prompt, 0, -1), (rng.integers(3, 128, t1), 1, 0)]
+        if i % 2:
+            pieces += [(rng.integers(3, 128, 5), 0, -1), (rng.integers(3, 128, t1 + 2), 1, 1)]
+        pos = 0
+        for ids, is_loss, turn in pieces:
+            tokens[i, pos : pos + len(ids)] = ids
+            loss[i, pos : pos + len(ids)] = is_loss
+            turns[i, pos : pos + len(ids)] = turn
+            pos += len(ids)
+        mask[i, :pos] = 1
+    return rl.TrainBatch(tokens=tokens, attention_mask=mask, loss_mask=loss, turn_ids=turns)
+
+
+def with_rl_fields(batch: rl.TrainBatch, logp_bt: np.ndarray, seed: int) -> rl.TrainBatch:
+    rng = np.random.default_rng(seed)
+    m = np.asarray(batch.loss_mask)
+    return batch.replace(
+        advantages=(rng.normal(size=m.shape) * m).astype(np.float32),
+        old_logprobs=((np.asarray(logp_bt) + 0.1 * rng.normal(size=m.shape)) * m).astype(np.float32),
+    )
+
+
+# ---------------------------------------------------------------------------- the plan
+def test_plan_groups_rows_per_chunk_and_buckets_shapes():
+    batch = make_rows(0)
+    plan = rl.plan_prefix(batch.tokens, batch.attention_mask, batch.loss_mask, 2)
+    assert plan is not None
+    # chunk 0: prompts 50, 50, 50, 44 -> 2 prefixes; chunk 1: 61, 61, 40, none -> 2 (U = 2, a power of 2)
+    np.testing.assert_array_equal(plan.row_prefix, [0, 0, 0, 1, 0, 0, 1, 0])
+    np.testing.assert_array_equal(plan.prefix_len, [49, 49, 49, 43, 60, 60, 39, 0])
+    assert plan.shape == (4, 64, 32)  # (chunks × U, P multiple of 64, S multiple of 32)
+    b = np.asarray(batch.tokens)
+    for i in range(8):
+        c, p = i // 4, plan.prefix_len[i]
+        np.testing.assert_array_equal(plan.prefix_tokens[c * 2 + plan.row_prefix[i], :p], b[i, :p])
+        n = int(batch.attention_mask[i].sum()) - p
+        np.testing.assert_array_equal(plan.suffix_tokens[i, : min(n, 32)], b[i, p : p + min(n, 32)])
+    assert plan.prefix_mask.sum(1).tolist() == [49, 43, 60, 39]
+
+
+@pytest.mark.parametrize("plen,expect_p", [(65, 64), (66, 128)])
+def test_prefix_bucket_boundary(plen, expect_p):
+    batch = make_rows(1, layout=((plen, plen, plen, plen),))
+    plan = rl.plan_prefix(batch.tokens, batch.attention_mask, batch.loss_mask, 1, min_saving=-1.0)
+    assert plan.shape[1] == expect_p and plan.prefix_len[0] == plen - 1
+
+
+def test_three_prefixes_bucket_to_four_and_suffix_to_64():
+    batch = make_rows(2, layout=((20, 20, 30, 40, 40, 50),))
+    plan = rl.plan_prefix(batch.tokens, batch.attention_mask, batch.loss_mask, 1, min_saving=-1.0)
+    assert plan.shape[0] == 4
+    b = make_rows(3, layout=((20, 20),))
+    b = b.replace(loss_mask=np.asarray(b.attention_mask, np.float32) * (np.arange(T) >= 20))  # 33+ suffix tokens
+    b = b.replace(attention_mask=np.asarray(b.attention_mask) | (np.arange(T) < 60))
+    plan = rl.plan_prefix(b.tokens, b.attention_mask, b.loss_mask, 1, min_saving=-1.0)
+    assert plan.shape[2] == 64
+
+
+def test_plan_falls_back_when_sharing_saves_nothing():
+    distinct = make_rows(4, layout=((90, 91, 92, 93),))  # U·P + B·S = 4·128 + 4·32 > 0.9 · B·T
+    assert rl.plan_prefix(distinct.tokens, distinct.attention_mask, distinct.loss_mask, 1) is None
+    shared = make_rows(4, layout=((40, 40, 40, 40),))
+    assert rl.plan_prefix(shared.tokens, shared.attention_mask, shared.loss_mask, 1) is not None
+    left_padded = shared.replace(attention_mask=np.roll(shared.attention_mask, 3, axis=1))
+    assert rl.plan_prefix(left_padded.tokens, left_padded.attention_mask, shared.loss_mask, 1) is None
+    no_loss = shared.replace(loss_mask=np.zeros_like(shared.loss_mask))
+    assert rl.plan_prefix(no_loss.tokens, no_loss.attention_mask, no_loss.loss_mask, 1) is None
+
+
+# ---------------------------------------------------------------------------- the passes
+MODEL = tiny_config()
+
+
+def train_config(kind: str):
+    return load_train_config(
+        {
+            "model": {"source": "smollm2-135m", "max_cache_len": 256},
+            "adapter": {"kind": kind, "rank": 4, "alpha": 8.0},
+            "rollout": {
+                "mode": "multi_turn",
+                "num_samples": 2,
+                "max_turns": 2,
+                "max_new_tokens": 24,
+                "max_prompt_len": 100,
+            },
+            "reward": {"kind": "multi_turn"},
+            "loss": {"max_turns": 2},
+            "update": {"num_mini_batches": 1, "num_micro_batches": 2},
+            "schedule": {"kind": "simultaneous"},
+            "loop": {"max_seq_len": T + 128, "questions_per_step": 2},
+        }
+    )
+
+
+_LEARNERS: dict = {}
+
+
+def learner_for(kind: str) -> Learner:
+    """One learner per agent kind for the module (its jitted passes are reused across tests)."""
+    if kind not in _LEARNERS:
+        cfg = train_config(kind)
+        layout = AgentLayout.from_train_config(cfg)
+        base = random_params(MODEL, jax.random.key(0))
+        trainable = layout.init_trainable(MODEL, base, cfg.adapter, jax.random.key(1))
+        if kind == "lora":  # B = 0 at init: make the adapters matter
+            trainable = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), trainable)
+        _LEARNERS[kind] = Learner(cfg, layout, MODEL, trainable, layout.constants(base, trainable, False))
+    return _LEARNERS[kind]
+
+
+def loss_and_grads_fn(learner: Learner, role: str = ROLE):
+    """Jitted ``(trainable, batch) -> ((loss, logp_bt), grads)`` of ``role``'s PPO loss, through the
+    learner's own log-prob function."""
+    lp_fn = learner._sparse_logprobs(learner.layout.policy_view)
+    agent = learner.layout.agent_of(role)
+
+    def loss(trainable, batch):
+        params = {**learner.params, agent: trainable}
+        logp, ent = lp_fn(params, role, batch)
+        value, _ = rl.ppo_loss(
+            logp,
+            batch.old_logprobs,
+            batch.advantages,
+            batch.loss_mask,
+            batch.turn_ids,
+            learner.config.loss,
+            entropy_bt=ent,
+        )
+        return value, logp
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+
+@pytest.mark.parametrize("kind", ["lora", "full", "shared"])
+def test_logprobs_loss_and_grads_match_the_plain_path(kind):
+    learner = learner_for(kind)
+    batch = make_rows(5)
+    rng = np.random.default_rng(6)
+    batch = with_rl_fields(batch, -rng.uniform(1, 5, batch.shape) * batch.loss_mask, seed=6)
+    fn = loss_and_grads_fn(learner)
+    trainable = learner.state.params[learner.layout.agent_of(ROLE)]
+    (loss_a, logp_a), grads_a = fn(trainable, batch)
+    planned = learner.with_prefix(batch, 1)
+    assert planned.prefix is not None
+    (loss_b, logp_b), grads_b = fn(trainable, planned)
+    assert np.abs(np.asarray(logp_a)).sum() > 0
+    np.testing.assert_allclose(float(loss_b), float(loss_a), atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(np.asarray(logp_b), np.asarray(logp_a), atol=TOL, rtol=0)
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads_a))
+    assert scale > 0
+    for ga, gb in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+        np.testing.assert_allclose(np.asarray(gb), np.asarray(ga), atol=TOL * max(scale, 1.0), rtol=0)
+
+
+def test_update_with_micro_batches_matches_and_compiles_once():
+    learner = learner_for("lora")
+    batch = make_rows(7)
+    shared_lp = learner.old_logprobs(ROLE, batch)  # plans its 2 micro-batches itself (update.share_prefix)
+    plain_lp = np.asarray(learner.logprob_fn(learner.params, ROLE, batch))
+    np.testing.assert_allclose(shared_lp, plain_lp, atol=TOL, rtol=0)
+    batch = with_rl_fields(batch, plain_lp, seed=8)
+    trained = (ROLE,)
+    plain_state = jax.tree.map(jnp.copy, learner.state)
+    _, plain = learner.update_fn(plain_state, {ROLE: batch.replace(prefix=None)}, trained, constants=learner.constants)
+    plain = {k: float(v) for k, v in jax.device_get(plain).items()}
+    before = learner.update_fn.jitted._cache_size()
+    shared = learner.update({ROLE: batch}, trained)  # plans 2 micro-batches itself
+    for k in ("loss", "grad_norm", f"{ROLE}/pg_loss", f"{ROLE}/ratio_mean"):
+        np.testing.assert_allclose(shared[k], plain[k], atol=TOL, rtol=TOL, err_msg=k)
+    assert learner.update_fn.jitted._cache_size() == before + 1
+
+    # a second step: other tokens, other group sizes, the same buckets -> no new compilation
+    other = make_rows(9, layout=((55, 55, 30, 30), (45, 45, 45, 45)))
+    assert learner.with_prefix(other, 2).prefix.shape == learner.with_prefix(batch, 2).prefix.shape
+    other = with_rl_fields(other, learner.old_logprobs(ROLE, other), seed=10)
+    learner.update({ROLE: other}, trained)
+    assert learner.update_fn.jitted._cache_size() == before + 1
+
+
+# ---------------------------------------------------------------------------- real model, real rows
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_smollm2_real_rollout_rows_match(smollm2_gguf, tmp_path):
+    """SmolLM2-135M, single-turn ReMA rollout rows of both roles: log-probs, loss and LoRA gradients."""
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from configs import default
+    from rema_jax.training.role_batches import build_role_batch
+    from rema_jax.training.trainer import Trainer
+
+    cfg = default.get_config().rl.to_dict()
+    cfg["model"]["init_adapters_from"] = None
+    cfg["rollout"]["max_new_tokens"] = 32
+    cfg["loop"]["questions_per_step"] = 2
+    cfg["memory"]["check"] = False
+    cfg = load_train_config(cfg)
+    trainer = Trainer(cfg, str(tmp_path))
+    learner = trainer.learner
+    tasks = trainer.iterator.next()
+    exp = trainer.worker.collect(trainer.sampling_view(), tasks, 0, solutions_per_plan=cfg.loop.solutions_per_plan)
+    for role in cfg.rollout.agent_roles:
+        rb = build_role_batch(
+            exp, role, trainer.worker.encoder, cfg.rollout, cfg.loop.solutions_per_plan, cfg.loop.max_seq_len, 10_000
+        )
+        batch = rb.train
+        assert learner.with_prefix(batch, 2).prefix is not None
+        plain_lp = np.asarray(learner.logprob_fn(learner.params, role, batch))
+        np.testing.assert_allclose(learner.old_logprobs(role, batch), plain_lp, atol=TOL, rtol=0)
+        agent = learner.layout.agent_of(role)
+        # perturb B so the LoRA gradients reach every factor
+        learner.state = learner.state._replace(
+            params={
+                **learner.state.params,
+                agent: jax.tree.map(lambda x: x + 1e-3 * jnp.ones_like(x), learner.state.params[agent]),
+            }
+        )
+        batch = with_rl_fields(batch, plain_lp, seed=12)
+        fn = loss_and_grads_fn(learner, role)
+        (la, _), ga = fn(learner.state.params[agent], batch)
+        (lb, _), gb = fn(learner.state.params[agent], learner.with_prefix(batch, 1))
+        np.testing.assert_allclose(float(lb), float(la), atol=TOL, rtol=TOL)
+        scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ga))
+        for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=TOL * max(scale, 1.0), rtol=0)
