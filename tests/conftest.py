@@ -108,6 +108,7 @@ LONGEST_MODULES_FIRST = (
     "test_trainer_paths.py",
     "test_sampler.py",
     "test_sft.py",
+    "test_shared_prefix.py",
     "test_notebook.py",
     "test_golden_metrics.py",
     "test_bootstrap.py",
