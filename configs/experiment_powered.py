@@ -92,5 +92,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.time_budget_min = 150.0
     c.n_boot = 10_000
     c.comparisons = (("ReMA", "VRP_RL"), ("ReMA_consistency", "VRP_RL"), ("ReMA_consistency", "ReMA"))
+    # the consistency reward changes only the MTA's reward, and the RA phase (steps 0-2) comes first:
+    # ReMA_consistency/seed k is ReMA/seed k up to step 3 and resumes from its checkpoint there
+    c.branches = {"ReMA_consistency": "ReMA"}
     c.costs = dict(sft_step_s=13.1, rl_step_s=54.0, eval_row_s=1.9, stage_overhead_s=60.0)
     return c

@@ -82,6 +82,10 @@ def test_preset_design_and_budget():
         (("meta_thinking",), 3, 6),
     ]
     assert powered.eval_steps(powered.run_config(cfg, "VRP_RL", 0, None)) == [6]
+    # the consistency ablation is ReMA until its MTA phase: it starts from ReMA's step-3 checkpoint
+    assert cfg.branches == {"ReMA_consistency": "ReMA"} and powered.branch_step(cfg, "ReMA_consistency") == 3
+    assert run.checkpoint.keep_steps == (3,)
+    assert powered.run_config(cfg, "ReMA_consistency", 1, None).checkpoint.keep_steps == ()
     rows = powered.plan(cfg, {})
     keep, total = powered.seeds_within_budget(cfg, rows, {})
     assert keep == list(cfg.seeds) and total < 150.0
@@ -136,6 +140,21 @@ def test_worked_examples_cover_the_preset_levels():
         (lambda c: setattr(c, "methods", ("ReMA", "VRP_RL")), "config.methods"),
         (lambda c: setattr(c.rl.ReMA.loop, "stepz", 3), "config.rl.ReMA.loop: unknown key"),
         (lambda c: setattr(c, "seedz", 3), "unknown key"),
+        # branches: the two runs must be the same run up to the branch step
+        (lambda c: setattr(c.rl.ReMA_consistency.loss, "clip_eps", 0.3), "may differ only in their reward"),
+        (lambda c: setattr(c.rl.ReMA_consistency.reward, "correct_reward", 2.0), "nothing to share"),
+        (lambda c: setattr(c.rl.ReMA.reward, "kind", "consistency"), "would be the same run"),
+        (
+            lambda c: [setattr(r.schedule, "kind", "simultaneous") for r in (c.rl.ReMA, c.rl.ReMA_consistency)],
+            "nothing to share",
+        ),
+        (lambda c: setattr(c, "branches", {"ReMA": "ReMA_consistency"}), "must come before the branch"),
+        (lambda c: setattr(c, "branches", {"ReMA_consistency": "VRP_RL"}), "same SFT stage"),
+        (lambda c: setattr(c, "branches", {"ReMA_consistency": "MRP"}), "two different methods"),
+        (
+            lambda c: [setattr(r.checkpoint, "every", 2) for r in (c.rl.ReMA, c.rl.ReMA_consistency)],
+            "does not save step 3",
+        ),
     ],
 )
 def test_config_errors_name_the_problem(edit, message):
@@ -203,6 +222,8 @@ class FakeStages:
     def rl(self, config, workdir, progress):
         self.calls["rl"] += 1
         os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
+        for step in config.checkpoint.keep_steps:  # what a branch starts from
+            os.makedirs(os.path.join(workdir, "checkpoints", str(step)), exist_ok=True)
         from rema_jax.config_utils import to_dict
 
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -327,7 +348,8 @@ def test_a_changed_config_is_refused_not_mixed(tmp_path, monkeypatch):
         powered.run_powered(powered.load_powered_config(small_raw(seeds=2)), work, res, progress=False)
     FakeStages().install(monkeypatch)
     raw = small_raw(seeds=2)
-    raw.rl.ReMA.loss.clip_eps = 0.3  # ReMA only: its half-done run has checkpoints of the old config
+    raw.rl.ReMA.loss.clip_eps = 0.3  # its half-done run has checkpoints of the old config
+    raw.rl.ReMA_consistency.loss.clip_eps = 0.3  # (the branch may differ from ReMA only in its reward)
     with pytest.raises(
         ConfigError,
         match=r"stage ReMA/seed0: the checkpoint in .*ReMA/seed0 was made with a "
@@ -446,3 +468,105 @@ def test_preset_end_to_end_on_a_tiny_model_with_a_kill(smollm2_gguf, tmp_path, m
     assert phases[0]["only_this_agent_updated"] is phases[1]["only_this_agent_updated"] is True
     for name in ("powered_experiment.md", "powered_experiment.json", "powered_accuracy.png", "powered_mechanism.png"):
         assert os.path.exists(os.path.join(res, name))
+
+
+# ------------------------------------------------------------------ branches (the consistency ablation)
+def test_the_runner_starts_a_branch_from_its_parents_checkpoint(tmp_path, monkeypatch):
+    cfg = powered.load_powered_config(small_raw(seeds=1, steps=2, phase=1))
+    FakeStages().install(monkeypatch)
+    work, res = str(tmp_path / "run"), str(tmp_path / "results")
+    out = powered.run_powered(cfg, work, res, progress=False)
+    child = os.path.join(work, "ReMA_consistency", "seed0")
+    assert json.load(open(os.path.join(child, "branched_from.json"))) == {
+        "method": "ReMA",
+        "step": 1,
+        "directory": os.path.join("ReMA", "seed0"),
+    }
+    assert os.path.isdir(os.path.join(child, "checkpoints", "1"))
+    stages = json.load(open(os.path.join(work, "stages.json")))
+    assert stages["ReMA_consistency/seed0"]["branched_from"]["step"] == 1
+    assert stages["ReMA_consistency/seed0"]["config"]["branch"] == {"from": "ReMA", "step": 1}
+    assert out["branches"] == {"ReMA_consistency": {"from": "ReMA", "step": 1}}
+    assert "ReMA_consistency's runs are ReMA's up to step 1" in open(os.path.join(res, "powered_experiment.md")).read()
+    # the parent must have kept the checkpoint
+    import shutil
+
+    shutil.rmtree(os.path.join(work, "ReMA", "seed0", "checkpoints", "1"))
+    shutil.rmtree(child)
+    done = json.load(open(os.path.join(work, "stages.json")))
+    del done["ReMA_consistency/seed0"]
+    json.dump(done, open(os.path.join(work, "stages.json"), "w"))
+    with pytest.raises(StageError, match=r"ReMA_consistency/seed0.*checkpoint at step 1.*keep_steps=1"):
+        powered.run_powered(cfg, work, res, progress=False)
+
+
+def test_a_branch_equals_the_run_from_scratch_bit_for_bit(smollm2_gguf, tmp_path):
+    """A branch resumed from its parent's checkpoint at the end of the RA phase ends where the same
+    run from step 0 ends: same final trees, same metrics after the branch, same evaluations. The
+    rewards are stand-ins (a random model's real ones are all equal, so nothing would train): the same
+    RA rewards for both methods, different MTA rewards (what the consistency ablation changes)."""
+    import orbax.checkpoint as ocp
+
+    from rema_jax.experiments.powered import runner
+    from rema_jax.rollout import META_THINKING
+    from rema_jax.training import loop as loop_lib
+
+    def rewards(mta_offset):
+        def override(exp):
+            for role in exp.rewards:
+                i = np.arange(len(exp.rewards[role])) + (mta_offset if role == META_THINKING else 0)
+                exp.rewards[role] = (i % 2 == 0).astype(np.float32)
+            return exp
+
+        return override
+
+    cfg = powered.load_powered_config(small_raw(seeds=1, steps=2, phase=1, levels=(1,), test_per_cell=1))
+    work = str(tmp_path / "run")
+
+    def run(method, d):
+        c = powered.run_config(cfg, method, 0, None)
+        return loop_lib.train(c, d, progress=False, reward_override=rewards(int(method != "ReMA")))
+
+    parent = os.path.join(work, "ReMA", "seed0")
+    run("ReMA", parent)
+    scratch = str(tmp_path / "scratch")
+    run("ReMA_consistency", scratch)
+    stage = next(s for s in powered.stage_list(cfg) if s.name == "ReMA_consistency/seed0")
+    runner._start_branch(cfg, stage, work)
+    branched = os.path.join(work, "ReMA_consistency", "seed0")
+    summary = run("ReMA_consistency", branched)
+    assert summary["resumed_from_step"] == 1 and summary["steps"] == 2
+
+    def tree(d, step):
+        return ocp.PyTreeCheckpointer().restore(os.path.join(d, "checkpoints", str(step), "state"))
+
+    assert jax_tree_equal(tree(scratch, 2), tree(branched, 2))
+    # not vacuous: the MTA phase moved the trees, and differently under the other MTA reward
+    assert not jax_tree_equal(tree(scratch, 2), tree(parent, 2))
+    assert not jax_tree_equal(tree(parent, 1), tree(parent, 2))
+
+    def records(d):
+        out = {}
+        for r in map(json.loads, open(os.path.join(d, "metrics.jsonl"))):
+            out[r["step"]] = {
+                k: v
+                for k, v in r.items()
+                if not k.startswith(("time/", "throughput/", "branch/")) and "compile" not in k  # process state
+            }
+        return out
+
+    ra, rb = records(scratch), records(branched)
+    assert ra[2] == rb[2] and ra[2]["phase/trained"] == META_THINKING
+    not_mta = lambda r: {k: v for k, v in r.items() if not k.startswith(META_THINKING)}  # noqa: E731
+    assert not_mta(ra[1]) == not_mta(rb[1])  # step 1 is the parent's record: the RA's part is the same
+    for step in (1, 2):
+        name = os.path.join("eval", f"step_{step}.jsonl")
+        assert open(os.path.join(scratch, name)).read() == open(os.path.join(branched, name)).read()
+
+
+def jax_tree_equal(a, b) -> bool:
+    import jax
+
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    return ta == tb and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))

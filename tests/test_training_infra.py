@@ -172,6 +172,25 @@ def test_checkpoint_roundtrip_keep_last_and_none_leaves(tmp_path):
     mngr.close()
 
 
+def test_checkpoint_keep_steps_survive_keep_last(tmp_path):
+    """``keep_steps`` (a phase boundary another run branches from) outlives ``keep_last``; a manager
+    reopened on the directory keeps honouring it."""
+    state = {"w": jnp.zeros(3)}
+    mngr = CheckpointManager(str(tmp_path / "ckpt"), keep_last=2, keep_steps=(2,))
+    for step in (1, 2, 3, 4):
+        mngr.save(step, jax.tree.map(lambda x: x + step, state), {"step": step})
+    assert mngr.all_steps() == [2, 3, 4]
+    mngr.close()
+    mngr = CheckpointManager(str(tmp_path / "ckpt"), keep_last=2, keep_steps=(2,))
+    for step in (5, 6):
+        mngr.save(step, jax.tree.map(lambda x: x + step, state), {"step": step})
+    assert mngr.all_steps() == [2, 5, 6]
+    restored, meta = mngr.restore(2, state)
+    assert meta == {"step": 2}
+    np.testing.assert_array_equal(restored["w"], np.full(3, 2.0))
+    mngr.close()
+
+
 def test_checkpoint_restore_missing_dir_is_clear(tmp_path):
     mngr = CheckpointManager(str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):

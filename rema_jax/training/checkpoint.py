@@ -43,17 +43,30 @@ class CheckpointManager:
     dtypes, shapes and shardings match) and ``meta`` (JSON: step, data position, schedule, ...).
     """
 
-    def __init__(self, directory: str, *, keep_last: int = 3, save_every: int = 1):
+    def __init__(self, directory: str, *, keep_last: int = 3, save_every: int = 1, keep_steps: tuple[int, ...] = ()):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.directory = os.path.abspath(directory)
         self.save_every = save_every
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            # Synchronous saves: the trainer waits for each save anyway (a resumable run needs the
-            # checkpoint on disk before the next step), and async mode only adds a finalize thread.
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep_last, create=True, enable_async_checkpointing=False),
-        )
+        # Synchronous saves: the trainer waits for each save anyway (a resumable run needs the
+        # checkpoint on disk before the next step), and async mode only adds a finalize thread.
+        if keep_steps:  # the newest ``keep_last`` plus ``keep_steps`` for good
+            policies = getattr(ocp, "checkpoint_managers", None)
+            if policies is None or not hasattr(policies, "CustomSteps"):
+                raise RuntimeError(
+                    f"checkpoint keep_steps={tuple(keep_steps)} needs orbax-checkpoint with preservation "
+                    "policies (ocp.checkpoint_managers.CustomSteps); upgrade orbax-checkpoint"
+                )
+            options = ocp.CheckpointManagerOptions(
+                create=True,
+                enable_async_checkpointing=False,
+                preservation_policy=policies.AnyPreservationPolicy(
+                    [policies.LatestN(n=keep_last), policies.CustomSteps(steps=list(keep_steps))]
+                ),
+            )
+        else:
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep_last, create=True, enable_async_checkpointing=False)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

@@ -149,12 +149,18 @@ class LoopSection:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointSection:
+    """``every``: save every k steps (and at the end); ``keep_last``: the newest checkpoints kept;
+    ``keep_steps``: steps also kept for good (e.g. a phase boundary another run branches from)."""
+
     every: int = 1
     keep_last: int = 3
+    keep_steps: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.every < 1 or self.keep_last < 1:
             raise ValueError("every and keep_last must be >= 1")
+        if any(s < 1 for s in self.keep_steps):
+            raise ValueError(f"keep_steps must be steps >= 1, got {self.keep_steps}")
 
 
 @dataclasses.dataclass(frozen=True)

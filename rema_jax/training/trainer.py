@@ -98,7 +98,9 @@ class Trainer:
         self.iterator = TaskIterator(self.pool, cfg.loop.questions_per_step, seed=cfg.loop.seed)
         self.step_index = 0
         self.checkpoints = CheckpointManager(
-            os.path.join(self.workdir, "checkpoints"), keep_last=cfg.checkpoint.keep_last
+            os.path.join(self.workdir, "checkpoints"),
+            keep_last=cfg.checkpoint.keep_last,
+            keep_steps=cfg.checkpoint.keep_steps,
         )
 
     @property

@@ -16,7 +16,7 @@ from rema_jax.experiments.heldout import Questions
 from rema_jax.experiments.powered.config import RESULTS_STEM, PoweredConfig
 from rema_jax.experiments.powered.markdown import report_markdown
 from rema_jax.experiments.powered.plots import plot_accuracy, plot_mechanism
-from rema_jax.experiments.powered.stages import eval_steps, phase_spans, run_config, sft_label
+from rema_jax.experiments.powered.stages import branch_step, eval_steps, phase_spans, run_config, sft_label
 from rema_jax.experiments.records import write_json, write_text
 from rema_jax.rollout import META_THINKING, REASONING, SINGLE
 from rema_jax.training.config import TrainConfig
@@ -170,6 +170,7 @@ def report(
             "with replacement, one question resample shared by all seeds",
             "n_boot": cfg.n_boot,
         },
+        "branches": {c: {"from": p, "step": branch_step(cfg, c)} for c, p in cfg.branches.items()},
         "runs": runs,
         "methods": methods,
         "sft_starts": starts,

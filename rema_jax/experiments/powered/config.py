@@ -39,7 +39,9 @@ class PoweredConfig:
     """``sft``: SFT stage name → config; ``rl``: method → RL config (``loop.seed``,
     ``model.init_adapters_from`` and the eval settings are set per run); ``warm_start``: method →
     its SFT stage. ``comparisons``: (a, b) pairs reported as paired differences a − b, the first
-    being the headline."""
+    being the headline. ``branches``: method → an earlier method it shares its first steps with (the
+    same config but the reward, which differs only for roles the first phases do not train: the
+    consistency ablation vs ReMA): its runs start from the parent's checkpoint at ``branch_step``."""
 
     sft: Mapping[str, SFTConfig]
     rl: Mapping[str, TrainConfig]
@@ -51,6 +53,7 @@ class PoweredConfig:
     n_boot: int = 10_000
     comparisons: tuple[tuple[str, str], ...] = (("ReMA", "VRP_RL"),)
     costs: CostModel = CostModel()
+    branches: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if not self.rl or not self.sft:
@@ -116,8 +119,37 @@ class PoweredConfig:
                         f"rl.{m}.rollout differs from rl.{methods[0]}.rollout, but both start "
                         f"from {sft_name}, whose held-out evaluation they share"
                     )
+        self._check_branches()
         if self.base_eval and not any(c.single_agent for c in self.rl.values()):
             raise ValueError("base_eval evaluates the untrained model with the VRP prompt: needs a single-agent method")
+
+    def _check_branches(self) -> None:
+        from rema_jax.experiments.powered.stages import branch_step
+
+        order = list(self.rl)
+        for child, parent in self.branches.items():
+            where = f"branches.{child}={parent!r}"
+            if child not in self.rl or parent not in self.rl or child == parent:
+                raise ValueError(f"{where}: must name two different methods of {order}")
+            if parent in self.branches or child in self.branches.values():
+                raise ValueError(f"{where}: a branch cannot start from another branch, nor be one's parent")
+            if order.index(parent) > order.index(child):
+                raise ValueError(f"{where}: the parent must come before the branch in the method order {order}")
+            if self.warm_start[child] != self.warm_start[parent]:
+                raise ValueError(f"{where}: both must start from the same SFT stage")
+            a, b = self.rl[parent], self.rl[child]
+            if dataclasses.replace(b, reward=a.reward) != a:
+                raise ValueError(f"{where}: the two RL configs may differ only in their reward")
+            k = branch_step(self, child)
+            if k >= b.loop.steps:
+                raise ValueError(f"{where}: no trained role's reward differs, the branch would be the same run")
+            if k == 0:
+                raise ValueError(
+                    f"{where}: the runs differ from step 0: nothing to share (a reward that differs only "
+                    "for the meta-thinking agent, after an RA phase, can be shared)"
+                )
+            if k % a.checkpoint.every:
+                raise ValueError(f"{where}: rl.{parent}.checkpoint.every={a.checkpoint.every} does not save step {k}")
 
 
 def _get(obj: Any, dotted: str) -> Any:
@@ -159,7 +191,7 @@ def load_powered_config(raw: Any) -> PoweredConfig:
     rest = {
         k: v
         for k, v in plain.items()
-        if k not in ("sft", "rl", "warm_start", "seeds", "costs", "comparisons", "methods")
+        if k not in ("sft", "rl", "warm_start", "seeds", "costs", "comparisons", "methods", "branches")
     }
     if "seeds" in plain:
         s = plain["seeds"]
@@ -168,6 +200,10 @@ def load_powered_config(raw: Any) -> PoweredConfig:
         rest["comparisons"] = tuple(tuple(p) for p in plain["comparisons"])
     if "costs" in plain:
         rest["costs"] = from_dict(CostModel, plain["costs"], "config.costs")
+    if "branches" in plain:
+        if not isinstance(plain["branches"], Mapping):
+            raise ConfigError("config.branches: expected a mapping of method → parent method")
+        rest["branches"] = dict(plain["branches"])
     try:
         return PoweredConfig(sft=sft, rl=rl, warm_start=dict(plain["warm_start"]), **rest)
     except (ValueError, TypeError) as e:

@@ -32,6 +32,15 @@ def report_markdown(out: Mapping[str, Any], table1: str, cell_table: str) -> str
         "",
         f"95% CIs: {out['ci']['method']} ({out['ci']['n_boot']} replicates). Accuracy in %.",
         "",
+    ]
+    for child, b in out.get("branches", {}).items():
+        L += [
+            f"{child}'s runs are {b['from']}'s up to step {b['step']} (same seed): the first phases train only "
+            f"roles whose reward the two share, so each {child} run resumes from {b['from']}'s checkpoint at "
+            f"step {b['step']} with its evaluations up to that step; its minutes count the steps after.",
+            "",
+        ]
+    L += [
         "## Reading",
         "",
     ]

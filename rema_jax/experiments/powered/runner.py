@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from typing import Any, Mapping
 
@@ -15,7 +16,15 @@ from rema_jax.experiments.heldout import check_eval_file, heldout_scores
 from rema_jax.experiments.powered import bodies
 from rema_jax.experiments.powered.analysis import ReportWriteError, report
 from rema_jax.experiments.powered.config import STAGES_FILE, PoweredConfig
-from rema_jax.experiments.powered.stages import Stage, eval_config, eval_steps, run_config, stage_config, stage_list
+from rema_jax.experiments.powered.stages import (
+    Stage,
+    branch_step,
+    eval_config,
+    eval_steps,
+    run_config,
+    stage_config,
+    stage_list,
+)
 from rema_jax.experiments.powered.timeplan import format_plan, plan, seeds_within_budget
 from rema_jax.experiments.records import StageError, read_json, write_json
 
@@ -176,7 +185,10 @@ def _run_stage(cfg: PoweredConfig, st: Stage, workdir: str, done: Mapping[str, A
         out["eval_file"] = rel(out["eval_file"])
         return out
     rl = run_config(cfg, st.method, st.seed, _adapters(st.sft, workdir, done))
+    branch = _start_branch(cfg, st, workdir) if st.method in cfg.branches else None
     out = bodies.stage_rl(rl, directory, progress)
+    if branch is not None:
+        out["branched_from"] = branch
     if out["steps"] != rl.loop.steps:
         raise StageError(f"the run stopped at step {out['steps']} of {rl.loop.steps}")
     out["eval_files"] = {}
@@ -186,6 +198,50 @@ def _run_stage(cfg: PoweredConfig, st: Stage, workdir: str, done: Mapping[str, A
         out["eval_files"][str(step)] = rel(path)
     out["final"] = heldout_scores(os.path.join(directory, "eval", f"step_{rl.loop.steps}.jsonl"))
     return out
+
+
+BRANCH_FILE = "branched_from.json"
+
+
+def _start_branch(cfg: PoweredConfig, st: Stage, workdir: str) -> dict[str, Any]:
+    """Seeds a branch run's directory from its parent's run of the same seed, once: the parent's
+    checkpoint at ``branch_step`` (the trainer resumes from it), its held-out evaluations up to that
+    step and its metrics records up to it (marked ``branch/from_parent``; the roles whose reward
+    differs are not trained there, but their logged rewards are the parent's). The checkpoint
+    directory is renamed into place last, so a crash midway leaves no checkpoint and the next run
+    seeds again."""
+    parent = cfg.branches[st.method]
+    k = branch_step(cfg, st.method)
+    src = os.path.join(workdir, parent, f"seed{st.seed}")
+    dst = os.path.join(workdir, st.directory)
+    record = {"method": parent, "step": k, "directory": os.path.relpath(src, workdir)}
+    if os.path.isdir(os.path.join(dst, "checkpoints")):  # seeded before (the run may have gone on since)
+        return record
+    ckpt = os.path.join(src, "checkpoints", str(k))
+    if not os.path.isdir(ckpt):
+        raise FileNotFoundError(
+            f"branch {st.name} starts from {parent}'s checkpoint at step {k}, but {ckpt} does not exist "
+            f"(was {parent}/seed{st.seed} run without checkpoint.keep_steps={k}?)"
+        )
+    os.makedirs(os.path.join(dst, "eval"), exist_ok=True)
+    for step in eval_steps(run_config(cfg, st.method, st.seed, None)):
+        if step <= k:
+            shutil.copyfile(
+                os.path.join(src, "eval", f"step_{step}.jsonl"), os.path.join(dst, "eval", f"step_{step}.jsonl")
+            )
+    with open(os.path.join(src, "metrics.jsonl"), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    with open(os.path.join(dst, "metrics.jsonl"), "w", encoding="utf-8") as f:
+        for r in records:
+            if r.get("step", 0) <= k:
+                f.write(json.dumps({**r, "branch/from_parent": 1}, sort_keys=True) + "\n")
+    write_json(os.path.join(dst, BRANCH_FILE), record)
+    tmp = os.path.join(dst, "checkpoints.branch-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(ckpt, os.path.join(tmp, str(k)))
+    os.replace(tmp, os.path.join(dst, "checkpoints"))
+    print(f"[powered] stage {st.name}: starts from {parent}/seed{st.seed} at step {k} (shared steps)", flush=True)
+    return record
 
 
 def _adapters(sft_name: str, workdir: str, done: Mapping[str, Any]) -> str:

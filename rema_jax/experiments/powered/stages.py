@@ -12,6 +12,8 @@ from typing import Any
 
 from rema_jax.config_utils import to_dict
 from rema_jax.experiments.powered.config import PoweredConfig
+from rema_jax.rewards import RewardConfig
+from rema_jax.rollout import META_THINKING, REASONING
 from rema_jax.sft.train import SFTConfig
 from rema_jax.training.config import TrainConfig
 
@@ -54,6 +56,28 @@ def eval_steps(rl: TrainConfig) -> list[int]:
     the SFT stage's evaluation)."""
     k, steps = rl.loop.eval_every, rl.loop.steps
     return sorted({s for s in range(k, steps, k)} | {steps}) if k else [steps]
+
+
+def roles_rewarded_differently(a: RewardConfig, b: RewardConfig) -> tuple[str, ...]:
+    """The roles whose per-row reward differs between two reward configs (the rule of
+    ``training.experience.collect_experience``): the consistency ablation changes only the MTA's
+    reward (the RA's is the paper's in both); any other difference, conservatively, every role."""
+    if a == b:
+        return ()
+    if {a.kind, b.kind} == {"paper", "consistency"} and dataclasses.replace(a, kind=b.kind) == b:
+        return (META_THINKING,)
+    return (META_THINKING, REASONING)
+
+
+def branch_step(cfg: PoweredConfig, child: str) -> int:
+    """The step up to which ``child`` and its parent (``cfg.branches[child]``) are the same run: the
+    start of the first phase that trains a role whose reward differs. Before it the trained roles get
+    the same rewards, and sampling, data order and updates do not read the other roles' rewards, so
+    the child resumes from the parent's checkpoint at this step with the parent's evaluations up to it
+    (exact, like any resume: tests/test_experiment_powered.py checks it bit for bit)."""
+    a, b = cfg.rl[cfg.branches[child]], cfg.rl[child]
+    differ = set(roles_rewarded_differently(a.reward, b.reward))
+    return next((sp.start for sp in phase_spans(b) if differ & set(sp.trained)), b.loop.steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +126,13 @@ def run_config(cfg: PoweredConfig, method: str, seed: int, adapters: str | None)
     loop = dataclasses.replace(
         rl.loop, seed=seed, eval_before=False, eval_questions=cfg.heldout_questions, eval_every=mechanism_eval_every(rl)
     )
-    return dataclasses.replace(rl, loop=loop, model=dataclasses.replace(rl.model, init_adapters_from=adapters))
+    checkpoint = rl.checkpoint
+    branched = {branch_step(cfg, c) for c, p in cfg.branches.items() if p == method}
+    if branched:  # the parent keeps the checkpoints its branches start from
+        checkpoint = dataclasses.replace(checkpoint, keep_steps=tuple(sorted(set(checkpoint.keep_steps) | branched)))
+    return dataclasses.replace(
+        rl, loop=loop, checkpoint=checkpoint, model=dataclasses.replace(rl.model, init_adapters_from=adapters)
+    )
 
 
 def eval_config(cfg: PoweredConfig, sft_name: str | None, adapters: str | None) -> TrainConfig:
@@ -144,4 +174,6 @@ def stage_config(cfg: PoweredConfig, st: Stage) -> dict[str, Any]:
         }
     else:
         c = {"rl": to_dict(run_config(cfg, st.method, st.seed, None)), "sft": to_dict(cfg.sft[st.sft])}
+        if st.method in cfg.branches:
+            c["branch"] = {"from": cfg.branches[st.method], "step": branch_step(cfg, st.method)}
     return json.loads(json.dumps(to_dict(c), default=str))

@@ -9,7 +9,15 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from rema_jax.experiments.powered.config import CostModel, PoweredConfig
-from rema_jax.experiments.powered.stages import Stage, eval_steps, phase_spans, run_config, sft_agent_steps, stage_list
+from rema_jax.experiments.powered.stages import (
+    Stage,
+    branch_step,
+    eval_steps,
+    phase_spans,
+    run_config,
+    sft_agent_steps,
+    stage_list,
+)
 from rema_jax.rollout import META_THINKING
 
 # The sampler's default batch buckets (rema_jax.sampling.Sampler): a held-out evaluation of n
@@ -40,11 +48,14 @@ def _stage_formula(cfg: PoweredConfig, stage: Stage, costs: CostModel) -> tuple[
             f"{q} questions ({rows} rows) × {costs.eval_row_s:.2f} s + {costs.stage_overhead_s:.0f} s",
         )
     rl = run_config(cfg, stage.method, stage.seed, None)
-    n_eval = len(eval_steps(rl))
+    first = branch_step(cfg, stage.method) if stage.method in cfg.branches else 0  # shared steps are not rerun
+    steps = rl.loop.steps - first
+    n_eval = len([s for s in eval_steps(rl) if s > first])
     return (
-        rl.loop.steps * costs.rl_step_s + n_eval * rows * costs.eval_row_s + costs.stage_overhead_s,
-        f"{rl.loop.steps} steps × {costs.rl_step_s:.0f} s + {n_eval} eval(s) × {rows} rows × "
-        f"{costs.eval_row_s:.2f} s + {costs.stage_overhead_s:.0f} s",
+        steps * costs.rl_step_s + n_eval * rows * costs.eval_row_s + costs.stage_overhead_s,
+        f"{steps} steps × {costs.rl_step_s:.0f} s + {n_eval} eval(s) × {rows} rows × "
+        f"{costs.eval_row_s:.2f} s + {costs.stage_overhead_s:.0f} s"
+        + (f" (steps 0–{first} shared with {cfg.branches[stage.method]})" if first else ""),
     )
 
 
@@ -135,6 +146,11 @@ def format_plan(cfg: PoweredConfig, done: Mapping[str, Any]) -> str:
         lines.append(
             f"  {m:<18} from {cfg.warm_start[m]}; held-out evals at steps {eval_steps(r)}"
             + (f"; MTA phases {[(s.start, s.end) for s in mta]}" if mta else "")
+            + (
+                f"; starts from {cfg.branches[m]}'s checkpoint at step {branch_step(cfg, m)} (same run until then)"
+                if m in cfg.branches
+                else ""
+            )
         )
     width = max(len(r["stage"]) for r in rows)
     lines.append(f"  {'stage'.ljust(width)}  status  minutes  basis")
