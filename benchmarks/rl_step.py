@@ -1,0 +1,230 @@
+"""Whole RL step of the default config, with ``update.share_prefix`` off and on, in the same run.
+
+Each variant runs ``--steps`` real steps of ``configs/default.py``'s ``rl`` section (single-turn ReMA,
+2 questions x 4 plans x 2 solutions, alternating RA / MTA phases of 2 steps, GRPO, LoRA) through the
+real ``Trainer`` in its own child process: a fresh heap for its peak RSS and a cold start (the
+persistent compilation cache is off), so each variant pays its own compiles. Both variants use the
+same seed, so step 1 rolls out the same tokens; later steps may sample differently, because the two
+paths' updates agree only to fp32 rounding. The model is the embedded SmolLM2-135M-Instruct (GGUF), or
+random weights of its shape with ``--random_weights``; the LoRA adapters start at zero unless
+``--adapters`` names an SFT's adapters (e.g. ``runs/default/sft/adapters`` of the main command).
+
+Per variant and step it reports the trainer's phase times: rollout (sampling + grading), prepare (the
+batches and the old / reference log-prob passes), update (the jitted optimizer step), the whole step,
+and the XLA backend compiles during the step (count and seconds, from jax.monitoring). Steady state =
+the median over steps that compiled nothing (steps 2.. when every step compiled); ``speedup`` = the
+steady whole step off / on; ``first_steps_s`` = all steps' sum, compiles included (what a short run
+like the README's main command pays). ``peak_rss_mb`` = the largest child's VmHWM.
+
+    python benchmarks/rl_step.py --quick              # 3 steps per variant, about 8 min on 2 cores
+    python benchmarks/rl_step.py --steps 6            # both phases twice
+    python benchmarks/rl_step.py --variants on        # one variant
+
+The last line printed is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run from a checkout
+
+PHASES = ("rollout", "prepare", "update", "step")
+TINY = dict(num_layers=2, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=8)
+SMOLLM2_SHAPE = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_layers=30,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+    tie_word_embeddings=True,
+    rope_theta=100000.0,
+)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _hwm_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _child(args: argparse.Namespace) -> dict:
+    """One variant: ``args.steps`` trainer steps; returns its per-step figures."""
+    from rema_jax.compile_cache import enable_compilation_cache
+
+    enable_compilation_cache("off")  # a cold start for each variant: compiles are part of the figure
+    import jax
+    from jax import monitoring
+
+    compiles = {"n": 0, "s": 0.0}
+
+    def on_event(event: str, duration: float, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles["n"] += 1
+            compiles["s"] += duration
+
+    monitoring.register_event_duration_secs_listener(on_event)
+
+    from configs import default
+    from rema_jax.training.config import load_train_config
+    from rema_jax.training.trainer import Trainer
+
+    raw = default.get_config().rl.to_dict()
+    raw["update"]["share_prefix"] = args.variant == "on"
+    raw["loop"]["steps"] = args.steps
+    raw["loop"]["eval_before"] = False
+    raw["loop"]["eval_questions"] = 0
+    raw["memory"]["check"] = False
+    if args.random_weights:
+        raw["model"]["random_init"] = dict(SMOLLM2_SHAPE)
+    if args.tiny:  # the smoke test's: a 2-layer random model, short answers
+        raw["model"]["random_init"] = TINY
+        raw["rollout"]["max_new_tokens"] = 8
+    if args.adapters:
+        raw["model"]["init_adapters_from"] = args.adapters
+    config = load_train_config(raw)
+
+    steps = []
+    with tempfile.TemporaryDirectory() as workdir:
+        t0 = time.perf_counter()
+        trainer = Trainer(config, workdir)
+        setup_s = time.perf_counter() - t0
+        for _ in range(args.steps):
+            before = dict(compiles)
+            m = trainer.step()
+            steps.append(
+                {
+                    "trained": m["phase/trained"],
+                    **{p: m[f"time/{p}_s"] for p in PHASES},
+                    "compiles": compiles["n"] - before["n"],
+                    "compile_s": compiles["s"] - before["s"],
+                    "rows": {r: m.get(f"{r}/loss_tokens") for r in trainer.roles},
+                }
+            )
+            print(
+                f"  [{args.variant}] step {len(steps)} ({m['phase/trained']}): "
+                + ", ".join(f"{p} {steps[-1][p]:.1f} s" for p in PHASES)
+                + f", {steps[-1]['compiles']} compiles ({steps[-1]['compile_s']:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+        trainer.checkpoints.close()
+    return {
+        "variant": args.variant,
+        "setup_s": setup_s,
+        "steps": steps,
+        "peak_rss_mb": _hwm_mib(),
+        "backend": jax.default_backend(),
+    }
+
+
+def _steady(steps: list[dict]) -> dict[str, float]:
+    quiet = [s for s in steps if s["compiles"] == 0] or steps[1:] or steps
+    return {p: statistics.median(s[p] for s in quiet) for p in PHASES} | {"steps_used": len(quiet)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=4, help="RL steps per variant (default 4: one RA + one MTA phase)")
+    ap.add_argument("--quick", action="store_true", help="3 steps per variant (fits 10 min on 2 cores)")
+    ap.add_argument("--variants", nargs="+", choices=("off", "on"), default=["off", "on"])
+    ap.add_argument("--random_weights", action="store_true", help="random weights of SmolLM2-135M's shape")
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer random model, 8 new tokens (smoke test)")
+    ap.add_argument("--adapters", default=None, help="start both agents from these SFT adapters")
+    ap.add_argument("--variant", choices=("off", "on"), help=argparse.SUPPRESS)  # child process
+    args = ap.parse_args()
+    if args.quick:
+        args.steps = 3
+    if args.steps < 2:
+        ap.error("--steps must be >= 2 (step 1 compiles)")
+    if args.variant:  # child
+        print(json.dumps(_child(args)), flush=True)
+        return
+
+    machine = cpu_model()
+    print(f"RL step, configs/default.py rl section, share_prefix {' vs '.join(args.variants)}; CPU: {machine}")
+    results = {}
+    for v in args.variants:
+        cmd = [sys.executable, os.path.abspath(__file__), "--variant", v, "--steps", str(args.steps)]
+        cmd += ["--random_weights"] if args.random_weights else []
+        cmd += ["--tiny"] if args.tiny else []
+        cmd += ["--adapters", args.adapters] if args.adapters else []
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"rl_step: variant {v} failed (exit {proc.returncode}); its stderr is above")
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        out["wall_s"] = time.perf_counter() - t0
+        out["steady"] = _steady(out["steps"])
+        out["first_steps_s"] = sum(s["step"] for s in out["steps"])
+        out["compiles_after_step1"] = sum(s["compiles"] for s in out["steps"][1:])
+        results[v] = out
+
+    print(
+        f"\n{'variant':<8}"
+        + "".join(f"{p + ' s':>11}" for p in PHASES)
+        + f"{'all steps s':>13}{'compiles':>10}{'peak RSS MiB':>14}"
+    )
+    for v, r in results.items():
+        s = r["steady"]
+        n = sum(x["compiles"] for x in r["steps"])
+        print(
+            f"{v:<8}" + "".join(f"{s[p]:>11.1f}" for p in PHASES) + f"{r['first_steps_s']:>13.1f}{n:>10}"
+            f"{r['peak_rss_mb']:>14.0f}"
+        )
+    print(
+        "(phase columns: steady-state median over the steps that compiled nothing; 'all steps': their sum, compiles included)"
+    )
+    summary = {
+        "benchmark": "rl_step",
+        "cpu": machine,
+        "steps": args.steps,
+        "model": "tiny random"
+        if args.tiny
+        else "random SmolLM2-135M shape"
+        if args.random_weights
+        else "SmolLM2-135M-Instruct (GGUF)",
+        "adapters": args.adapters,
+        "variants": results,
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in results.values()),
+    }
+    if {"off", "on"} <= set(results):
+        off, on = results["off"], results["on"]
+        summary["speedup"] = off["steady"]["step"] / on["steady"]["step"]
+        summary["speedup_by_phase"] = {p: off["steady"][p] / on["steady"][p] for p in PHASES}
+        summary["speedup_all_steps"] = off["first_steps_s"] / on["first_steps_s"]
+        print(
+            f"speedup (steady whole step, off / on): {summary['speedup']:.2f}x; by phase "
+            + ", ".join(f"{p} {x:.2f}x" for p, x in summary["speedup_by_phase"].items())
+            + f"; all {args.steps} steps with compiles: {summary['speedup_all_steps']:.2f}x"
+        )
+    print(f"peak_rss_mb {summary['peak_rss_mb']:.0f}; CPU: {machine}")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
