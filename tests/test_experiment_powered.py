@@ -370,6 +370,25 @@ def test_a_changed_config_is_refused_not_mixed(tmp_path, monkeypatch):
     assert out["seeds"] == [0]
 
 
+def test_a_record_older_than_a_new_config_field_is_reused_when_the_field_is_off(tmp_path, monkeypatch):
+    cfg = powered.load_powered_config(small_raw(seeds=1))
+    FakeStages().install(monkeypatch)
+    work, res = str(tmp_path / "run"), str(tmp_path / "results")
+    powered.run_powered(cfg, work, res, progress=False)
+    path = os.path.join(work, "stages.json")
+
+    def drop(key):
+        done = json.load(open(path))
+        del done["VRP_RL/seed0"]["config"]["rl"]["checkpoint"][key]
+        json.dump(done, open(path, "w"))
+
+    drop("keep_steps")  # as written before checkpoint.keep_steps existed; () now: the same behaviour
+    powered.run_powered(cfg, work, res, progress=False)
+    drop("keep_last")  # a set value the record lacks is a difference
+    with pytest.raises(ConfigError, match=r"VRP_RL/seed0.*rl.checkpoint.keep_last: None → 2"):
+        powered.run_powered(cfg, work, res, progress=False)
+
+
 def test_a_report_that_cannot_be_written_names_the_file(tmp_path, monkeypatch):
     cfg = powered.load_powered_config(small_raw(seeds=2))
     FakeStages().install(monkeypatch)

@@ -142,16 +142,20 @@ def train_config(kind: str):
 _LEARNERS: dict = {}
 
 
+def new_learner(kind: str) -> Learner:
+    cfg = train_config(kind)
+    layout = AgentLayout.from_train_config(cfg)
+    base = random_params(MODEL, jax.random.key(0))
+    trainable = layout.init_trainable(MODEL, base, cfg.adapter, jax.random.key(1))
+    if kind == "lora":  # B = 0 at init: make the adapters matter
+        trainable = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), trainable)
+    return Learner(cfg, layout, MODEL, trainable, layout.constants(base, trainable, False))
+
+
 def learner_for(kind: str) -> Learner:
     """One learner per agent kind for the module (its jitted passes are reused across tests)."""
     if kind not in _LEARNERS:
-        cfg = train_config(kind)
-        layout = AgentLayout.from_train_config(cfg)
-        base = random_params(MODEL, jax.random.key(0))
-        trainable = layout.init_trainable(MODEL, base, cfg.adapter, jax.random.key(1))
-        if kind == "lora":  # B = 0 at init: make the adapters matter
-            trainable = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), trainable)
-        _LEARNERS[kind] = Learner(cfg, layout, MODEL, trainable, layout.constants(base, trainable, False))
+        _LEARNERS[kind] = new_learner(kind)
     return _LEARNERS[kind]
 
 
@@ -222,6 +226,18 @@ def test_update_with_micro_batches_matches_and_compiles_once():
     other = with_rl_fields(other, learner.old_logprobs(ROLE, other), seed=10)
     learner.update({ROLE: other}, trained)
     assert learner.update_fn.jitted._cache_size() == before + 1
+
+
+def test_buckets_start_at_the_config_maxima_and_never_shrink():
+    learner = new_learner("lora")  # its own bucket record (nothing compiles here); max_new_tokens 24
+    assert learner.prefix_bucket_floor(T) == (1, 64, 32)  # S: the answer's 24 tokens + 2
+    assert learner.prefix_bucket_floor(16) == (1, 64, 16)  # capped by the rows' length
+    two = make_rows(11, layout=((50,) * 4 + (44,) * 4,))  # 8 rows in one chunk (a key of its own), 2 prompts
+    assert learner.with_prefix(two, 1).prefix.shape == (2, 64, 32)
+    four = make_rows(12, layout=((30, 30, 40, 40, 70, 70, 60, 60),))  # 4 prompts, one of 70: U, P grow ...
+    assert rl.plan_prefix(four.tokens, four.attention_mask, four.loss_mask, 1).shape == (4, 128, 32)
+    assert learner.with_prefix(four, 1).prefix.shape == (4, 128, 32)
+    assert learner.with_prefix(two, 1).prefix.shape == (4, 128, 32)  # ... and stay: one compilation
 
 
 # ---------------------------------------------------------------------------- real model, real rows

@@ -13,9 +13,12 @@ first prompt is shared; later turns stay in the suffix.
 
 Static shapes: prefix length P rounds up to a multiple of `prefix_multiple` (64), suffix length S
 to a multiple of `suffix_multiple` (32), prefixes per micro-batch U to a power of two (at most the
-micro-batch's rows); steps whose rows fall in the same buckets reuse one compilation. When sharing
-would not cut the token positions computed by `min_saving` (or the rows are not right-padded), the
-plan is None and the caller runs the plain path.
+micro-batch's rows); steps whose rows fall in the same buckets reuse one compilation. `min_shape`
+(U, P, S) raises the buckets to at least those sizes: the learner passes the largest buckets it has
+used so far (the suffix starting at the rollout's answer length), so a run compiles each pass a few
+times instead of once per new bucket combination (one compile of the real model's update costs
+more than a step's saving). When sharing would not cut the token positions computed by
+`min_saving` (or the rows are not right-padded), the plan is None and the caller runs the plain path.
 """
 
 from __future__ import annotations
@@ -79,9 +82,11 @@ def plan_prefix(
     suffix_multiple: int = SUFFIX_MULTIPLE,
     min_saving: float = MIN_SAVING,
     pad_id: int = 0,
+    min_shape: tuple[int, int, int] | None = None,
 ) -> PrefixPlan | None:
     """The shared-prefix plan of a right-padded batch split into `num_chunks` micro-batches, or None
     when sharing saves less than `min_saving` of the token positions (`C·U·P + B·S` vs `B·T`).
+    `min_shape` = (U per chunk, P, S): the smallest buckets to use (see the module docstring).
 
     Rows without loss tokens take no prefix (`prefix_len` 0) and keep their first S tokens; their
     log-probs are 0 on either path.
@@ -118,6 +123,8 @@ def plan_prefix(
     u = min(_pow2(max(len(r) for r in chunk_prefixes)), n)
     p = _round_up(max(pl for reps in chunk_prefixes for _, pl in reps), prefix_multiple)
     s = _round_up(int(max(length_b[i] - prefix_len_b[i] for i in range(b) if has_loss_b[i])), suffix_multiple)
+    if min_shape is not None:
+        u, p, s = min(max(u, int(min_shape[0])), n), max(p, int(min_shape[1])), max(s, int(min_shape[2]))
     if num_chunks * u * p + b * s > (1.0 - min_saving) * b * t:
         return None
 

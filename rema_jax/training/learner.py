@@ -12,8 +12,11 @@ Log-probs are needed at response tokens only, so the passes project to the vocab
 
 With ``update.share_prefix`` (one device only) each pass first plans, on the host, which rows of each
 of its micro-batches share a prompt (``rl.plan_prefix``, attached as ``TrainBatch.prefix``), and the
-model runs every shared prefix once (``models.forward_shared_prefix``). The mesh path keeps the plain
-passes: a plan's unique prefixes do not split over the data axis like rows do.
+model runs every shared prefix once (``models.forward_shared_prefix``). The plan's buckets never
+shrink within a run: the suffix starts at the config's answer length (``rollout.max_new_tokens``),
+and each bucket grows only when a batch needs more, so a pass compiles a few times per run (once per
+batch shape after the first steps) instead of once per new bucket combination. The mesh path keeps the plain passes: a plan's unique
+prefixes do not split over the data axis like rows do.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class Learner:
         plan: sharding.ShardingPlan | None = None,
     ):
         self.config, self.layout, self.model_config, self.plan = config, layout, model_config, plan
+        self._prefix_buckets: dict[tuple[int, ...], tuple[int, int, int]] = {}  # (chunks, B, T) -> (U, P, S)
         self.optimizer = rl.MultiAgentOptimizer(config.optimizer)
         self.state = rl.init_rl_state(trainable, self.optimizer)
         self.constants = dict(constants)
@@ -123,7 +127,23 @@ class Learner:
         ``update.share_prefix`` is off, on the mesh path, or when sharing would not save work)."""
         if not self.config.update.share_prefix or self.plan is not None or batch.shape[0] % chunks:
             return batch.replace(prefix=None)  # (rows that do not split are refused by the pass's own check)
-        return batch.replace(prefix=rl.plan_prefix(batch.tokens, batch.attention_mask, batch.loss_mask, chunks))
+        key = (chunks, *batch.shape)
+        floor = self._prefix_buckets.get(key) or self.prefix_bucket_floor(batch.shape[1])
+        plan = rl.plan_prefix(batch.tokens, batch.attention_mask, batch.loss_mask, chunks, min_shape=floor)
+        if plan is not None:  # the largest buckets so far: later batches reuse this compilation
+            self._prefix_buckets[key] = (plan.shape[0] // chunks, plan.shape[1], plan.shape[2])
+        else:  # the grown buckets would cost more than the plain pass; this batch's own buckets may not
+            plan = rl.plan_prefix(batch.tokens, batch.attention_mask, batch.loss_mask, chunks)
+        return batch.replace(prefix=plan)
+
+    def prefix_bucket_floor(self, seq_len: int) -> tuple[int, int, int]:
+        """The first (U, P, S) buckets of a run: S covers an answer of ``rollout.max_new_tokens`` plus
+        the token before it and an end-of-turn token (capped by the rows' length: sampled answers
+        reach the cap early in RL); U and P start at their smallest buckets (the batches set them: a
+        prompt floor at ``rollout.max_prompt_len`` would cost more than it saves when prompts are
+        shorter than the cap)."""
+        s = -(-(self.config.rollout.max_new_tokens + 2) // rl.prefix_plan.SUFFIX_MULTIPLE)
+        return 1, rl.prefix_plan.PREFIX_MULTIPLE, min(s * rl.prefix_plan.SUFFIX_MULTIPLE, seq_len)
 
     def _logprobs(self, fn, role: str, batch: TrainBatch) -> np.ndarray:
         params = self.params

@@ -57,14 +57,24 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
+_OFF = (None, [], {}, False)  # what a config field added since a record was written defaults to
+
+
+def _differing_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Flat keys whose values differ. A key the record lacks (a field added to the config since) is the
+    same when its value now is off / empty (``_OFF``): the behaviour the record was made with."""
+    a, b = _flat(old), _flat(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not (k not in a and b[k] in _OFF))
+
+
 def _config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     a, b = _flat(old), _flat(new)
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    keys = _differing_keys(old, new)
     return ", ".join(f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in keys[:4]) + (" ..." if len(keys) > 4 else "")
 
 
 def _check_same_config(st: Stage, recorded: Mapping[str, Any] | None, now: Mapping[str, Any], where: str) -> None:
-    if recorded is not None and recorded != now:
+    if recorded is not None and _differing_keys(recorded, now):
         raise ConfigError(
             f"stage {st.name}: {where} was made with a different config ({_config_diff(recorded, now)}); "
             "use a new --workdir, or restore the old settings"
