@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rema_jax import rl
+from rema_jax import models, rl
 from rema_jax.models.testing import random_params, tiny_config
 from rema_jax.training.config import load_train_config
 from rema_jax.training.layout import AgentLayout
@@ -287,3 +287,23 @@ def test_smollm2_real_rollout_rows_match(smollm2_gguf, tmp_path):
         scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ga))
         for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=TOL * max(scale, 1.0), rtol=0)
+
+
+def test_remat_recomputes_each_layer_with_the_same_values():
+    """``ModelConfig.remat`` applies to the shared-prefix forward as to ``forward``: each layer's call is
+    a checkpoint (its activations are recomputed in the backward pass), and the values do not move."""
+    batch = make_rows(5)
+    plan = rl.plan_prefix(batch.tokens, batch.attention_mask, batch.loss_mask, 1)
+    base = random_params(MODEL, jax.random.key(0))
+
+    def loss(params, config):
+        return jnp.sum(models.forward_shared_prefix(config, params, plan) ** 2) * 1e-3
+
+    grads = {}
+    for remat in (False, True):
+        config = MODEL.replace(remat=remat)
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(base, config))
+        assert ("checkpoint" in jaxpr or "remat" in jaxpr) == remat
+        grads[remat] = jax.jit(jax.grad(loss), static_argnums=1)(base, config)
+    for a, b in zip(jax.tree.leaves(grads[False]), jax.tree.leaves(grads[True])):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)

@@ -58,8 +58,9 @@ class SharedPrefixTransformer(nn.Module):
 
         embed = embedding(cfg)
         x_up, x_bs = embed(prefix_tokens_up), embed(suffix_tokens_bs)
+        layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer  # as in `Transformer`
         for i in range(cfg.num_layers):
-            layer = DecoderLayer(cfg, self.lora_scale, name=f"layers_{i}")
+            layer = layer_cls(cfg, self.lora_scale, name=f"layers_{i}")
             x_up_next, (k_up, v_up) = layer(x_up, cos_up, sin_up, mask_upp)
             x_bs, _ = layer(x_bs, cos_bs, sin_bs, mask_bs_ps, (k_up[row_prefix_b], v_up[row_prefix_b]))
             x_up = x_up_next  # the last layer's prefix output is unused (only its keys/values are)
