@@ -11,10 +11,18 @@ random weights of its shape with ``--random_weights``; the LoRA adapters start a
 
 Per variant and step it reports the trainer's phase times: rollout (sampling + grading), prepare (the
 batches and the old / reference log-prob passes), update (the jitted optimizer step), the whole step,
-and the XLA backend compiles during the step (count and seconds, from jax.monitoring). Steady state =
-the median over steps that compiled nothing (steps 2.. when every step compiled); ``speedup`` = the
-steady whole step off / on; ``first_steps_s`` = all steps' sum, compiles included (what a short run
-like the README's main command pays). ``peak_rss_mb`` = the largest child's VmHWM.
+and the XLA backend compiles during each phase (count and seconds, from jax.monitoring, attributed to
+the phase that was running). A phase that compiled is not a steady-state figure (its time includes
+tracing and compiling), and the two variants compile in different steps (the shared-prefix buckets
+grow), so the comparison uses the (step, phase) cells that compiled in *neither* variant:
+
+    steady_p(v) = mean over those steps i of t_v[i][p],    steady step(v) = sum_p steady_p(v),
+    speedup = steady step(off) / steady step(on),          speedup_p = steady_p(off) / steady_p(on).
+
+A phase with no such cell has no steady figure (say so rather than guess; add steps). The default 4
+steps cover one RA and one MTA phase; ``--quick`` (3 steps) gives steady RA figures only.
+``first_steps_s`` = all steps' sum, compiles included (what a short run like the README's main command
+pays). ``peak_rss_mb`` = the largest child's VmHWM.
 
     python benchmarks/rl_step.py --quick              # 3 steps per variant, about 8 min on 2 cores
     python benchmarks/rl_step.py --steps 6            # both phases twice
@@ -53,12 +61,13 @@ def _child(args: argparse.Namespace) -> dict:
     import jax
     from jax import monitoring
 
-    compiles = {"n": 0, "s": 0.0}
+    current = {"phase": "other"}
+    compiles = {p: {"n": 0, "s": 0.0} for p in (*PHASES[:-1], "other")}
 
     def on_event(event: str, duration: float, **_):
         if event == "/jax/core/compile/backend_compile_duration":
-            compiles["n"] += 1
-            compiles["s"] += duration
+            compiles[current["phase"]]["n"] += 1
+            compiles[current["phase"]]["s"] += duration
 
     monitoring.register_event_duration_secs_listener(on_event)
 
@@ -86,22 +95,26 @@ def _child(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         trainer = Trainer(config, workdir)
         setup_s = time.perf_counter() - t0
+        _attribute_compiles(trainer, current)
         for _ in range(args.steps):
-            before = dict(compiles)
+            for c in compiles.values():
+                c.update(n=0, s=0.0)
             m = trainer.step()
             steps.append(
                 {
                     "trained": m["phase/trained"],
                     **{p: m[f"time/{p}_s"] for p in PHASES},
-                    "compiles": compiles["n"] - before["n"],
-                    "compile_s": compiles["s"] - before["s"],
+                    "compiles": {p: c["n"] for p, c in compiles.items()},
+                    "compile_s": {p: c["s"] for p, c in compiles.items()},
                     "rows": {r: m.get(f"{r}/loss_tokens") for r in trainer.roles},
                 }
             )
             print(
                 f"  [{args.variant}] step {len(steps)} ({m['phase/trained']}): "
-                + ", ".join(f"{p} {steps[-1][p]:.1f} s" for p in PHASES)
-                + f", {steps[-1]['compiles']} compiles ({steps[-1]['compile_s']:.1f} s)",
+                + ", ".join(
+                    f"{p} {steps[-1][p]:.1f} s ({compiles.get(p, {}).get('n', 0)} compiles)" for p in PHASES[:-1]
+                )
+                + f", step {steps[-1]['step']:.1f} s",
                 file=sys.stderr,
                 flush=True,
             )
@@ -115,9 +128,43 @@ def _child(args: argparse.Namespace) -> dict:
     }
 
 
-def _steady(steps: list[dict]) -> dict[str, float]:
-    quiet = [s for s in steps if s["compiles"] == 0] or steps[1:] or steps
-    return {p: statistics.median(s[p] for s in quiet) for p in PHASES} | {"steps_used": len(quiet)}
+def _attribute_compiles(trainer, current: dict) -> None:
+    """Set ``current["phase"]`` while the trainer's rollout, prepare and update phases run (wrapping the
+    three calls ``Trainer.step`` times), so the compile listener can tell which phase compiled."""
+
+    def during(phase, fn):
+        def wrapped(*a, **kw):
+            current["phase"] = phase
+            try:
+                return fn(*a, **kw)
+            finally:
+                current["phase"] = "other"
+
+        return wrapped
+
+    trainer.worker.collect = during("rollout", trainer.worker.collect)
+    trainer._role_batches = during("prepare", trainer._role_batches)
+    trainer.learner.update = during("update", trainer.learner.update)
+
+
+def steady_state(variants: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per variant, the mean time of each phase over the steps in which that phase compiled in no
+    variant, and their sum ("step"); ``cells[p]`` = those steps (1-based). A phase without such a step
+    is None (and so is "step")."""
+    names = list(variants)
+    n = min(len(v) for v in variants.values())
+    out = {v: {} for v in names}
+    cells = {}
+    for p in PHASES[:-1]:
+        quiet = [i for i in range(n) if all(variants[v][i]["compiles"].get(p, 0) == 0 for v in names)]
+        cells[p] = [i + 1 for i in quiet]
+        for v in names:
+            out[v][p] = statistics.fmean(variants[v][i][p] for i in quiet) if quiet else None
+    for v in names:
+        parts = [out[v][p] for p in PHASES[:-1]]
+        out[v]["step"] = None if None in parts else sum(parts)
+        out[v]["cells"] = cells
+    return out
 
 
 def main() -> None:
@@ -152,10 +199,11 @@ def main() -> None:
             sys.exit(f"rl_step: variant {v} failed (exit {proc.returncode}); its stderr is above")
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         out["wall_s"] = time.perf_counter() - t0
-        out["steady"] = _steady(out["steps"])
         out["first_steps_s"] = sum(s["step"] for s in out["steps"])
-        out["compiles_after_step1"] = sum(s["compiles"] for s in out["steps"][1:])
+        out["compiles_after_step1"] = sum(sum(s["compiles"].values()) for s in out["steps"][1:])
         results[v] = out
+    for v, st in steady_state({v: r["steps"] for v, r in results.items()}).items():
+        results[v]["steady"] = st
 
     print(
         f"\n{'variant':<8}"
@@ -164,13 +212,17 @@ def main() -> None:
     )
     for v, r in results.items():
         s = r["steady"]
-        n = sum(x["compiles"] for x in r["steps"])
+        n = sum(sum(x["compiles"].values()) for x in r["steps"])
         print(
-            f"{v:<8}" + "".join(f"{s[p]:>11.1f}" for p in PHASES) + f"{r['first_steps_s']:>13.1f}{n:>10}"
-            f"{r['peak_rss_mb']:>14.0f}"
+            f"{v:<8}"
+            + "".join("{:>11}".format("-" if s[p] is None else f"{s[p]:.1f}") for p in PHASES)
+            + f"{r['first_steps_s']:>13.1f}{n:>10}{r['peak_rss_mb']:>14.0f}"
         )
+    cells = next(iter(results.values()))["steady"]["cells"]
     print(
-        "(phase columns: steady-state median over the steps that compiled nothing; 'all steps': their sum, compiles included)"
+        "(phase columns: mean over the steps in which the phase compiled in no variant: "
+        + ", ".join(f"{p} {cells[p] or 'none'}" for p in PHASES[:-1])
+        + "; 'step' = their sum; 'all steps': every step's time, compiles included)"
     )
     summary = {
         "benchmark": "rl_step",
@@ -187,12 +239,19 @@ def main() -> None:
     }
     if {"off", "on"} <= set(results):
         off, on = results["off"], results["on"]
-        summary["speedup"] = off["steady"]["step"] / on["steady"]["step"]
-        summary["speedup_by_phase"] = {p: off["steady"][p] / on["steady"][p] for p in PHASES}
+        ratio = {p: None if off["steady"][p] is None else off["steady"][p] / on["steady"][p] for p in PHASES}
+        summary["speedup"] = ratio["step"]
+        summary["speedup_by_phase"] = ratio
         summary["speedup_all_steps"] = off["first_steps_s"] / on["first_steps_s"]
         print(
-            f"speedup (steady whole step, off / on): {summary['speedup']:.2f}x; by phase "
-            + ", ".join(f"{p} {x:.2f}x" for p, x in summary["speedup_by_phase"].items())
+            "speedup (steady whole step, off / on): "
+            + (
+                "- (a phase never ran without compiling: add steps)"
+                if ratio["step"] is None
+                else f"{ratio['step']:.2f}x"
+            )
+            + "; by phase "
+            + ", ".join(f"{p} " + ("-" if x is None else f"{x:.2f}x") for p, x in ratio.items())
             + f"; all {args.steps} steps with compiles: {summary['speedup_all_steps']:.2f}x"
         )
     print(f"peak_rss_mb {summary['peak_rss_mb']:.0f}; CPU: {machine}")
