@@ -6,6 +6,8 @@
   ``use_memory_scheduler()`` switches it off through ``XLA_FLAGS`` (the same ops, so the same values,
   in an order that reuses buffers); ``import rema_jax`` calls it, which takes effect when the XLA
   backend has not started yet. ``REMA_JAX_CPU_SCHEDULER=concurrency`` keeps XLA's default.
+* ``PeakRss``: the peak resident set of a span of code (a bootstrap stage, a trainer phase), nested
+  spans allowed (the kernel keeps one high-water mark per process; see the class).
 * XLA:CPU buffers and numpy arrays come from the C heap. Freed blocks below glibc's mmap threshold
   stay in the process (they count in its RSS) until ``malloc_trim`` returns them, so the peak of a
   later phase would stack on the leftovers of an earlier one: ``release_memory()``.
@@ -18,6 +20,7 @@ import ctypes.util
 import functools
 import gc
 import os
+import threading
 
 SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 _FLAG_NAME = SCHEDULER_FLAG.split("=")[0]
@@ -96,3 +99,49 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+class PeakRss:
+    """``with PeakRss() as span: ...`` -> ``span.mib``: the peak RSS (MiB) while the block ran; None
+    off Linux.
+
+    The kernel keeps one high-water mark per process (``VmHWM``), reset by ``reset_peak_rss``. A span
+    resets it on entry; before that it hands the mark reached so far to the enclosing span, and on
+    exit it hands its own peak up, so an enclosing span still sees the peak of everything inside it:
+
+        outer.mib = max(HWM before the inner reset, inner.mib, HWM after the inner span).
+
+    Spans nest per thread (a stack); the trainer's phases nest inside the bootstrap's stages this way.
+    """
+
+    _local = threading.local()
+
+    def __init__(self):
+        self.mib: float | None = None
+        self._seen: float | None = None  # the largest mark handed up by inner spans
+
+    @classmethod
+    def _stack(cls) -> list["PeakRss"]:
+        if not hasattr(cls._local, "stack"):
+            cls._local.stack = []
+        return cls._local.stack
+
+    def _see(self, mib: float | None) -> None:
+        if mib is not None:
+            self._seen = mib if self._seen is None else max(self._seen, mib)
+
+    def __enter__(self) -> "PeakRss":
+        stack = self._stack()
+        if stack:
+            stack[-1]._see(peak_rss_mib())
+        stack.append(self)
+        reset_peak_rss()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stack = self._stack()
+        stack.pop()
+        self._see(peak_rss_mib())
+        self.mib = self._seen
+        if stack:
+            stack[-1]._see(self.mib)

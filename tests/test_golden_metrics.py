@@ -8,7 +8,7 @@ split into layout / rollout worker / learner).
     on multi-turn conversations, 2 mini-batches).
 
 Rewards are replaced by 1, 0, 1, 0, … per group (a random model's real rewards are all equal, so the
-updates would be zero and the comparison weak). ``time/`` and ``throughput/`` keys are dropped.
+updates would be zero and the comparison weak). ``time/``, ``throughput/`` and ``memory/`` keys are dropped.
 
 The records were made with the plain training passes (``update.share_prefix=False``, set below). With
 shared prefixes (the default) the same first 3 steps must give the plain run's metrics on the same
@@ -147,7 +147,7 @@ def run_setup(name: str, workdir: str, share_prefix: bool = False) -> list[dict]
     cfg = load_train_config(cfg)
     loop_lib.train(cfg, workdir, progress=False, reward_override=alternating_rewards)
     return [
-        {k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))}
+        {k: v for k, v in r.items() if not k.startswith(("time/", "throughput/", "memory/"))}
         for r in read_jsonl(str(pathlib.Path(workdir) / "metrics.jsonl"))
     ]
 

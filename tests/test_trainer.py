@@ -107,7 +107,10 @@ def test_default_configs_validate():
 def _strip_times(records):
     """Drops what legitimately differs between processes: timings and the sampler's compile count
     (cumulative per process, so a resumed run that never met steps 1-2's buckets counts fewer)."""
-    return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/", "sampler/"))} for r in records]
+    return [
+        {k: v for k, v in r.items() if not k.startswith(("time/", "throughput/", "sampler/", "memory/"))}
+        for r in records
+    ]
 
 
 @pytest.mark.real_model

@@ -82,7 +82,9 @@ def _worker(out_dir: str, meshes: list) -> None:
         rec = {
             "mesh": name,
             "devices": jax.device_count(),
-            "metrics": [{k: v for k, v in m.items() if not k.startswith(("time/", "throughput/"))} for m in metrics],
+            "metrics": [
+                {k: v for k, v in m.items() if not k.startswith(("time/", "throughput/", "memory/"))} for m in metrics
+            ],
             "memory_peak": trainer.memory_plan.peak_bytes,
             "seconds": time.perf_counter() - t0,
         }

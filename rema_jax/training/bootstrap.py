@@ -29,7 +29,7 @@ from rema_jax.config_utils import from_dict, to_dict
 from rema_jax.errors import UserError
 from rema_jax.experiments.heldout import heldout_scores
 from rema_jax.experiments.records import StageError, read_json, rl_diagnostics, write_json
-from rema_jax.host_memory import peak_rss_mib, release_memory, reset_peak_rss
+from rema_jax.host_memory import PeakRss, release_memory
 from rema_jax.sft.train import SFTConfig
 from rema_jax.training.config import TrainConfig
 
@@ -170,15 +170,15 @@ def run_bootstrap(config: BootstrapConfig, workdir: str, *, progress: bool = Tru
             )
             continue
         print(f"\n[bootstrap] stage {name} → {dirs[name]}", flush=True)
-        reset_peak_rss()
         t0 = time.perf_counter()
         try:
-            if name == "base":
-                result = _stage_base(config, dirs[name])
-            elif name == "sft":
-                result = _stage_sft(config, dirs[name], progress)
-            else:
-                result = _stage_rl(config, dirs[name], stages["sft"]["adapters"], progress)
+            with PeakRss() as peak:
+                if name == "base":
+                    result = _stage_base(config, dirs[name])
+                elif name == "sft":
+                    result = _stage_sft(config, dirs[name], progress)
+                else:
+                    result = _stage_rl(config, dirs[name], stages["sft"]["adapters"], progress)
         except (UserError, FileNotFoundError) as e:
             raise StageError(
                 f"bootstrap stage {name!r} failed while writing {dirs[name]}: {type(e).__name__}: {e}"
@@ -187,7 +187,7 @@ def run_bootstrap(config: BootstrapConfig, workdir: str, *, progress: bool = Tru
             e.add_note(f"bootstrap stage {name!r} failed while writing {dirs[name]}")
             raise
         result["seconds"] = time.perf_counter() - t0
-        result["peak_rss_mib"] = peak_rss_mib()
+        result["peak_rss_mib"] = peak.mib
         print(f"[bootstrap] stage {name}: peak RSS {result['peak_rss_mib']} MiB", flush=True)
         release_memory()  # the stage's model, sampler and executables are garbage now: give them back
         stages[name] = result

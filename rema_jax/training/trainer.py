@@ -30,7 +30,7 @@ import jax
 
 from rema_jax import sharding
 from rema_jax.errors import UserError
-from rema_jax.host_memory import release_memory
+from rema_jax.host_memory import PeakRss, release_memory
 from rema_jax.tasks.types import Task
 from rema_jax.training import experience as experience_lib
 from rema_jax.training import learner as learner_lib
@@ -138,19 +138,22 @@ class Trainer:
 
         self.worker.sampler.reset_stats()
         t0 = time.perf_counter()
-        exp = self.worker.collect(
-            self.sampling_view(),
-            tasks,
-            stable_seed(cfg.loop.seed, "rollout", step),
-            solutions_per_plan=cfg.loop.solutions_per_plan,
-        )
+        peaks = {"rollout": PeakRss(), "prepare": PeakRss(), "update": PeakRss()}  # host RSS per phase
+        with peaks["rollout"]:
+            exp = self.worker.collect(
+                self.sampling_view(),
+                tasks,
+                stable_seed(cfg.loop.seed, "rollout", step),
+                solutions_per_plan=cfg.loop.solutions_per_plan,
+            )
         if self.reward_override is not None:
             exp = self.reward_override(exp)
         t_rollout = time.perf_counter() - t0
         metrics = experience_lib.rollout_metrics(exp)
 
         t0 = time.perf_counter()
-        batches = self._role_batches(exp, phase.trained, metrics)
+        with peaks["prepare"]:
+            batches = self._role_batches(exp, phase.trained, metrics)
         t_prepare = time.perf_counter() - t0
         if jax.process_count() > 1:  # rollout/reward/prepare metrics above are host-local
             metrics.update(_reduce_host_metrics(metrics))
@@ -159,7 +162,8 @@ class Trainer:
         release_memory(clear_jax_caches=False)  # the rollout's freed buffers, before the update's scratch
         trained_agents = self.layout.agents_of(phase.trained)
         try:
-            upd = self.learner.update({r: b.train for r, b in batches.items()}, trained_agents)
+            with peaks["update"]:
+                upd = self.learner.update({r: b.train for r, b in batches.items()}, trained_agents)
         except learner_lib.NonFiniteUpdateError as e:
             raise NonFiniteUpdateError(
                 f"step {step}: {e}; the last good checkpoint (step {self.checkpoints.latest_step()}) in "
@@ -168,6 +172,7 @@ class Trainer:
         t_update = time.perf_counter() - t0
         metrics.update({k if "/" in k else f"{'+'.join(trained_agents)}/{k}": v for k, v in upd.items()})
         metrics.update(self._step_info(phase, exp, batches, t_start, t_rollout, t_prepare, t_update))
+        metrics.update({f"memory/{p}_peak_rss_mib": span.mib for p, span in peaks.items() if span.mib is not None})
         self.step_index += 1
         return metrics
 
