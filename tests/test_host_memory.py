@@ -9,6 +9,7 @@ import pytest
 from rema_jax import host_memory
 from rema_jax.models import forward
 from rema_jax.models.adapters import Adapter, AdapterConfig, init_adapter
+from rema_jax.models.layers import ATTENTION_PROJS, MLP_PROJS
 from rema_jax.models.testing import chatml_bpe_tokenizer, random_params, tiny_config
 from rema_jax.sampling import Sampler, SamplingParams
 from rema_jax.sharding import plan_memory
@@ -71,6 +72,59 @@ def test_remat_gives_the_same_loss_and_gradients_within_fp32_rounding():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(a))))
 
 
+def test_remat_of_a_full_agent_gives_the_same_gradients():
+    cfg = tiny_config()
+    params = random_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, cfg.vocab_size)
+
+    def loss(p, c):
+        return jnp.mean(jax.nn.log_softmax(forward(c, p, tokens))[..., 3])
+
+    g0 = jax.jit(jax.grad(loss), static_argnums=1)(params, cfg)
+    g1 = jax.jit(jax.grad(loss), static_argnums=1)(params, cfg.replace(remat=True))
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(a))))
+
+
+def _sft_step_scratch_mib(num_layers: int, remat: bool) -> float:
+    """XLA's scratch (``memory_analysis().temp_size_in_bytes``) of the real SFT step (loss, gradients
+    and AdamW in one program), LoRA on every projection, SmolLM2's layer width, 4 x 128 rows."""
+    from rema_jax import rl
+    from rema_jax.sft.train import make_sft_step
+    from rema_jax.training.layout import AgentLayout
+
+    mc = tiny_config(
+        num_layers=num_layers,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        vocab_size=512,
+        remat=remat,
+    )
+    ac = AdapterConfig(kind="lora", rank=16, alpha=32.0, targets=ATTENTION_PROJS + MLP_PROJS)
+    base = jax.eval_shape(lambda: random_params(mc, jax.random.key(0)))
+    layout = AgentLayout.for_roles(("reasoning",), ac)
+    params = jax.eval_shape(lambda b: layout.init_trainable(mc, b, ac, jax.random.key(0)), base)
+    optimizer = rl.MultiAgentOptimizer(rl.OptimizerConfig(learning_rate=1e-3))
+    state = jax.eval_shape(lambda p: rl.init_rl_state(p, optimizer), params)
+    rows = {k: jax.ShapeDtypeStruct((4, 128), jnp.float32) for k in ("attention_mask", "loss_mask")}
+    rows["tokens"] = jax.ShapeDtypeStruct((4, 128), jnp.int32)
+    step = make_sft_step(mc, optimizer, layout)
+    lowered = step.lower(state.params, state.opt_state, base, rows, agent=layout.agent_of("reasoning"), k=32)
+    return lowered.compile().memory_analysis().temp_size_in_bytes / 2**20
+
+
+def test_remat_keeps_about_one_layer_of_activations_live():
+    """Each extra layer adds its activations to the scratch without remat, and little more than its
+    input with it: `tied_remat` makes XLA:CPU form a layer's LoRA gradients before the backward pass
+    moves on. (``nn.remat`` kept ~79% of the activations of this step: 27 of 34 MiB per layer.)"""
+    per_layer = {r: (_sft_step_scratch_mib(4, r) - _sft_step_scratch_mib(2, r)) / 2 for r in (False, True)}
+    assert per_layer[False] > 20  # the activations this test is about (4 x 128 rows, MLP 1536 wide)
+    assert per_layer[True] < 0.25 * per_layer[False], per_layer
+
+
 def test_memory_plan_counts_head_eval_batch_logits_remat_and_runtime():
     cfg = tiny_config(tie_word_embeddings=True)
     base = plan_memory(cfg, ONE, train_batch=4, train_seq=64, rollout_batch=8, cache_len=96, fused_copies=1)
@@ -107,3 +161,17 @@ def test_memory_plan_rows_sum_to_the_phases(remat):
     upd = ("gradients", "LM head copy (update)", "activations (estimate)", "logits at loss positions")
     assert p.rollout_bytes == resident + sum(r[k] for k in roll)
     assert p.update_bytes == resident + sum(r[k] for k in upd)
+
+
+def test_a_long_compile_is_followed_by_a_heap_trim(monkeypatch):
+
+    if not host_memory.trim_after_compiles():
+        pytest.skip("no glibc malloc_trim here")
+    monkeypatch.setattr(host_memory, "TRIM_MIN_COMPILE_S", 0.0)
+    before = host_memory.trims_after_compiles()
+    jax.jit(lambda x: jnp.sin(x) * 3.0 + 1.0)(jnp.arange(7.0)).block_until_ready()  # a new program
+    assert host_memory.trims_after_compiles() > before
+    monkeypatch.setattr(host_memory, "TRIM_MIN_COMPILE_S", 1e9)
+    before = host_memory.trims_after_compiles()
+    jax.jit(lambda x: jnp.cos(x) - 2.0)(jnp.arange(5.0)).block_until_ready()
+    assert host_memory.trims_after_compiles() == before  # short compiles are left alone

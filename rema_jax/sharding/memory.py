@@ -28,11 +28,11 @@ from rema_jax.sharding.mesh import mesh_sizes
 from rema_jax.sharding.rules import CACHE_AXES, DEFAULT_RULES, Rules, ShardingPlan, iter_param_specs, shard_shape
 
 GiB = 1024**3
-# With remat, XLA:CPU still kept this share of the non-remat activations live in the measured RL
-# update (SmolLM2, 8 x 352 rows: 3566 MiB of scratch, logits included, against 6803 MiB without
-# remat under the same scheduler; benchmarks/update_memory.py), far above the theoretical
-# "layer inputs + one layer".
-REMAT_LIVE_FRACTION = 0.4
+# With remat, XLA:CPU keeps this share of the non-remat activations live in the measured RL update
+# (SmolLM2, 8 x 352 rows: 1425 MiB of scratch, logits included, against 6803 MiB without remat under
+# the same scheduler; benchmarks/update_memory.py). It was 0.52 (3566 MiB) with ``nn.remat``, whose
+# deferred weight gradients kept every layer's activations; `models.transformer.tied_remat` fixed that.
+REMAT_LIVE_FRACTION = 0.21
 KV_CACHE_AXES = CACHE_AXES  # the sampler's cache (`layers.KVCache`, `[B, kv_heads, C, head_dim]`)
 
 
