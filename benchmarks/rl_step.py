@@ -107,6 +107,7 @@ def _child(args: argparse.Namespace) -> dict:
                     "compiles": {p: c["n"] for p, c in compiles.items()},
                     "compile_s": {p: c["s"] for p, c in compiles.items()},
                     "rows": {r: m.get(f"{r}/loss_tokens") for r in trainer.roles},
+                    "peak_rss_mib": {p: m.get(f"memory/{p}_peak_rss_mib") for p in PHASES[:-1]},
                 }
             )
             print(
@@ -217,6 +218,15 @@ def main() -> None:
             f"{v:<8}"
             + "".join("{:>11}".format("-" if s[p] is None else f"{s[p]:.1f}") for p in PHASES)
             + f"{r['first_steps_s']:>13.1f}{n:>10}{r['peak_rss_mb']:>14.0f}"
+        )
+    for v, r in results.items():
+        peaks = {
+            p: [x["peak_rss_mib"][p] for x in r["steps"] if x["peak_rss_mib"].get(p) is not None] for p in PHASES[:-1]
+        }
+        r["phase_peak_rss_mib"] = {p: max(x) if x else None for p, x in peaks.items()}
+        print(
+            f"  {v}: peak RSS by phase (MiB) "
+            + ", ".join(f"{p} {x:.0f}" for p, x in r["phase_peak_rss_mib"].items() if x)
         )
     cells = next(iter(results.values()))["steady"]["cells"]
     print(

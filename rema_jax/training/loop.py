@@ -24,6 +24,8 @@ def _eval_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
         out["eval/boxed_rate"] = summary["boxed_rate"] / 100.0
     if "no_verdict_rate" in summary:  # judge
         out["eval/no_verdict_rate"] = summary["no_verdict_rate"] / 100.0
+    if summary.get("peak_rss_mib") is not None:
+        out["memory/eval_peak_rss_mib"] = summary["peak_rss_mib"]
     return out
 
 

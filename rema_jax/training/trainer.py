@@ -223,9 +223,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, tasks: Sequence[Task], tag: str) -> dict[str, Any]:
-        """Greedy pass@1 of the current agents on ``tasks`` (per-sample JSONL under eval/)."""
+        """Greedy pass@1 of the current agents on ``tasks`` (per-sample JSONL under eval/); the harness
+        summary plus ``peak_rss_mib`` (host memory while it ran; absent off Linux)."""
         path = os.path.join(self.workdir, "eval", f"{tag}.jsonl") if sharding.is_main_process() else None
-        return self.worker.evaluate(self.sampling_view(), tasks, stable_seed(self.config.loop.seed, "eval", tag), path)
+        with PeakRss() as peak:
+            out = self.worker.evaluate(
+                self.sampling_view(), tasks, stable_seed(self.config.loop.seed, "eval", tag), path
+            )
+        return out if peak.mib is None else {**out, "peak_rss_mib": peak.mib}
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
