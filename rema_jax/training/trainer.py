@@ -138,6 +138,7 @@ class Trainer:
 
         self.worker.sampler.reset_stats()
         t0 = time.perf_counter()
+        release_memory(clear_jax_caches=False)  # the last update's freed scratch, before the rollout's KV
         peaks = {"rollout": PeakRss(), "prepare": PeakRss(), "update": PeakRss()}  # host RSS per phase
         with peaks["rollout"]:
             exp = self.worker.collect(
@@ -226,6 +227,7 @@ class Trainer:
         """Greedy pass@1 of the current agents on ``tasks`` (per-sample JSONL under eval/); the harness
         summary plus ``peak_rss_mib`` (host memory while it ran; absent off Linux)."""
         path = os.path.join(self.workdir, "eval", f"{tag}.jsonl") if sharding.is_main_process() else None
+        release_memory(clear_jax_caches=False)  # freed update scratch, before the eval's 48-row cache
         with PeakRss() as peak:
             out = self.worker.evaluate(
                 self.sampling_view(), tasks, stable_seed(self.config.loop.seed, "eval", tag), path
