@@ -1,7 +1,6 @@
 """benchmarks/decode_matmul.py: its FLOP count matches SmolLM2's projection weights, and (slow) the
 script runs both sides and prints its JSON line."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,13 +12,6 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("decode_matmul", os.path.join(REPO, "benchmarks", "decode_matmul.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_flops_per_row_are_two_per_projection_weight_of_smollm2():
     from benchmarks.update_memory import SMOLLM2
     from rema_jax.models.testing import tiny_config
@@ -27,7 +19,9 @@ def test_flops_per_row_are_two_per_projection_weight_of_smollm2():
 
     shapes = param_shapes(tiny_config(**SMOLLM2))
     kernels = [np.prod(leaf) for leaf in _leaves(shapes) if len(leaf) == 2]  # kernels and the embedding
-    assert _bench().flops_per_row() == 2 * sum(kernels)  # the tied embedding is the LM head
+    from benchmarks.decode_matmul import flops_per_row
+
+    assert flops_per_row() == 2 * sum(kernels)  # the tied embedding is the LM head
 
 
 def _leaves(tree):
