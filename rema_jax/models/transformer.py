@@ -239,10 +239,13 @@ def _layer_variables(module: nn.Module, name: str) -> dict[str, Any]:
 
 
 def apply_layer(module: nn.Module, cfg: ModelConfig, lora_scale: float, index: int, *args):
-    """``DecoderLayer`` number ``index`` of ``module`` on ``args`` (see ``DecoderLayer.__call__``):
-    with ``cfg.remat`` (and outside init), through ``tied_remat``; else as a plain submodule."""
+    """``DecoderLayer`` number ``index`` of ``module`` on ``args`` (see ``DecoderLayer.__call__``).
+
+    At init it is a submodule (which creates ``layers_{index}``); afterwards a pure function of that
+    layer's variables, through ``tied_remat`` with ``cfg.remat``, so one layer may run on several
+    inputs (the shared-prefix forward's prefixes and suffixes)."""
     name = f"layers_{index}"
-    if not cfg.remat or module.is_initializing():
+    if module.is_initializing():
         return DecoderLayer(cfg, lora_scale, name=name)(*args)
     variables = _layer_variables(module, name)
     # Trained: the LoRA factors when the agent has them (the base is frozen), else the layer's params
@@ -253,7 +256,7 @@ def apply_layer(module: nn.Module, cfg: ModelConfig, lora_scale: float, index: i
     def layer_fn(trained, frozen, *layer_args):
         return DecoderLayer(cfg, lora_scale).apply({**frozen, **trained}, *layer_args)
 
-    return tied_remat(layer_fn)(trained, frozen, *args)
+    return (tied_remat(layer_fn) if cfg.remat else layer_fn)(trained, frozen, *args)
 
 
 class Transformer(nn.Module):

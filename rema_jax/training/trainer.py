@@ -137,8 +137,8 @@ class Trainer:
             tasks = tasks[sharding.host_rows(len(tasks))]
 
         self.worker.sampler.reset_stats()
-        t0 = time.perf_counter()
         release_memory(clear_jax_caches=False)  # the last update's freed scratch, before the rollout's KV
+        t0 = time.perf_counter()
         peaks = {"rollout": PeakRss(), "prepare": PeakRss(), "update": PeakRss()}  # host RSS per phase
         with peaks["rollout"]:
             exp = self.worker.collect(
