@@ -145,8 +145,8 @@ def test_memory_plan_counts_head_eval_batch_logits_remat_and_runtime():
     on = plan_memory(cfg, ONE, train_batch=4, train_seq=64, remat=True)
     frac = on.rows["activations (estimate)"] / off.rows["activations (estimate)"]
     assert abs(frac - REMAT_LIVE_FRACTION) < 1e-3
-    # host runtime and compiler count in both phases
-    extra = plan_memory(cfg, ONE, runtime_bytes=100, compiler_bytes=20)
+    # host runtime and compiled programs count in both phases
+    extra = plan_memory(cfg, ONE, runtime_bytes=100, program_bytes=20)
     plain = plan_memory(cfg, ONE)
     assert extra.rollout_bytes - plain.rollout_bytes == 120 == extra.update_bytes - plain.update_bytes
 
@@ -156,11 +156,36 @@ def test_memory_plan_rows_sum_to_the_phases(remat):
     p = plan_memory(tiny_config(tie_word_embeddings=True), ONE, remat=remat, loss_positions=8, eval_batch=16)
     r = p.rows
     resident = sum(r[k] for k in ("params (base)", "adapters", "reference copy (KL)", "optimizer state"))
-    resident += r["XLA runtime"] + r["XLA compiler"]
+    resident += r["XLA runtime"] + r["compiled programs"]
     roll = ("sampler fused weights", "kv cache", "prefill (estimate)")
     upd = ("gradients", "LM head copy (update)", "activations (estimate)", "logits at loss positions")
     assert p.rollout_bytes == resident + sum(r[k] for k in roll)
     assert p.update_bytes == resident + sum(r[k] for k in upd)
+
+
+def test_compiled_programs_counted_per_layer_and_per_live_role():
+    """XLA:CPU programs grow with the unrolled layers; 'phase' keeps one alternating role's programs."""
+    from rema_jax.training import memory_check
+    from rema_jax.training.config import load_train_config
+    from rema_jax.training.layout import AgentLayout
+    from tests.test_trainer import tiny_train_config
+
+    per_role, sampler = (
+        memory_check.CPU_TRAINING_PROGRAM_BYTES_PER_LAYER,
+        memory_check.CPU_SAMPLER_PROGRAM_BYTES_PER_LAYER,
+    )
+    for release, live in (("end", 2), ("phase", 1)):
+        cfg = load_train_config(tiny_train_config(memory={"release_programs": release}))
+        got = memory_check.program_bytes(cfg, AgentLayout.from_train_config(cfg), num_layers=30)
+        assert got == 30 * (live * per_role + sampler), release
+    shared = load_train_config(
+        tiny_train_config(
+            adapter={"kind": "shared"}, schedule={"kind": "simultaneous"}, memory={"release_programs": "phase"}
+        )
+    )
+    assert memory_check.program_bytes(shared, AgentLayout.from_train_config(shared), 30) == 30 * (
+        2 * per_role + sampler
+    )
 
 
 def test_a_long_compile_is_followed_by_a_heap_trim(monkeypatch):

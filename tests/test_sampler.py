@@ -406,3 +406,25 @@ def test_bad_inputs_raise_clear_errors(sampler):
         sampler.generate(PARAMS, None, [[3] * 100], SamplingParams(max_new_tokens=200))
     with pytest.raises(ValueError, match="per-row seeds"):
         sampler.generate(PARAMS, None, PROMPTS, SamplingParams(max_new_tokens=2), seed=np.arange(2))
+
+
+@pytest.mark.parametrize("cache_size, expected", [(1, [0, 0, 0]), (2, [0, 1, 1])])
+def test_a_full_fused_cache_evicts_before_fusing_the_next_agent(cache_size, expected):
+    """At an agent switch the copy being replaced is gone before the new one is computed, so the
+    peak holds at most ``fused_cache_size`` base-sized copies (not one more)."""
+    sampler = Sampler(CFG, TOKENIZER, max_cache_len=64, fused_cache_size=cache_size)
+    cached_at_fuse = []
+    compiled = sampler._compiled
+
+    def recording(key, *args):
+        exe = compiled(key, *args)
+        if key[0] != "fuse":
+            return exe
+        return lambda *a: (cached_at_fuse.append(len(sampler._fused)), exe(*a))[1]
+
+    sampler._compiled = recording
+    agents = [_lora(10 * i) for i in range(3)]
+    fused = [sampler._fused_params(PARAMS, a) for a in agents]
+    assert cached_at_fuse == expected
+    assert sampler._fused_params(PARAMS, agents[2]) is fused[2]  # the newest copy is reused, not refused
+    assert len(sampler._fused) == cache_size

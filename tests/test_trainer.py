@@ -80,6 +80,8 @@ def first_token_reward(targets: dict):
         ({"loop": {"max_seq_len": 100}}, "a training sequence may not fit"),
         ({"update": {"num_mini_batches": 3}}, "not divisible by num_mini_batches"),
         ({"loss": {"temperature": 0.7}}, "must equal the rollout temperature"),
+        ({"memory": {"release_programs": "always"}}, "release_programs must be 'end' or 'phase'"),
+        ({"loop": {"eval_batch_size": -1}}, "eval_batch_size must be >= 0"),
     ],
 )
 def test_config_errors_are_specific(override, message):
@@ -114,11 +116,24 @@ def _strip_times(records):
 
 
 @pytest.mark.real_model
-def test_kill_and_resume_is_exact(tmp_path, smollm2_gguf):
+def test_kill_and_resume_is_exact(tmp_path, smollm2_gguf, monkeypatch):
+    """Also: dropping the compiled programs at each phase start (``memory.release_programs='phase'``,
+    the resumed run) recompiles them and changes no metric."""
     cfg = load_train_config(tiny_train_config())
     straight = loop_lib.train(cfg, str(tmp_path / "straight"), progress=False)
-    loop_lib.train(cfg, str(tmp_path / "resumed"), progress=False, max_steps=2)  # "killed" after 2
-    resumed = loop_lib.train(cfg, str(tmp_path / "resumed"), progress=False)
+    released = []
+    release = trainer_lib.Trainer.release_programs
+
+    def counted(self):
+        release(self)
+        released.append((self.step_index, self.learner.update_fn.jitted._cache_size()))
+
+    monkeypatch.setattr(trainer_lib.Trainer, "release_programs", counted)
+    phase_cfg = load_train_config(tiny_train_config(memory={"release_programs": "phase"}))
+    loop_lib.train(phase_cfg, str(tmp_path / "resumed"), progress=False, max_steps=2)  # "killed" after 2
+    assert released == []  # steps 0-1: one phase
+    resumed = loop_lib.train(phase_cfg, str(tmp_path / "resumed"), progress=False)
+    assert released == [(2, 0)]  # the meta-thinking phase starts at step 2 with no update compiled
     assert resumed["resumed_from_step"] == 2 and straight["steps"] == resumed["steps"] == 4
 
     a = trainer_lib.Trainer(cfg, str(tmp_path / "straight"))
@@ -305,3 +320,22 @@ def test_curriculum_keeps_questions_in_the_success_band_and_survives_resume(tmp_
     assert resumed.restore()
     assert [t.uid for t in resumed.pool] == [t.uid for t in trainer.pool]
     assert resumed.iterator.position == trainer.iterator.position
+
+
+def test_evaluation_sends_eval_batch_size_questions_per_sampler_call(monkeypatch):
+    """``loop.eval_batch_size`` caps the rows of one sampler call (its KV cache and prefill); 0 = all."""
+    import types
+
+    from rema_jax.eval import harness, solvers
+    from rema_jax.training.rollout_worker import RolloutWorker
+
+    seen = []
+    monkeypatch.setattr(harness, "evaluate_benchmark", lambda tasks, solver, **kw: seen.append(kw["settings"]))
+    monkeypatch.setattr(solvers, "rollout_solver", lambda *args: None)
+    for loop in ({"eval_batch_size": 16}, {}):
+        worker = RolloutWorker.__new__(RolloutWorker)  # no sampler or tokenizer: nothing is generated
+        worker.config = load_train_config(tiny_train_config(loop=loop))
+        worker.encoder, worker.policy = None, lambda view, seed: None
+        worker.sampler = types.SimpleNamespace(release_fused=lambda: None)
+        worker.evaluate((None, {}), [None] * 48, 0, None)
+    assert [s.batch_size for s in seen] == [16, 48]

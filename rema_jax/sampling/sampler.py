@@ -149,6 +149,9 @@ class Sampler:
                 return fused
         key = ("fuse", _tree_signature((params, adapter)), None if adapter is None else (adapter.kind, adapter.scale))
         exe = self._compiled(key, lambda p, a: kernel.fuse_params(self.config, p, a), (), params, adapter)
+        # Evict before fusing: with a full cache the new copy would otherwise coexist with the one it
+        # replaces (one base-sized copy more at the peak of every agent switch).
+        del self._fused[max(self._fused_cache_size - 1, 0) :]
         t0 = time.perf_counter()
         fused = jax.block_until_ready(exe(params, adapter))
         self.stats.fuse_s += time.perf_counter() - t0

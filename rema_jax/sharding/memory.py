@@ -179,7 +179,7 @@ def plan_memory(
     prompt_len: Optional[int] = None,
     remat: bool = False,
     runtime_bytes: int = 0,
-    compiler_bytes: int = 0,
+    program_bytes: int = 0,
 ) -> MemoryPlan:
     """Per-device memory of a ReMA run on `mesh` (a `Mesh` or a dict of axis sizes).
 
@@ -196,7 +196,7 @@ def plan_memory(
     None = every position). `eval_batch`: the held-out evaluation's sampler batch (its KV cache and
     prefill count when larger than the rollout's). `prompt_len`: the prefill's prompt bucket
     (default `cache_len`). `remat`: the training forward recomputes layers (`ModelConfig.remat`).
-    `runtime_bytes` / `compiler_bytes`: the process's XLA runtime and the compiler's resident heap
+    `runtime_bytes` / `program_bytes`: the process's XLA runtime and the compiled programs it keeps
     (host memory on CPU, where they share RAM with the arrays; 0 on accelerators).
     """
     if adapter_kind not in ("lora", "full", "shared"):
@@ -260,16 +260,16 @@ def plan_memory(
         "activations (estimate)": act_b,
         "logits at loss positions": logits_b,
         "XLA runtime": int(runtime_bytes),
-        "XLA compiler": int(compiler_bytes),
+        "compiled programs": int(program_bytes),
     }
-    resident = params_b + adapters_b + reference_b + opt_b + int(runtime_bytes) + int(compiler_bytes)
+    resident = params_b + adapters_b + reference_b + opt_b + int(runtime_bytes) + int(program_bytes)
     notes = (
         f"{adapter_kind} x{num_agents} agents, {optimizer_moments} optimizer moments per trainable value",
         f"update micro-batch {train_batch}x{train_seq} ({batch_block} rows/device), {k} loss positions, "
         f"remat {'on' if remat else 'off'}; sampler batch {sampler_batch} (rollout {rollout_batch}, "
         f"eval {eval_batch}), prompt {p_len}, cache {cache_len}",
-        "rollout = params+adapters+reference+optimizer+fused+kv+prefill+runtime+compiler; "
-        "update = params+adapters+reference+optimizer+grads+LM head+activations+logits+runtime+compiler",
+        "rollout = params+adapters+reference+optimizer+fused+kv+prefill+runtime+programs; "
+        "update = params+adapters+reference+optimizer+grads+LM head+activations+logits+runtime+programs",
     )
     return MemoryPlan(
         rows, resident + fused_b + kv_b + prefill_b, resident + grads_b + head_b + act_b + logits_b, sizes, notes

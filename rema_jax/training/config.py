@@ -128,7 +128,9 @@ class LoopSection:
     """steps: RL steps. questions_per_step: questions per rollout batch (each gets
     ``rollout.num_samples`` trajectories; single-turn MAMRP: plans, each answered
     ``solutions_per_plan`` times). max_seq_len: the static padded length of training sequences.
-    eval_every: held-out greedy accuracy every k steps (0: only before and after training)."""
+    eval_every: held-out greedy accuracy every k steps (0: only before and after training).
+    eval_batch_size: held-out questions per sampler call (0: all ``eval_questions`` in one call);
+    smaller calls hold a smaller KV cache and prefill (host RAM on CPU) at some throughput."""
 
     steps: int = 12
     questions_per_step: int = 4
@@ -138,13 +140,14 @@ class LoopSection:
     eval_every: int = 0
     eval_questions: int = 32
     eval_before: bool = True
+    eval_batch_size: int = 0
 
     def __post_init__(self):
         for name in ("steps", "questions_per_step", "solutions_per_plan", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_every < 0 or self.eval_questions < 0:
-            raise ValueError("eval_every and eval_questions must be >= 0")
+        if self.eval_every < 0 or self.eval_questions < 0 or self.eval_batch_size < 0:
+            raise ValueError("eval_every, eval_questions and eval_batch_size must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,13 +172,21 @@ class MemorySection:
 
     check: refuse a run whose planned per-device peak exceeds ``headroom`` × the device memory.
     device_bytes: the per-device memory to check against when the backend reports none (CPU);
-    ``None`` = use ``device.memory_stats()`` and skip the check (with a note) where it has no limit."""
+    ``None`` = use ``device.memory_stats()`` and skip the check (with a note) where it has no limit.
+    release_programs: when the learner's compiled training programs (update, log-prob passes) are
+    dropped: ``"end"`` before the evaluation after the last step only; ``"phase"`` also when a phase
+    starts (the previous phase's agent's programs are not needed in it, but are compiled again if its
+    phase comes back). On XLA:CPU a program holds about 12 MiB of host memory per decoder layer
+    (SmolLM2-135M's update: ~370 MiB), so ``"phase"`` trades a recompile per phase switch for memory."""
 
     check: bool = True
     device_bytes: int | None = None
     headroom: float = 0.9
+    release_programs: str = "end"
 
     def __post_init__(self):
+        if self.release_programs not in ("end", "phase"):
+            raise ValueError(f"release_programs must be 'end' or 'phase', got {self.release_programs!r}")
         if self.device_bytes is not None and self.device_bytes < 1:
             raise ValueError(f"device_bytes must be a positive byte count or None, got {self.device_bytes}")
         if not 0.0 < self.headroom <= 1.0:

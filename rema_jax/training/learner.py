@@ -113,6 +113,12 @@ class Learner:
 
         return logprobs_fn
 
+    def release_programs(self) -> None:
+        """Forgets the compiled update and log-prob programs (they compile again on the next call)."""
+        for fn in (self.update_fn, self.logprob_fn, self.ref_logprob_fn):
+            fn.jitted.clear_cache()
+        self._mesh_steps.clear()
+
     # ------------------------------------------------------------------ log-prob passes
     def old_logprobs(self, role: str, batch: TrainBatch) -> np.ndarray:
         """log π_θ ``[N, L]`` of ``role``'s rows under the current agents (0 outside the loss mask)."""

@@ -9,11 +9,25 @@ from rema_jax.sampling.bucketing import length_bucket
 from rema_jax.training.config import TrainConfig
 from rema_jax.training.layout import AgentLayout
 
-# Host memory that is neither arrays nor XLA scratch, measured with the main command on CPU: the
-# process with jax, the tokenizer and the loaded modules (about 450 MiB), and the heap XLA's
-# compiler leaves behind after compiling the update (about 700 MiB; benchmarks/update_memory.py).
+# Host memory that is neither arrays nor XLA scratch, measured with the main command on CPU
+# (2026-12-06, SmolLM2-135M; docs/architecture.md "Host memory of the main command"):
+#  * the process with jax, the tokenizer and the loaded modules;
+#  * the compiled programs XLA:CPU keeps: they grow with the decoder layers they unroll (kernels per
+#    layer), not with the batch. One trained role's update and log-prob passes hold about
+#    CPU_TRAINING_PROGRAM_BYTES_PER_LAYER; the sampler's prefill/decode programs of a run (both agents'
+#    rollout buckets and the evaluation's) about CPU_SAMPLER_PROGRAM_BYTES_PER_LAYER.
 CPU_RUNTIME_BYTES = 450 * 2**20
-CPU_COMPILER_BYTES = 700 * 2**20
+CPU_TRAINING_PROGRAM_BYTES_PER_LAYER = 24 * 2**20
+CPU_SAMPLER_PROGRAM_BYTES_PER_LAYER = 10 * 2**20
+
+
+def program_bytes(cfg: TrainConfig, layout: AgentLayout, num_layers: int) -> int:
+    """Host memory of the compiled programs alive at once on XLA:CPU: the sampler's, plus the
+    training programs of the roles trained together in one phase (``memory.release_programs='phase'``
+    drops the others at each phase start) or of every role the schedule trains (``'end'``)."""
+    together = len(layout.roles) if layout.shared or cfg.schedule.kind == "simultaneous" else 1
+    live = together if cfg.memory.release_programs == "phase" else len(layout.roles)
+    return num_layers * (live * CPU_TRAINING_PROGRAM_BYTES_PER_LAYER + CPU_SAMPLER_PROGRAM_BYTES_PER_LAYER)
 
 
 def check_memory(cfg: TrainConfig, layout: AgentLayout, model_config, sampler, mesh) -> sharding.MemoryPlan:
@@ -26,9 +40,8 @@ def check_memory(cfg: TrainConfig, layout: AgentLayout, model_config, sampler, m
     train_rows = sum(role_rows) // chunk if layout.shared else max(role_rows) // chunk
     buckets = sampler.batch_buckets
     rollout_rows = next((b for b in buckets if b >= max(role_rows)), buckets[-1])
-    eval_rows = (
-        next((b for b in buckets if b >= cfg.loop.eval_questions), buckets[-1]) if cfg.loop.eval_questions else 0
-    )
+    eval_call = min(cfg.loop.eval_questions, cfg.loop.eval_batch_size or cfg.loop.eval_questions)  # rows per call
+    eval_rows = next((b for b in buckets if b >= eval_call), buckets[-1]) if eval_call else 0
     rounds = cfg.rollout.max_turns if cfg.rollout.mode == "multi_turn" else 1
     loss_positions = min(rounds * (cfg.rollout.max_new_tokens + 1), cfg.loop.max_seq_len)  # Learner.max_loss_tokens
     # the host's own rows only where the one device is the host (a CPU mesh's devices share them)
@@ -51,7 +64,7 @@ def check_memory(cfg: TrainConfig, layout: AgentLayout, model_config, sampler, m
         prompt_len=length_bucket(cfg.rollout.max_prompt_len),
         remat=model_config.remat,
         runtime_bytes=CPU_RUNTIME_BYTES if cpu else 0,
-        compiler_bytes=CPU_COMPILER_BYTES if cpu else 0,
+        program_bytes=program_bytes(cfg, layout, model_config.num_layers) if cpu else 0,
     )
     device_bytes = sharding.device_memory_bytes(default=cfg.memory.device_bytes)
     if sharding.is_main_process():

@@ -85,7 +85,9 @@ class RolloutWorker:
         )
         solver = rollout_solver(self.policy(view, seed), self.encoder, math_rollout, judge_rollout)
         settings = EvalSettings(
-            batch_size=max(len(tasks), 1), grade_timeout=self.config.grading.timeout_s, progress=False
+            batch_size=self.config.loop.eval_batch_size or max(len(tasks), 1),
+            grade_timeout=self.config.grading.timeout_s,
+            progress=False,
         )
         if samples_path is not None and os.path.exists(samples_path):
             os.remove(samples_path)

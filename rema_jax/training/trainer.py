@@ -132,6 +132,8 @@ class Trainer:
             self.iterator = TaskIterator(
                 self.pool, cfg.loop.questions_per_step, seed=stable_seed(cfg.loop.seed, "pool", phase.index)
             )
+        if cfg.memory.release_programs == "phase" and phase.starts and step > 0:
+            self.release_programs()  # the previous phase's agent's update and log-prob programs
         tasks = self.iterator.next()
         if jax.process_count() > 1:  # each host rolls out (and grades) its own questions
             tasks = tasks[sharding.host_rows(len(tasks))]
@@ -221,6 +223,13 @@ class Trainer:
             "throughput/update_tokens_per_s": tokens / max(t_update, 1e-9),
             "sampler/compile_count": sampler.compile_count,
         }
+
+    def release_programs(self) -> None:
+        """Drops the compiled training programs (update, log-prob passes; JAX's caches) and trims the
+        heap; the sampler keeps its own. The next step compiles what it needs again (or reads the
+        persistent compilation cache)."""
+        self.learner.release_programs()
+        release_memory(clear_jax_caches=True)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, tasks: Sequence[Task], tag: str) -> dict[str, Any]:
