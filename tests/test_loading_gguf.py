@@ -117,3 +117,46 @@ def test_missing_and_unsupported_gguf(tmp_path, tiny):
     f = write_gguf(tmp_path / "g.gguf", *tiny, arch="gemma")
     with pytest.raises(ModelConfigError, match=r"g\.gguf: GGUF metadata 'general\.architecture'.*'gemma'"):
         load_gguf(f)
+
+
+@pytest.mark.real_model
+def test_gguf_tokenizer_is_converted_once_in_a_child_and_loaded_without_torch(smollm2_gguf, tmp_path, monkeypatch):
+    """The converted tokenizer (cached files) tokenizes and templates exactly as the in-process
+    GGUF conversion does, and a process that loads it never imports PyTorch."""
+    import os
+    import subprocess
+    import sys
+
+    from rema_jax.models import tokenizer as tokenizer_lib
+
+    cache = tmp_path / "tokenizers"
+    monkeypatch.setenv(tokenizer_lib.CACHE_ENV_VAR, str(cache))
+    cached = tokenizer_lib.load_tokenizer(smollm2_gguf.parent, smollm2_gguf.name)
+    (entry,) = list(cache.iterdir())
+    assert (entry / "tokenizer.json").exists()
+    monkeypatch.setenv(tokenizer_lib.CACHE_ENV_VAR, "off")
+    direct = tokenizer_lib.load_tokenizer(smollm2_gguf.parent, smollm2_gguf.name)
+    assert type(cached) is type(direct)
+    texts = ["Solve $x^2 - 5x + 6 = 0$; answer \\boxed{2, 3}.", "  spaces\tand\nnewlines  ", "ünïcödé 日本語 🙂", ""]
+    for text in texts:
+        assert cached(text)["input_ids"] == direct(text)["input_ids"], text
+    chat = [{"role": "system", "content": "Plan first."}, {"role": "user", "content": texts[0]}]
+    for add in (True, False):
+        assert cached.apply_chat_template(chat, add_generation_prompt=add, tokenize=False) == (
+            direct.apply_chat_template(chat, add_generation_prompt=add, tokenize=False)
+        )
+    special = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+    assert [getattr(cached, k) for k in special] == [getattr(direct, k) for k in special]
+    assert len(cached) == len(direct) and cached.decode(direct(texts[2])["input_ids"]) == texts[2]
+
+    code = "import sys, rema_jax.models.tokenizer as t; t.load_tokenizer(sys.argv[1], sys.argv[2]); print('torch' in sys.modules)"
+    env = {**os.environ, tokenizer_lib.CACHE_ENV_VAR: str(cache)}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(smollm2_gguf.parent), smollm2_gguf.name],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stderr[-2000:]
+    assert list(cache.iterdir()) == [entry]  # converted once

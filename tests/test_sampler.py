@@ -428,3 +428,16 @@ def test_a_full_fused_cache_evicts_before_fusing_the_next_agent(cache_size, expe
     assert cached_at_fuse == expected
     assert sampler._fused_params(PARAMS, agents[2]) is fused[2]  # the newest copy is reused, not refused
     assert len(sampler._fused) == cache_size
+
+
+def test_dropped_programs_compile_again_and_give_the_same_tokens():
+    sampler = Sampler(CFG, TOKENIZER, max_cache_len=64)
+    sp = SamplingParams(max_new_tokens=5, temperature=1.0)
+    first = sampler.generate(PARAMS, None, PROMPTS[:2], sp, seed=3)
+    held, compiled = sampler.program_keys(), sampler.compile_count
+    assert held and sampler.drop_programs(keep=held) == 0
+    assert sampler.drop_programs() == len(held) and sampler.program_keys() == frozenset()
+    sampler.release_fused()  # else the cached fused weights spare the fuse program
+    again = sampler.generate(PARAMS, None, PROMPTS[:2], sp, seed=3)
+    assert sampler.compile_count == compiled + len(held) and sampler.program_keys() == held
+    assert [g.token_ids for g in again] == [g.token_ids for g in first]

@@ -339,3 +339,13 @@ def test_evaluation_sends_eval_batch_size_questions_per_sampler_call(monkeypatch
         worker.sampler = types.SimpleNamespace(release_fused=lambda: None)
         worker.evaluate((None, {}), [None] * 48, 0, None)
     assert [s.batch_size for s in seen] == [16, 48]
+
+
+@pytest.mark.real_model
+def test_phase_release_drops_the_programs_an_evaluation_compiled(tmp_path, smollm2_gguf):
+    cfg = load_train_config(tiny_train_config(memory={"release_programs": "phase"}, loop={"eval_questions": 2}))
+    trainer = trainer_lib.Trainer(cfg, str(tmp_path))
+    sampler = trainer.worker.sampler
+    trainer.evaluate(trainer_lib.heldout_subset(trainer.test_tasks, 2), "step_0")
+    assert sampler.compile_count > 0 and sampler.program_keys() == frozenset()  # greedy eval programs gone
+    trainer.checkpoints.close()

@@ -69,6 +69,7 @@ class Sampler:
         self._fused: list[tuple[list, Any]] = []  # [(leaves of (params, adapter), FusedParams)]
         self._executables: dict[tuple, Any] = {}
         self._compile_seconds = 0.0
+        self._compile_count = 0
         self._token_table: Optional[tuple[jnp.ndarray, jnp.ndarray]] = None
         self._stop_tables: dict[tuple[str, ...], stops.StopTables] = {}
         self.stats = SamplerStats()
@@ -76,8 +77,22 @@ class Sampler:
     # ------------------------------------------------------------------ bookkeeping
     @property
     def compile_count(self) -> int:
-        """Number of distinct compilations so far (fuse, prefill and decode executables)."""
-        return len(self._executables)
+        """Number of compilations so far (fuse, prefill and decode executables; a dropped program
+        compiled again counts again)."""
+        return self._compile_count
+
+    def program_keys(self) -> frozenset:
+        """The keys of the compiled programs held now (for `drop_programs(keep=...)`)."""
+        return frozenset(self._executables)
+
+    def drop_programs(self, keep=frozenset()) -> int:
+        """Forgets the compiled programs whose keys are not in `keep` (the next call that needs one
+        compiles it again): on XLA:CPU each holds host memory growing with the layers it unrolls.
+        Returns how many were dropped."""
+        dropped = [k for k in self._executables if k not in keep]
+        for k in dropped:
+            del self._executables[k]
+        return len(dropped)
 
     def reset_stats(self) -> SamplerStats:
         """Returns the timing/token counters so far and starts new ones (compiled programs are kept)."""
@@ -109,6 +124,7 @@ class Sampler:
             self._compile_seconds += dt  # lifetime total; stats.compile_s restarts at reset_stats()
             self.stats.compile_s += dt
             self._executables[key] = exe
+            self._compile_count += 1
         return exe
 
     # ------------------------------------------------------------------ inputs

@@ -173,11 +173,13 @@ class MemorySection:
     check: refuse a run whose planned per-device peak exceeds ``headroom`` × the device memory.
     device_bytes: the per-device memory to check against when the backend reports none (CPU);
     ``None`` = use ``device.memory_stats()`` and skip the check (with a note) where it has no limit.
-    release_programs: when the learner's compiled training programs (update, log-prob passes) are
-    dropped: ``"end"`` before the evaluation after the last step only; ``"phase"`` also when a phase
-    starts (the previous phase's agent's programs are not needed in it, but are compiled again if its
-    phase comes back). On XLA:CPU a program holds about 12 MiB of host memory per decoder layer
-    (SmolLM2-135M's update: ~370 MiB), so ``"phase"`` trades a recompile per phase switch for memory."""
+    release_programs: when compiled programs are dropped. ``"end"``: the learner's (update, log-prob
+    passes) before the evaluation after the last step. ``"phase"``: also the learner's at each phase
+    start (the previous phase's agent's programs are compiled again if its phase comes back), the
+    programs an evaluation compiled once it ends, and the sampler's rollout programs before the
+    evaluation after the last step. On XLA:CPU a program holds host memory growing with the decoder
+    layers it unrolls (SmolLM2-135M's update: ~370 MiB, a prefill or decode program ~70 MiB), so
+    ``"phase"`` trades recompiles (one per phase switch and per evaluation) for memory."""
 
     check: bool = True
     device_bytes: int | None = None

@@ -86,7 +86,7 @@ def train(
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and eval_tasks:
                 metrics.update(_eval_metrics(trainer.evaluate(eval_tasks, f"step_{step}")))
             if step == cfg.steps and eval_tasks:
-                trainer.release_programs()  # no update follows: its programs' host memory goes to the eval
+                trainer.release_programs(final=True)  # no update follows: their host memory goes to the eval
                 metrics.update(_eval_metrics(trainer.evaluate(eval_tasks, f"step_{step}")))
             record = logger.write(step, metrics)
             history.append(record)

@@ -18,7 +18,7 @@ from rema_jax.training.layout import AgentLayout
 #    rollout buckets and the evaluation's) about CPU_SAMPLER_PROGRAM_BYTES_PER_LAYER.
 CPU_RUNTIME_BYTES = 450 * 2**20
 CPU_TRAINING_PROGRAM_BYTES_PER_LAYER = 24 * 2**20
-CPU_SAMPLER_PROGRAM_BYTES_PER_LAYER = 10 * 2**20
+CPU_SAMPLER_PROGRAM_BYTES_PER_LAYER = 28 * 2**20
 
 
 def program_bytes(cfg: TrainConfig, layout: AgentLayout, num_layers: int) -> int:

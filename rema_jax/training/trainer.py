@@ -224,11 +224,14 @@ class Trainer:
             "sampler/compile_count": sampler.compile_count,
         }
 
-    def release_programs(self) -> None:
+    def release_programs(self, *, final: bool = False) -> None:
         """Drops the compiled training programs (update, log-prob passes; JAX's caches) and trims the
-        heap; the sampler keeps its own. The next step compiles what it needs again (or reads the
-        persistent compilation cache)."""
+        heap; what needs them compiles them again (or reads the persistent compilation cache).
+        ``final`` (no rollout follows): with ``memory.release_programs='phase'`` the sampler's rollout
+        programs go too."""
         self.learner.release_programs()
+        if final and self.config.memory.release_programs == "phase":
+            self.worker.sampler.drop_programs()
         release_memory(clear_jax_caches=True)
 
     # ------------------------------------------------------------------ evaluation
@@ -236,11 +239,14 @@ class Trainer:
         """Greedy pass@1 of the current agents on ``tasks`` (per-sample JSONL under eval/); the harness
         summary plus ``peak_rss_mib`` (host memory while it ran; absent off Linux)."""
         path = os.path.join(self.workdir, "eval", f"{tag}.jsonl") if sharding.is_main_process() else None
-        release_memory(clear_jax_caches=False)  # freed update scratch, before the eval's 48-row cache
+        release_memory(clear_jax_caches=False)  # freed update scratch, before the eval's KV cache
+        held = self.worker.sampler.program_keys()
         with PeakRss() as peak:
             out = self.worker.evaluate(
                 self.sampling_view(), tasks, stable_seed(self.config.loop.seed, "eval", tag), path
             )
+        if self.config.memory.release_programs == "phase":  # greedy eval programs: rollouts sample
+            self.worker.sampler.drop_programs(keep=held)
         return out if peak.mib is None else {**out, "peak_rss_mib": peak.mib}
 
     # ------------------------------------------------------------------ checkpoints
