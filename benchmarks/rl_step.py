@@ -22,7 +22,7 @@ grow), so the comparison uses the (step, phase) cells that compiled in *neither*
 A phase with no such cell has no steady figure (say so rather than guess; add steps). The default 4
 steps cover one RA and one MTA phase; ``--quick`` (3 steps) gives steady RA figures only.
 ``first_steps_s`` = all steps' sum, compiles included (what a short run like the README's main command
-pays). ``peak_rss_mb`` = the largest child's VmHWM.
+pays). ``peak_rss_mb`` = the largest child's peak RSS (a ``host_memory.PeakRss`` span over its run).
 
     python benchmarks/rl_step.py --quick              # 3 steps per variant, about 8 min on 2 cores
     python benchmarks/rl_step.py --steps 6            # both phases twice
@@ -90,8 +90,12 @@ def _child(args: argparse.Namespace) -> dict:
         raw["model"]["init_adapters_from"] = args.adapters
     config = load_train_config(raw)
 
+    from rema_jax.host_memory import PeakRss
+
     steps = []
-    with tempfile.TemporaryDirectory() as workdir:
+    # A span, not the kernel's VmHWM at the end: the trainer's phase spans reset that mark, so it
+    # would hold only the peak since the last phase started.
+    with tempfile.TemporaryDirectory() as workdir, PeakRss() as whole:
         t0 = time.perf_counter()
         trainer = Trainer(config, workdir)
         setup_s = time.perf_counter() - t0
@@ -124,7 +128,7 @@ def _child(args: argparse.Namespace) -> dict:
         "variant": args.variant,
         "setup_s": setup_s,
         "steps": steps,
-        "peak_rss_mb": _hwm_mib(),
+        "peak_rss_mb": whole.mib if whole.mib is not None else _hwm_mib(),
         "backend": jax.default_backend(),
     }
 
