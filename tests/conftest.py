@@ -13,7 +13,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # the reference forwards.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# One temporary persistent XLA cache for the whole run, never ~/.cache: the test process, the entry
+# One temporary persistent XLA cache (and converted-tokenizer cache) for the whole run, never ~/.cache: the test process, the entry
 # points it runs as subprocesses (kill-and-resume, the mesh runs, the notebook) and pytest-xdist
 # workers all read and write the same directory, so a program compiled once (the tiny model's
 # sampler, update, log-prob passes) is read back everywhere else. The process that creates it
@@ -24,6 +24,7 @@ if not os.environ.get(_CACHE_OWNER_VAR):
     _session_cache = tempfile.mkdtemp(prefix="rema_jax_test_xla_")
     os.environ[_CACHE_OWNER_VAR] = str(os.getpid())
     os.environ["REMA_JAX_COMPILATION_CACHE"] = _session_cache
+    os.environ["REMA_JAX_TOKENIZER_CACHE"] = os.path.join(_session_cache, "tokenizers")  # the GGUF's, converted once
     atexit.register(shutil.rmtree, _session_cache, ignore_errors=True)
 
 import jax

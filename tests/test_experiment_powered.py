@@ -2,7 +2,8 @@
 the preset's design and budget, config cross-checks, the schedule's evaluation steps, the stage
 runner (stages.json, skip on re-run, a failed stage named with its directory, the time budget
 dropping seeds) and the report (CIs, paired differences, Table 1, mechanism) with stand-in stages;
-and, marked slow, the whole preset on a tiny random model with a kill mid-RL."""
+and, marked slow, the whole preset on a tiny random model with a kill mid-RL and a branch run against
+the same run from step 0."""
 
 import collections
 import json
@@ -519,6 +520,7 @@ def test_the_runner_starts_a_branch_from_its_parents_checkpoint(tmp_path, monkey
         powered.run_powered(cfg, work, res, progress=False)
 
 
+@pytest.mark.slow  # ~70 s; resume exactness is in the default run (tests/test_trainer.py)
 def test_a_branch_equals_the_run_from_scratch_bit_for_bit(smollm2_gguf, tmp_path):
     """A branch resumed from its parent's checkpoint at the end of the RA phase ends where the same
     run from step 0 ends: same final trees, same metrics after the branch, same evaluations. The
