@@ -116,24 +116,11 @@ def _strip_times(records):
 
 
 @pytest.mark.real_model
-def test_kill_and_resume_is_exact(tmp_path, smollm2_gguf, monkeypatch):
-    """Also: dropping the compiled programs at each phase start (``memory.release_programs='phase'``,
-    the resumed run) recompiles them and changes no metric."""
+def test_kill_and_resume_is_exact(tmp_path, smollm2_gguf):
     cfg = load_train_config(tiny_train_config())
     straight = loop_lib.train(cfg, str(tmp_path / "straight"), progress=False)
-    released = []
-    release = trainer_lib.Trainer.release_programs
-
-    def counted(self):
-        release(self)
-        released.append((self.step_index, self.learner.update_fn.jitted._cache_size()))
-
-    monkeypatch.setattr(trainer_lib.Trainer, "release_programs", counted)
-    phase_cfg = load_train_config(tiny_train_config(memory={"release_programs": "phase"}))
-    loop_lib.train(phase_cfg, str(tmp_path / "resumed"), progress=False, max_steps=2)  # "killed" after 2
-    assert released == []  # steps 0-1: one phase
-    resumed = loop_lib.train(phase_cfg, str(tmp_path / "resumed"), progress=False)
-    assert released == [(2, 0)]  # the meta-thinking phase starts at step 2 with no update compiled
+    loop_lib.train(cfg, str(tmp_path / "resumed"), progress=False, max_steps=2)  # "killed" after 2
+    resumed = loop_lib.train(cfg, str(tmp_path / "resumed"), progress=False)
     assert resumed["resumed_from_step"] == 2 and straight["steps"] == resumed["steps"] == 4
 
     a = trainer_lib.Trainer(cfg, str(tmp_path / "straight"))
@@ -342,10 +329,31 @@ def test_evaluation_sends_eval_batch_size_questions_per_sampler_call(monkeypatch
 
 
 @pytest.mark.real_model
-def test_phase_release_drops_the_programs_an_evaluation_compiled(tmp_path, smollm2_gguf):
-    cfg = load_train_config(tiny_train_config(memory={"release_programs": "phase"}, loop={"eval_questions": 2}))
+def test_phase_release_drops_programs_at_phase_starts_and_after_evaluations(tmp_path, smollm2_gguf, monkeypatch):
+    """``memory.release_programs='phase'``: the learner's programs go at each phase start (the metrics
+    are unchanged: tests/test_golden_metrics.py runs configs/default.py, which sets it, across a phase
+    start), an evaluation's sampler programs go when it ends."""
+    released = []
+    release = trainer_lib.Trainer.release_programs
+
+    def counted(self, **kw):
+        release(self, **kw)
+        released.append((self.step_index, self.learner.update_fn.jitted._cache_size()))
+
+    monkeypatch.setattr(trainer_lib.Trainer, "release_programs", counted)
+    cfg = load_train_config(
+        tiny_train_config(
+            memory={"release_programs": "phase"},
+            loop={"eval_questions": 2, "steps": 2},
+            schedule={"reasoning_steps": 1, "meta_thinking_steps": 1},
+        )
+    )
     trainer = trainer_lib.Trainer(cfg, str(tmp_path))
     sampler = trainer.worker.sampler
     trainer.evaluate(trainer_lib.heldout_subset(trainer.test_tasks, 2), "step_0")
     assert sampler.compile_count > 0 and sampler.program_keys() == frozenset()  # greedy eval programs gone
+    trainer.step()
+    assert released == [] and trainer.learner.update_fn.jitted._cache_size() == 1
+    trainer.step()
+    assert released == [(1, 0)]  # the meta-thinking phase started at step 1 with no update compiled
     trainer.checkpoints.close()
