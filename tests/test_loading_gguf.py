@@ -129,13 +129,20 @@ def test_gguf_tokenizer_is_converted_once_in_a_child_and_loaded_without_torch(sm
 
     from rema_jax.models import tokenizer as tokenizer_lib
 
+    monkeypatch.chdir(tmp_path)  # nothing may be written beside the cache (not even a relative "None")
     cache = tmp_path / "tokenizers"
     monkeypatch.setenv(tokenizer_lib.CACHE_ENV_VAR, str(cache))
     cached = tokenizer_lib.load_tokenizer(smollm2_gguf.parent, smollm2_gguf.name)
     (entry,) = list(cache.iterdir())
     assert (entry / "tokenizer.json").exists()
     monkeypatch.setenv(tokenizer_lib.CACHE_ENV_VAR, "off")
+
+    def no_child(*args):
+        raise AssertionError("the cache is off: the conversion must run in this process")
+
+    monkeypatch.setattr(tokenizer_lib, "_convert_in_child", no_child)
     direct = tokenizer_lib.load_tokenizer(smollm2_gguf.parent, smollm2_gguf.name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizers"]
     assert type(cached) is type(direct)
     texts = ["Solve $x^2 - 5x + 6 = 0$; answer \\boxed{2, 3}.", "  spaces\tand\nnewlines  ", "ünïcödé 日本語 🙂", ""]
     for text in texts:
@@ -154,6 +161,7 @@ def test_gguf_tokenizer_is_converted_once_in_a_child_and_loaded_without_torch(sm
     out = subprocess.run(
         [sys.executable, "-c", code, str(smollm2_gguf.parent), smollm2_gguf.name],
         env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),  # the repository (rema_jax importable)
         capture_output=True,
         text=True,
         check=True,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import logging
 import os
 import pathlib
 import shutil
@@ -23,6 +24,8 @@ import tempfile
 from typing import Any
 
 from rema_jax.models.config import CheckpointError
+
+log = logging.getLogger(__name__)
 
 CACHE_ENV_VAR = "REMA_JAX_TOKENIZER_CACHE"
 _CONVERT = (
@@ -48,8 +51,8 @@ def load_tokenizer(directory: str | pathlib.Path, gguf_file: str | None = None) 
         stamp = (stat.st_size, stat.st_mtime_ns)
     except OSError:
         stamp = None  # let transformers report what is missing
-    cache = str(gguf_cache_dir(source, stamp)) if gguf_file and stamp is not None else None
-    return copy.deepcopy(_load_once(str(directory.resolve()), gguf_file, stamp, cache))
+    cache = gguf_cache_dir(source, stamp) if gguf_file and stamp is not None else None
+    return copy.deepcopy(_load_once(str(directory.resolve()), gguf_file, stamp, None if cache is None else str(cache)))
 
 
 def gguf_cache_dir(source: pathlib.Path, stamp: tuple[int, int], environ=None) -> pathlib.Path | None:
@@ -83,14 +86,25 @@ def _convert_in_child(directory: pathlib.Path, gguf_file: str, target: pathlib.P
             text=True,
             timeout=900,
         )
-        if proc.returncode != 0 or not os.path.exists(os.path.join(tmp, "tokenizer.json")):
-            return False
-        os.replace(tmp, target)
-    except (OSError, subprocess.SubprocessError):
-        pass  # e.g. another process renamed its conversion there first
+        if proc.returncode == 0 and os.path.exists(os.path.join(tmp, "tokenizer.json")):
+            os.replace(tmp, target)
+    except (OSError, subprocess.SubprocessError) as e:  # e.g. another process renamed its copy there first
+        log.debug("tokenizer conversion into %s: %s", target, e)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return (target / "tokenizer.json").exists()
+
+
+def _load_converted(target: pathlib.Path) -> Any | None:
+    """The converted tokenizer saved in `target`, or None when it is unreadable (then the caller
+    converts in-process)."""
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(str(target), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("ignoring the damaged converted tokenizer in %s: %s", target, e)
+        return None
 
 
 @functools.lru_cache(maxsize=4)
@@ -99,12 +113,9 @@ def _load_once(directory: str, gguf_file: str | None, stamp: tuple[int, int] | N
     if cache is not None and gguf_file is not None:
         target = pathlib.Path(cache)
         if (target / "tokenizer.json").exists() or _convert_in_child(directory, gguf_file, target):
-            from transformers import PreTrainedTokenizerFast
-
-            try:
-                return PreTrainedTokenizerFast.from_pretrained(str(target), local_files_only=True)
-            except (OSError, ValueError, KeyError):
-                pass  # a damaged cache entry: convert in-process below
+            tokenizer = _load_converted(target)
+            if tokenizer is not None:
+                return tokenizer
     from transformers import AutoTokenizer
 
     kwargs: dict[str, Any] = {"local_files_only": True}
