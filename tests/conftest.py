@@ -119,3 +119,21 @@ LONGEST_MODULES_FIRST = (
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_MODULES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a module kept
+
+
+@pytest.fixture
+def benchmark_json():
+    """``benchmark_json("benchmarks/x.py", *args)``: runs the script from the repository root in a
+    fresh interpreter, asserts it exits 0 and returns (its last printed line parsed as JSON, its stdout)."""
+    import json
+    import subprocess
+    import sys
+
+    def run(script: str, *args: str, timeout: float = 600) -> tuple[dict, str]:
+        proc = subprocess.run(
+            [sys.executable, script, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout
+
+    return run

@@ -1,10 +1,7 @@
 """benchmarks/decode_matmul.py: its FLOP count matches SmolLM2's projection weights, and (slow) the
 script runs both sides and prints its JSON line."""
 
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -30,14 +27,6 @@ def _leaves(tree):
 
 
 @pytest.mark.slow
-def test_the_script_prints_both_sides():
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/decode_matmul.py", "--batches", "1", "--repeats", "1"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_the_script_prints_both_sides(benchmark_json):
+    out, _ = benchmark_json("benchmarks/decode_matmul.py", "--batches", "1", "--repeats", "1")
     assert out["rows"][0]["batch"] == 1 and out["rows"][0]["ratio"] > 0 and out["cpu"]

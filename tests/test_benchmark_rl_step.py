@@ -2,10 +2,7 @@
 marked slow, the whole script on a tiny random model (two child processes, ~1 min on 2 cores)."""
 
 import importlib.util
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -40,16 +37,8 @@ def test_steady_state_uses_the_phases_that_compiled_in_neither_variant():
 
 
 @pytest.mark.slow
-def test_the_benchmark_runs_both_variants_and_prints_json():
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/rl_step.py", "--tiny", "--steps", "2"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_the_benchmark_runs_both_variants_and_prints_json(benchmark_json):
+    out, stdout = benchmark_json("benchmarks/rl_step.py", "--tiny", "--steps", "2")
     assert set(out["variants"]) == {"off", "on"} and out["cpu"]
     assert set(out["speedup_by_phase"]) == {"rollout", "prepare", "update", "step"}
     assert out["speedup_all_steps"] > 0
@@ -57,4 +46,4 @@ def test_the_benchmark_runs_both_variants_and_prints_json():
     for v in out["variants"].values():
         assert len(v["steps"]) == 2 and v["steps"][0]["compiles"]["update"] > 0  # attributed to its phase
         assert v["steps"][0]["compiles"]["rollout"] > 0
-    assert "speedup (steady whole step, off / on)" in proc.stdout
+    assert "speedup (steady whole step, off / on)" in stdout
