@@ -8,11 +8,13 @@ built, the peak while compiling, the peak while running (the kernel's high-water
 between phases through ``/proc/self/clear_refs``), and XLA's own ``memory_analysis`` of the
 executable (temporaries = the scratch the update allocates on top of its arguments).
 
-    python benchmarks/update_memory.py                          # baseline and remat
-    python benchmarks/update_memory.py --variants base remat micro2
+    python benchmarks/update_memory.py                          # base and chunk0
+    python benchmarks/update_memory.py --variants base noremat micro1 chunk0+micro1
 
-Variants: ``base`` (configs/default.py as is), ``remat`` (``model.remat=True``), ``microN``
-(``update.num_micro_batches=N``, which changes the float summation order), combinations with ``+``.
+Variants: ``base`` (configs/default.py's RL section as is: remat on, logits in chunks of 16 loss
+positions, 2 micro-batches), ``noremat`` (``model.remat=False``), ``chunkN`` (``model.logits_chunk=N``;
+0 = one ``[B, K, V]`` block), ``microN`` (``update.num_micro_batches=N``, which changes the float
+summation order), combinations with ``+``.
 The last line printed is one JSON object.
 """
 
@@ -72,17 +74,18 @@ def _variant_config(variant: str):
 
     rl = default.get_config().rl
     rl.loop.eval_questions = 0
-    remat = False
     for part in variant.split("+"):
         if part == "base":
             continue
-        if part == "remat":
-            remat = True
+        if part == "noremat":
+            rl.model.remat = False
+        elif part.startswith("chunk"):
+            rl.model.logits_chunk = int(part[len("chunk") :])
         elif part.startswith("micro"):
             rl.update.num_micro_batches = int(part[len("micro") :])
         else:
             raise SystemExit(f"unknown variant part {part!r}")
-    return rl, remat
+    return rl
 
 
 def child(variant: str, what: str) -> dict:
@@ -96,9 +99,8 @@ def child(variant: str, what: str) -> dict:
     from rema_jax.training.layout import AgentLayout
     from rema_jax.training.learner import Learner
 
-    raw, remat = _variant_config(variant)
-    cfg = load_train_config(raw)
-    mc = tiny_config(**SMOLLM2, eos_token_ids=(2,), remat=remat)
+    cfg = load_train_config(_variant_config(variant))
+    mc = tiny_config(**SMOLLM2, eos_token_ids=(2,), remat=cfg.model.remat, logits_chunk=cfg.model.logits_chunk)
     base = random_params(mc, jax.random.key(0), std=0.02)
     layout = AgentLayout.from_train_config(cfg)
     trainable = layout.init_trainable(mc, base, cfg.adapter, jax.random.key(1))
@@ -165,7 +167,7 @@ def _cpu_model() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--variants", nargs="+", default=["base", "remat"])
+    ap.add_argument("--variants", nargs="+", default=["base", "chunk0"])
     ap.add_argument("--what", choices=("rl",), default="rl")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -136,6 +136,11 @@ def test_memory_plan_counts_head_eval_batch_logits_remat_and_runtime():
     # vocabulary logits only at the loss positions: fp32 logits, log-softmax and gradient
     sparse = plan_memory(cfg, ONE, train_batch=4, train_seq=64, loss_positions=10)
     assert sparse.rows["logits at loss positions"] == 4 * 10 * 3 * cfg.vocab_size * 4
+    # in chunks: 10 positions in chunks of at most 4 -> 3 equal chunks of 4 (one position padded)
+    chunked = plan_memory(cfg, ONE, train_batch=4, train_seq=64, loss_positions=10, logits_chunk=4)
+    assert chunked.rows["logits at loss positions"] == 4 * 4 * 3 * cfg.vocab_size * 4
+    wide = plan_memory(cfg, ONE, train_batch=4, train_seq=64, loss_positions=10, logits_chunk=16)
+    assert wide.rows["logits at loss positions"] == sparse.rows["logits at loss positions"]
     # the eval's batch sizes the KV cache and prefill when larger than the rollout's
     ev = plan_memory(cfg, ONE, rollout_batch=8, eval_batch=48, cache_len=96)
     kv8 = plan_memory(cfg, ONE, rollout_batch=8, cache_len=96).rows["kv cache"]

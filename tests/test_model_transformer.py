@@ -79,3 +79,19 @@ def test_logits_at_gathers_the_same_logits():
     part = forward(config, params, tokens, logits_at_bk=at)
     assert part.shape == (2, 3, config.vocab_size)
     np.testing.assert_allclose(part, jnp.take_along_axis(full, at[..., None], axis=1), atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_head_inputs_project_to_the_logits(tied):
+    """`forward(..., head_inputs=True)` returns the final hidden states at `logits_at_bk` and the head
+    weight; projecting them gives `forward`'s logits there (tied embedding and separate lm_head)."""
+    from rema_jax.models.transformer import HeadInputs
+
+    config = tiny_config(tie_word_embeddings=tied)
+    params = random_params(config, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, config.vocab_size)
+    at = jnp.array([[0, 5, 11], [3, 3, 7]])
+    head = forward(config, params, tokens, logits_at_bk=at, head_inputs=True)
+    assert isinstance(head, HeadInputs) and head.tied is tied
+    assert head.hidden_bkh.shape == (2, 3, config.hidden_size)
+    np.testing.assert_array_equal(head.logits(), forward(config, params, tokens, logits_at_bk=at))

@@ -245,3 +245,55 @@ def test_sparse_logprobs_match_dense_at_loss_positions():
     m[:, 0] = 0
     np.testing.assert_allclose(lp, dense_lp * m, atol=1e-6)
     np.testing.assert_allclose(ent, dense_ent * m, atol=1e-6)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_head_logprobs_match_one_block_values_and_gradients(tied):
+    """The vocabulary projection + log-softmax over chunks of K (K = 11, not a multiple of the chunk)
+    gives the single block's log-probs, entropies and gradients w.r.t. the hidden states and the
+    head weight (a full agent trains it), for a tied ([V, H]) and an untied ([H, V]) head."""
+    from rema_jax.models.transformer import HeadInputs
+    from rema_jax.rl.losses import head_logprobs_and_entropy
+
+    rng = np.random.default_rng(1)
+    b, k, h, v = 3, 11, 8, 37
+    hidden = jnp.asarray(rng.normal(size=(b, k, h)), jnp.float32)
+    weight = jnp.asarray(rng.normal(size=(v, h) if tied else (h, v)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, v, size=(b, k)), jnp.int32)
+    w_lp = jnp.asarray(rng.normal(size=(b, k)), jnp.float32)
+    w_ent = jnp.asarray(rng.normal(size=(b, k)), jnp.float32)
+
+    def objective(hid, wt, chunk):
+        lp, ent = head_logprobs_and_entropy(HeadInputs(hid, wt, tied), targets, 0.7, chunk)
+        return jnp.sum(lp * w_lp) + jnp.sum(ent * w_ent), (lp, ent)
+
+    grad = jax.jit(jax.grad(objective, argnums=(0, 1), has_aux=True), static_argnums=2)
+    (g_ref, (lp_ref, ent_ref)) = grad(hidden, weight, 0)
+    assert lp_ref.shape == ent_ref.shape == (b, k)
+    for chunk in (1, 4, 5, 10):
+        g, (lp, ent) = grad(hidden, weight, chunk)
+        np.testing.assert_allclose(lp, lp_ref, rtol=1e-5, atol=1e-5)  # |logp| ~ 10: fp32 rounding
+        np.testing.assert_allclose(ent, ent_ref, rtol=1e-5, atol=1e-5)
+        for got, want in zip(g, g_ref):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_head_never_holds_the_whole_logits_block():
+    """XLA's own memory analysis of the gradient: in chunks of 8 of K = 64 positions the scratch is
+    well under one [B, K, V] float32 block, which the single-block backward needs several of."""
+    from rema_jax.models.transformer import HeadInputs
+    from rema_jax.rl.losses import head_logprobs_and_entropy
+
+    b, k, h, v = 4, 64, 16, 8192
+    block = b * k * v * 4
+    hidden = jnp.zeros((b, k, h), jnp.float32)
+    weight = jnp.zeros((v, h), jnp.float32)
+    targets = jnp.zeros((b, k), jnp.int32)
+
+    def temp_bytes(chunk):
+        loss = lambda hid: jnp.sum(head_logprobs_and_entropy(HeadInputs(hid, weight, True), targets, 1.0, chunk)[0])  # noqa: E731
+        return jax.jit(jax.grad(loss)).lower(hidden).compile().memory_analysis().temp_size_in_bytes
+
+    one_block, chunked = temp_bytes(0), temp_bytes(8)
+    assert one_block >= block, (one_block, block)
+    assert chunked < block / 2, (chunked, block)

@@ -142,14 +142,14 @@ def train_config(kind: str):
 _LEARNERS: dict = {}
 
 
-def new_learner(kind: str) -> Learner:
+def new_learner(kind: str, model=MODEL) -> Learner:
     cfg = train_config(kind)
     layout = AgentLayout.from_train_config(cfg)
-    base = random_params(MODEL, jax.random.key(0))
-    trainable = layout.init_trainable(MODEL, base, cfg.adapter, jax.random.key(1))
+    base = random_params(model, jax.random.key(0))
+    trainable = layout.init_trainable(model, base, cfg.adapter, jax.random.key(1))
     if kind == "lora":  # B = 0 at init: make the adapters matter
         trainable = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), trainable)
-    return Learner(cfg, layout, MODEL, trainable, layout.constants(base, trainable, False))
+    return Learner(cfg, layout, model, trainable, layout.constants(base, trainable, False))
 
 
 def learner_for(kind: str) -> Learner:
@@ -180,6 +180,27 @@ def loss_and_grads_fn(learner: Learner, role: str = ROLE):
         return value, logp
 
     return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+
+def test_logits_in_chunks_give_the_same_loss_and_grads(kind="lora"):
+    """``ModelConfig.logits_chunk`` (the learner's log-prob passes project the loss positions a chunk
+    at a time, recomputed in the backward pass): the same log-probs, loss and gradients as one block,
+    on plain rows and with shared prefixes (the head weight's own gradient, for full agents, is
+    tests/test_rl_losses.py's)."""
+    batch = make_rows(5)
+    rng = np.random.default_rng(7)
+    batch = with_rl_fields(batch, -rng.uniform(1, 5, batch.shape) * batch.loss_mask, seed=7)
+    one_block, chunked = learner_for(kind), new_learner(kind, MODEL.replace(logits_chunk=5))
+    assert chunked.max_loss_tokens > 5
+    trainable = one_block.state.params[one_block.layout.agent_of(ROLE)]
+    for rows in (batch, one_block.with_prefix(batch, 1)):
+        (loss_a, logp_a), grads_a = loss_and_grads_fn(one_block)(trainable, rows)
+        (loss_b, logp_b), grads_b = loss_and_grads_fn(chunked)(trainable, rows)
+        np.testing.assert_allclose(float(loss_b), float(loss_a), atol=TOL, rtol=TOL)
+        np.testing.assert_allclose(np.asarray(logp_b), np.asarray(logp_a), atol=TOL, rtol=0)
+        scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads_a))
+        for ga, gb in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+            np.testing.assert_allclose(np.asarray(gb), np.asarray(ga), atol=TOL * max(scale, 1.0), rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["lora", "full", "shared"])

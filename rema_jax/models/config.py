@@ -69,6 +69,9 @@ class ModelConfig:
     attention_impl: str = "reference"  # block attention (training, prefill): reference | xla | cudnn
     decode_attention_impl: str = "dense"  # one-token decode attention: dense | ragged
     remat: bool = False  # training forward: recompute each layer in the backward pass (same values)
+    # training log-prob / loss passes: loss positions per chunk of the vocabulary projection and its
+    # fp32 log-softmax, recomputed in the backward pass (rl.losses.head_logprobs_and_entropy); 0 = one block
+    logits_chunk: int = 0
 
     def __post_init__(self):
         for name in (
@@ -83,6 +86,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ModelConfigError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.logits_chunk, int) or self.logits_chunk < 0:
+            raise ModelConfigError(f"ModelConfig.logits_chunk must be an int >= 0, got {self.logits_chunk!r}")
         if self.num_heads % self.num_kv_heads:
             raise ModelConfigError(
                 f"ModelConfig.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"

@@ -22,7 +22,7 @@ from rema_jax.models import layers
 from rema_jax.models.adapters import Adapter
 from rema_jax.models.config import ModelConfig
 from rema_jax.models.layers import Params
-from rema_jax.models.transformer import apply_layer, embedding, lm_logits, model_variables
+from rema_jax.models.transformer import HeadInputs, apply_layer, embedding, lm_head, model_variables
 
 
 class SharedPrefixTransformer(nn.Module):
@@ -41,6 +41,7 @@ class SharedPrefixTransformer(nn.Module):
         suffix_tokens_bs,
         suffix_mask_bs,
         logits_at_bk,
+        head_inputs=False,
     ):
         cfg = self.config
         u, p = prefix_tokens_up.shape
@@ -63,7 +64,7 @@ class SharedPrefixTransformer(nn.Module):
             kv_bp = (k_up[row_prefix_b], v_up[row_prefix_b])
             x_bs, _ = apply_layer(self, cfg, self.lora_scale, i, x_bs, cos_bs, sin_bs, mask_bs_ps, kv_bp)
             x_up = x_up_next  # the last layer's prefix output is unused (only its keys/values are)
-        return lm_logits(cfg, embed, x_bs, logits_at_bk)
+        return lm_head(self, cfg, embed, x_bs, logits_at_bk, head_inputs)
 
 
 def forward_shared_prefix(
@@ -73,9 +74,11 @@ def forward_shared_prefix(
     adapter: Optional[Adapter] = None,
     *,
     logits_at_bk: Optional[jnp.ndarray] = None,
-) -> jnp.ndarray:
+    head_inputs: bool = False,
+) -> jnp.ndarray | HeadInputs:
     """Logits `[B, S, V]` (float32; `[B, K, V]` at suffix positions `logits_at_bk`) of the rows of a
-    `rema_jax.rl.PrefixPlan` chunk `prefix` (`prefix_tokens [U, P]`, `row_prefix [B]`, ...).
+    `rema_jax.rl.PrefixPlan` chunk `prefix` (`prefix_tokens [U, P]`, `row_prefix [B]`, ...), or their
+    `HeadInputs` with `head_inputs` (as `forward`).
 
     Suffix position `j` of row `b` is the row's position `prefix_len[b] + j`: the same logits as
     `forward(config, params, tokens_bt, adapter, attention_mask=...)` there. `params` / `adapter` as
@@ -91,4 +94,5 @@ def forward_shared_prefix(
         jnp.asarray(prefix.suffix_tokens),
         jnp.asarray(prefix.suffix_mask),
         logits_at_bk,
+        head_inputs,
     )

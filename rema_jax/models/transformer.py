@@ -11,7 +11,7 @@ structure (no recompilation).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -266,7 +266,7 @@ class Transformer(nn.Module):
     lora_scale: float = 1.0
 
     @nn.compact
-    def __call__(self, tokens_bt, positions_bt, mask_bts, logits_at_bk=None):
+    def __call__(self, tokens_bt, positions_bt, mask_bts, logits_at_bk=None, head_inputs=False):
         cfg = self.config
         embed = embedding(cfg)
         x = embed(tokens_bt)
@@ -275,7 +275,7 @@ class Transformer(nn.Module):
         # so only the layer inputs stay alive between the passes (`tied_remat`).
         for i in range(cfg.num_layers):
             x, _ = apply_layer(self, cfg, self.lora_scale, i, x, cos, sin, mask_bts)
-        return lm_logits(cfg, embed, x, logits_at_bk)
+        return lm_head(self, cfg, embed, x, logits_at_bk, head_inputs)
 
 
 def embedding(cfg: ModelConfig) -> nn.Embed:
@@ -290,17 +290,39 @@ def embedding(cfg: ModelConfig) -> nn.Embed:
     )
 
 
-def lm_logits(cfg: ModelConfig, embed: nn.Embed, x_btd, logits_at_bk=None) -> jnp.ndarray:
+class HeadInputs(NamedTuple):
+    """The vocabulary projection, not yet applied: `logits = hidden_bkh @ W` (float32), where W is
+    `weight [H, V]`, or `weight [V, H]` transposed when the head is tied to the embedding (no
+    transposed copy is formed). Returned by the training forwards (`head_inputs=True`) so a loss can
+    project the positions it needs a chunk at a time (`rl.losses.sparse_token_logprobs_and_entropy`):
+    the `[B, K, V]` float32 logits and their log-softmax never exist whole. Lives inside one trace
+    (`tied` is a Python bool, not a traced leaf)."""
+
+    hidden_bkh: jnp.ndarray  # the final-normed hidden states at the requested positions
+    weight: jnp.ndarray
+    tied: bool
+
+    def logits(self, hidden_bkh: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+        """float32 logits `[..., V]` of `hidden_bkh` (default: all of `self.hidden_bkh`)."""
+        x = self.hidden_bkh if hidden_bkh is None else hidden_bkh
+        w = self.weight.astype(x.dtype)
+        return matmul_2d(x, w.T if self.tied else w).astype(jnp.float32)  # tied: = embed.attend(x), 2-D
+
+
+def lm_head(module: nn.Module, cfg: ModelConfig, embed: nn.Embed, x_btd, logits_at_bk=None, head_inputs: bool = False):
     """Final norm + vocabulary projection of the last hidden states `[B, T, hidden]` (only at
-    `logits_at_bk [B, K]` when given), float32. Call inside a compact `__call__`."""
+    `logits_at_bk [B, K]` when given): float32 logits, or with `head_inputs` the `HeadInputs` (apply
+    mode only). Call inside `module`'s compact `__call__`."""
     x = RMSNorm(cfg, name="norm")(x_btd)
     if logits_at_bk is not None:  # project only the positions the caller needs
         x = jnp.take_along_axis(x, logits_at_bk[..., None].astype(jnp.int32), axis=1)
     if cfg.tie_word_embeddings:
-        logits = matmul_2d(x, embed.embedding.astype(x.dtype).T)  # = embed.attend(x), 2-D
-    else:
-        logits = Proj(cfg, cfg.vocab_size, name="lm_head")(x)
-    return logits.astype(jnp.float32)
+        head = HeadInputs(x, embed.embedding, tied=True)
+    elif module.is_initializing():
+        return Proj(cfg, cfg.vocab_size, name="lm_head")(x).astype(jnp.float32)
+    else:  # the same product as Proj (no bias, never a LoRA target), from its variable
+        head = HeadInputs(x, module.variables["params"]["lm_head"]["kernel"], tied=False)
+    return head if head_inputs else head.logits()
 
 
 # ---------------------------------------------------------------------------- pure forward
@@ -326,7 +348,8 @@ def forward(
     positions_bt: Optional[jnp.ndarray] = None,
     attention_mask: Optional[jnp.ndarray] = None,
     logits_at_bk: Optional[jnp.ndarray] = None,
-) -> jnp.ndarray:
+    head_inputs: bool = False,
+) -> jnp.ndarray | HeadInputs:
     """Logits `[B, T, V]` (float32) for `tokens_bt [B, T]`, causal over the whole block (no KV cache;
     cached decoding is `rema_jax.sampling`, tested against this function).
 
@@ -340,6 +363,8 @@ def forward(
       logits_at_bk: optional `[B, K]` time indices; the vocabulary projection then runs only there and
         the result is `[B, K, V]` (RL losses need logits at the response tokens only, and the projection
         plus log-softmax over every prompt position dominates the cost for large vocabularies).
+      head_inputs: return the `HeadInputs` (final hidden states at `logits_at_bk` and the head weight)
+        instead of the logits, for a loss that projects them in chunks.
     """
     if tokens_bt.ndim != 2:
         raise ValueError(f"tokens_bt must be [batch, time], got shape {tokens_bt.shape}")
@@ -357,4 +382,6 @@ def forward(
             if attention_mask is None
             else jnp.maximum(jnp.cumsum(mask_bt.astype(jnp.int32), axis=1) - 1, 0)
         )
-    return Transformer(config, lora_scale).apply(variables, tokens_bt, positions_bt, mask_bts, logits_at_bk)
+    return Transformer(config, lora_scale).apply(
+        variables, tokens_bt, positions_bt, mask_bts, logits_at_bk, head_inputs
+    )

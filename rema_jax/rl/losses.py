@@ -44,6 +44,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from rema_jax.models.transformer import HeadInputs
+
 RATIO_MODES = ("token", "turn_geometric", "turn_arithmetic")
 AGG_MODES = ("token_mean", "turn_mean", "trajectory_mean", "seq_mean_token_sum_norm")
 SUM_NORM = "seq_mean_token_sum_norm"
@@ -176,17 +178,48 @@ def token_logprobs_and_entropy(logits_btv, tokens_bt, temperature: float = 1.0, 
     return jnp.concatenate([pad, logp], 1), jnp.concatenate([pad, ent], 1)
 
 
+def head_logprobs_and_entropy(head: HeadInputs, targets_bk, temperature: float, chunk_size: int = 0):
+    """Log-prob of `targets_bk [B, K]` and entropy at each of the K positions of `head` (the final
+    hidden states and the vocabulary projection, `models.HeadInputs`), float32 `[B, K]` each.
+
+    `chunk_size` 0: one block, `_logp_entropy_block(head.logits(), ...)`. `chunk_size` c > 0: the K
+    positions are split into n = ceil(K / c) equal chunks (K padded by < n positions) and a
+    `lax.map` projects and log-softmaxes one chunk at a time under `jax.checkpoint`, so at most
+    `[B, ceil(K / n), V]` float32 values live at once, in the forward and in the backward pass (which
+    recomputes the chunk's logits: one more `[B K, H] x [H, V]` product than the single block). The
+    values are the single block's (per-position math; the matmul's row count differs).
+    """
+    h_bkh = head.hidden_bkh
+    b, k, hdim = h_bkh.shape
+    if not chunk_size or chunk_size >= k:
+        return _logp_entropy_block(head.logits(), targets_bk, temperature)
+    n = -(-k // int(chunk_size))
+    c = -(-k // n)
+    pad = n * c - k
+    h_nbch = jnp.pad(h_bkh, ((0, 0), (0, pad), (0, 0))).reshape(b, n, c, hdim).swapaxes(0, 1)
+    t_nbc = jnp.pad(targets_bk, ((0, 0), (0, pad))).reshape(b, n, c).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk(h_bch, t_bc):
+        return _logp_entropy_block(head.logits(h_bch), t_bc, temperature)
+
+    logp_nbc, ent_nbc = jax.lax.map(lambda ht: chunk(*ht), (h_nbch, t_nbc))
+    unchunk = lambda x_nbc: x_nbc.swapaxes(0, 1).reshape(b, n * c)[:, :k]  # noqa: E731
+    return unchunk(logp_nbc), unchunk(ent_nbc)
+
+
 def sparse_token_logprobs_and_entropy(
-    logits_at_fn, tokens_bt, loss_mask_bt, max_loss_tokens: int, temperature: float = 1.0
+    logits_at_fn, tokens_bt, loss_mask_bt, max_loss_tokens: int, temperature: float = 1.0, *, chunk_size: int = 0
 ):
     """`token_logprobs_and_entropy` evaluated only at loss positions (same values there, 0 elsewhere).
 
-    `logits_at_fn(positions_bk) -> logits_bkv` returns the logits at the given time indices (e.g.
-    `models.forward(..., logits_at_bk=...)`). The first `max_loss_tokens` loss positions of each
-    row (static K) are gathered, so the vocabulary projection and fp32 log-softmax run on [B, K, V]
-    instead of [B, T, V]; RL sequences are mostly prompt, so this is several times cheaper. Rows
-    with more than K loss tokens must be rejected by the caller before tracing (values past K would
-    be dropped).
+    `logits_at_fn(positions_bk)` returns the logits `[B, K, V]` at the given time indices (e.g.
+    `models.forward(..., logits_at_bk=...)`), or their `models.HeadInputs` (`head_inputs=True`),
+    which `head_logprobs_and_entropy` projects `chunk_size` positions at a time. The first
+    `max_loss_tokens` loss positions of each row (static K) are gathered, so the vocabulary
+    projection and fp32 log-softmax run on [B, K, V] instead of [B, T, V]; RL sequences are mostly
+    prompt, so this is several times cheaper. Rows with more than K loss tokens must be rejected by
+    the caller before tracing (values past K would be dropped).
     Returns (logp_bt, entropy_bt) float32 [B, T], Contract 4 aligned.
     """
     b, t = tokens_bt.shape
@@ -196,9 +229,12 @@ def sparse_token_logprobs_and_entropy(
     order_bk = jnp.argsort(~mask, axis=1, stable=True)[:, :k]  # loss positions first, in order
     valid_bk = jnp.take_along_axis(mask, order_bk, axis=1)
     pos_bk = jnp.where(valid_bk, order_bk, 1)
-    logits_bkv = logits_at_fn(pos_bk - 1)
+    out = logits_at_fn(pos_bk - 1)
     targets_bk = jnp.take_along_axis(tokens_bt.astype(jnp.int32), pos_bk, axis=1)
-    logp_bk, ent_bk = _logp_entropy_block(logits_bkv, targets_bk, temperature)
+    if isinstance(out, HeadInputs):
+        logp_bk, ent_bk = head_logprobs_and_entropy(out, targets_bk, temperature, chunk_size)
+    else:
+        logp_bk, ent_bk = _logp_entropy_block(out, targets_bk, temperature)
     rows = jnp.arange(b)[:, None]
     zeros = jnp.zeros((b, t), jnp.float32)
     logp_bt = zeros.at[rows, pos_bk].add(jnp.where(valid_bk, logp_bk, 0.0))

@@ -193,9 +193,12 @@ def build_conversations(cfg: SFTConfig) -> tuple[dict[str, list[data_lib.Convers
 
 
 # ------------------------------------------------------------------------------------ step
-def masked_nll(logprobs_fn, tokens_bt, attention_mask_bt, loss_mask_bt, max_loss_tokens: int):
-    """Mean negative log-likelihood over the loss tokens of the batch, and their count."""
-    logp_bt, _ = rl.sparse_token_logprobs_and_entropy(logprobs_fn, tokens_bt, loss_mask_bt, max_loss_tokens, 1.0)
+def masked_nll(logprobs_fn, tokens_bt, attention_mask_bt, loss_mask_bt, max_loss_tokens: int, chunk_size: int = 0):
+    """Mean negative log-likelihood over the loss tokens of the batch, and their count (`logprobs_fn`
+    and `chunk_size` as in `rl.sparse_token_logprobs_and_entropy`)."""
+    logp_bt, _ = rl.sparse_token_logprobs_and_entropy(
+        logprobs_fn, tokens_bt, loss_mask_bt, max_loss_tokens, 1.0, chunk_size=chunk_size
+    )
     mask = loss_mask_bt.at[:, 0].set(0.0)
     count = mask.sum()
     return -(logp_bt * mask).sum() / jnp.maximum(count, 1.0), count
@@ -222,9 +225,12 @@ def make_sft_step(model_config, optimizer: rl.MultiAgentOptimizer, layout: Agent
                     adapter=adapter,
                     attention_mask=batch["attention_mask"],
                     logits_at_bk=pos_bk,
+                    head_inputs=True,
                 )
 
-            return masked_nll(logits_at, batch["tokens"], batch["attention_mask"], batch["loss_mask"], k)
+            return masked_nll(
+                logits_at, batch["tokens"], batch["attention_mask"], batch["loss_mask"], k, model_config.logits_chunk
+            )
 
         (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params[agent])
         new_params, new_opt, m = optimizer.step({agent: grads}, opt_state, params, (agent,))

@@ -178,6 +178,7 @@ def plan_memory(
     eval_batch: int = 0,
     prompt_len: Optional[int] = None,
     remat: bool = False,
+    logits_chunk: int = 0,
     runtime_bytes: int = 0,
     program_bytes: int = 0,
 ) -> MemoryPlan:
@@ -196,6 +197,8 @@ def plan_memory(
     None = every position). `eval_batch`: the held-out evaluation's sampler batch (its KV cache and
     prefill count when larger than the rollout's). `prompt_len`: the prefill's prompt bucket
     (default `cache_len`). `remat`: the training forward recomputes layers (`ModelConfig.remat`).
+    `logits_chunk`: loss positions projected at a time (`ModelConfig.logits_chunk`; 0 = all of them):
+    only one chunk's float32 logits, log-softmax and gradient are live.
     `runtime_bytes` / `program_bytes`: the process's XLA runtime and the compiled programs it keeps
     (host memory on CPU, where they share RAM with the arrays; 0 on accelerators).
     """
@@ -244,7 +247,11 @@ def plan_memory(
     )
     k = train_seq if loss_positions is None else min(loss_positions, train_seq)
     tv = sizes.get("tensor", 1) if config.vocab_size % sizes.get("tensor", 1) == 0 else 1
-    logits_b = int(batch_block * k * 3 * config.vocab_size / tv * 4)  # fp32 logits, log-softmax, gradient
+    if logits_chunk and logits_chunk < k:  # rl.losses.head_logprobs_and_entropy: n equal chunks
+        k_live = -(-k // -(-k // logits_chunk))
+    else:
+        k_live = k
+    logits_b = int(batch_block * k_live * 3 * config.vocab_size / tv * 4)  # fp32 logits, log-softmax, gradient
 
     reference_b = trainable_b if reference_copy else 0  # the shared model or the agents' adapters
     rows = {
@@ -265,7 +272,8 @@ def plan_memory(
     resident = params_b + adapters_b + reference_b + opt_b + int(runtime_bytes) + int(program_bytes)
     notes = (
         f"{adapter_kind} x{num_agents} agents, {optimizer_moments} optimizer moments per trainable value",
-        f"update micro-batch {train_batch}x{train_seq} ({batch_block} rows/device), {k} loss positions, "
+        f"update micro-batch {train_batch}x{train_seq} ({batch_block} rows/device), {k} loss positions "
+        f"({k_live} projected at a time), "
         f"remat {'on' if remat else 'off'}; sampler batch {sampler_batch} (rollout {rollout_batch}, "
         f"eval {eval_batch}), prompt {p_len}, cache {cache_len}",
         "rollout = params+adapters+reference+optimizer+fused+kv+prefill+runtime+programs; "

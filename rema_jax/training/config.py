@@ -42,7 +42,10 @@ class ModelSection:
     slot, masked) or ``ragged`` (only the slots written so far, blocked online softmax).
     remat: the training passes recompute each layer's activations in the backward pass instead of
     keeping them (``ModelConfig.remat``; the same ops, fp32 rounding apart): at the main command's
-    shapes the RL update's XLA:CPU scratch falls from 6.8 to 3.6 GB, for ~1/3 more FLOPs."""
+    shapes the RL update's XLA:CPU scratch falls from 6.8 to 3.6 GB, for ~1/3 more FLOPs.
+    logits_chunk: loss positions per chunk of the training passes' vocabulary projection and fp32
+    log-softmax (``ModelConfig.logits_chunk``; the same values), recomputed in the backward pass; 0 =
+    all K loss positions of a row in one ``[B, K, V]`` block."""
 
     source: str = "smollm2-135m"
     dtype: str = "float32"
@@ -53,8 +56,11 @@ class ModelSection:
     attention_impl: Literal["reference", "xla", "cudnn"] = "reference"
     decode_attention_impl: Literal["dense", "ragged"] = "dense"
     remat: bool = True
+    logits_chunk: int = 16
 
     def __post_init__(self):
+        if not isinstance(self.logits_chunk, int) or self.logits_chunk < 0:
+            raise ValueError(f"logits_chunk must be an int >= 0 (0 = no chunks), got {self.logits_chunk!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}; expected one of {DTYPES}")
         if self.param_dtype is not None and self.param_dtype not in DTYPES:

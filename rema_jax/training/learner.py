@@ -95,7 +95,9 @@ class Learner:
 
             def shared_logits_at(pos_bk):  # full-row positions -> the row's suffix positions
                 at_bk = jnp.maximum(pos_bk - prefix.prefix_len[:, None], 0)
-                return models.forward_shared_prefix(self.model_config, base, prefix, adapter, logits_at_bk=at_bk)
+                return models.forward_shared_prefix(
+                    self.model_config, base, prefix, adapter, logits_at_bk=at_bk, head_inputs=True
+                )
 
             def logits_at(pos_bk):
                 if prefix is not None:
@@ -107,9 +109,12 @@ class Learner:
                     adapter=adapter,
                     attention_mask=batch.attention_mask,
                     logits_at_bk=pos_bk,
+                    head_inputs=True,
                 )
 
-            return rl.sparse_token_logprobs_and_entropy(logits_at, batch.tokens, batch.loss_mask, k, temperature)
+            return rl.sparse_token_logprobs_and_entropy(
+                logits_at, batch.tokens, batch.loss_mask, k, temperature, chunk_size=self.model_config.logits_chunk
+            )
 
         return logprobs_fn
 

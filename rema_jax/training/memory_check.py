@@ -63,6 +63,7 @@ def check_memory(cfg: TrainConfig, layout: AgentLayout, model_config, sampler, m
         eval_batch=eval_rows,
         prompt_len=length_bucket(cfg.rollout.max_prompt_len),
         remat=model_config.remat,
+        logits_chunk=model_config.logits_chunk,
         runtime_bytes=CPU_RUNTIME_BYTES if cpu else 0,
         program_bytes=program_bytes(cfg, layout, model_config.num_layers) if cpu else 0,
     )
