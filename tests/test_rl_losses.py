@@ -290,10 +290,65 @@ def test_chunked_head_never_holds_the_whole_logits_block():
     weight = jnp.zeros((v, h), jnp.float32)
     targets = jnp.zeros((b, k), jnp.int32)
 
-    def temp_bytes(chunk):
-        loss = lambda hid: jnp.sum(head_logprobs_and_entropy(HeadInputs(hid, weight, True), targets, 1.0, chunk)[0])  # noqa: E731
+    def temp_bytes(chunk, frozen=False):
+        def loss(hid):
+            head = HeadInputs(hid, weight, True)
+            lp, _ = head_logprobs_and_entropy(
+                head, targets, 1.0, chunk, trained_head=not frozen, entropy_grad=not frozen
+            )
+            return jnp.sum(lp)
+
         return jax.jit(jax.grad(loss)).lower(hidden).compile().memory_analysis().temp_size_in_bytes
 
-    one_block, chunked = temp_bytes(0), temp_bytes(8)
+    one_block = temp_bytes(0)
     assert one_block >= block, (one_block, block)
-    assert chunked < block / 2, (chunked, block)
+    for frozen in (False, True):
+        chunked = temp_bytes(8, frozen)
+        assert chunked < block / 2, (frozen, chunked, block)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_frozen_head_chunks_match_one_block(tied):
+    """A head that is not trained and an entropy without gradient (a LoRA agent, entropy_coef = 0):
+    the custom VJP that forms d logp / d h in the forward pass gives the single block's log-probs,
+    entropies and hidden-state gradient (through the log-probs), and holds no [B, K, V] block."""
+    from rema_jax.models.transformer import HeadInputs
+    from rema_jax.rl.losses import head_logprobs_and_entropy
+
+    rng = np.random.default_rng(2)
+    b, k, h, v = 3, 11, 8, 37
+    hidden = jnp.asarray(rng.normal(size=(b, k, h)), jnp.float32)
+    weight = jnp.asarray(rng.normal(size=(v, h) if tied else (h, v)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, v, size=(b, k)), jnp.int32)
+    w_lp = jnp.asarray(rng.normal(size=(b, k)), jnp.float32)
+
+    def objective(hid, chunk, frozen):
+        lp, ent = head_logprobs_and_entropy(
+            HeadInputs(hid, weight, tied), targets, 0.7, chunk, trained_head=not frozen, entropy_grad=not frozen
+        )
+        return jnp.sum(jnp.square(lp * w_lp)), (lp, ent)  # nonlinear in logp: the cotangent varies
+
+    grad = jax.jit(jax.grad(objective, has_aux=True), static_argnums=(1, 2))
+    g_ref, (lp_ref, ent_ref) = grad(hidden, 0, False)
+    for chunk in (1, 4, 10):
+        g, (lp, ent) = grad(hidden, chunk, True)
+        np.testing.assert_allclose(lp, lp_ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ent, ent_ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-4 * float(jnp.max(jnp.abs(g_ref))))
+
+
+def test_frozen_head_refuses_a_weight_gradient():
+    """The frozen-head path closes over the weight: differentiating it there is an error (JAX's
+    UnexpectedTracerError: the weight's tracer escapes the custom VJP), never a silent zero."""
+    from rema_jax.models.transformer import HeadInputs
+    from rema_jax.rl.losses import head_logprobs_and_entropy
+
+    hidden, weight = jnp.ones((2, 6, 4)), jnp.ones((9, 4))
+    targets = jnp.zeros((2, 6), jnp.int32)
+
+    def loss(w):
+        head = HeadInputs(hidden, w, True)
+        return jnp.sum(head_logprobs_and_entropy(head, targets, 1.0, 2, trained_head=False, entropy_grad=False)[0])
+
+    with pytest.raises(jax.errors.UnexpectedTracerError):
+        jax.grad(loss)(weight)

@@ -44,7 +44,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from rema_jax.models.transformer import HeadInputs
+from rema_jax.models.transformer import HeadInputs, matmul_2d
 
 RATIO_MODES = ("token", "turn_geometric", "turn_arithmetic")
 AGG_MODES = ("token_mean", "turn_mean", "trajectory_mean", "seq_mean_token_sum_norm")
@@ -178,16 +178,28 @@ def token_logprobs_and_entropy(logits_btv, tokens_bt, temperature: float = 1.0, 
     return jnp.concatenate([pad, logp], 1), jnp.concatenate([pad, ent], 1)
 
 
-def head_logprobs_and_entropy(head: HeadInputs, targets_bk, temperature: float, chunk_size: int = 0):
+def head_logprobs_and_entropy(
+    head: HeadInputs,
+    targets_bk,
+    temperature: float,
+    chunk_size: int = 0,
+    *,
+    trained_head: bool = True,
+    entropy_grad: bool = True,
+):
     """Log-prob of `targets_bk [B, K]` and entropy at each of the K positions of `head` (the final
     hidden states and the vocabulary projection, `models.HeadInputs`), float32 `[B, K]` each.
 
     `chunk_size` 0: one block, `_logp_entropy_block(head.logits(), ...)`. `chunk_size` c > 0: the K
     positions are split into n = ceil(K / c) equal chunks (K padded by < n positions) and a
-    `lax.map` projects and log-softmaxes one chunk at a time under `jax.checkpoint`, so at most
-    `[B, ceil(K / n), V]` float32 values live at once, in the forward and in the backward pass (which
-    recomputes the chunk's logits: one more `[B K, H] x [H, V]` product than the single block). The
-    values are the single block's (per-position math; the matmul's row count differs).
+    `lax.map` projects and log-softmaxes one chunk at a time, so at most `[B, ceil(K / n), V]`
+    float32 values live at once, in the forward and in the backward pass. Its gradient:
+      - the head weight is not trained (`trained_head=False`: a LoRA agent's frozen base) and the
+        entropy has no gradient (`entropy_grad=False`: `entropy_coef == 0`): `_frozen_head_chunks`,
+        which forms d logp / d h in the forward pass; the cost is the single block's;
+      - otherwise `jax.checkpoint` per chunk: the backward pass recomputes the chunk's logits (one
+        more `[B K, H] x [H, V]` product than the single block).
+    The values are the single block's (per-position math; the matmul's row count differs).
     """
     h_bkh = head.hidden_bkh
     b, k, hdim = h_bkh.shape
@@ -198,24 +210,78 @@ def head_logprobs_and_entropy(head: HeadInputs, targets_bk, temperature: float, 
     pad = n * c - k
     h_nbch = jnp.pad(h_bkh, ((0, 0), (0, pad), (0, 0))).reshape(b, n, c, hdim).swapaxes(0, 1)
     t_nbc = jnp.pad(targets_bk, ((0, 0), (0, pad))).reshape(b, n, c).swapaxes(0, 1)
+    unchunk = lambda x_nbc: x_nbc.swapaxes(0, 1).reshape(b, n * c)[:, :k]  # noqa: E731
+    if not trained_head and not entropy_grad:
+        logp_nbc, ent_nbc = _frozen_head_chunks(head, h_nbch, t_nbc, temperature)
+        return unchunk(logp_nbc), unchunk(ent_nbc)
 
     @jax.checkpoint
     def chunk(h_bch, t_bc):
         return _logp_entropy_block(head.logits(h_bch), t_bc, temperature)
 
     logp_nbc, ent_nbc = jax.lax.map(lambda ht: chunk(*ht), (h_nbch, t_nbc))
-    unchunk = lambda x_nbc: x_nbc.swapaxes(0, 1).reshape(b, n * c)[:, :k]  # noqa: E731
     return unchunk(logp_nbc), unchunk(ent_nbc)
 
 
+def _frozen_head_chunks(head: HeadInputs, h_nbch, t_nbc, temperature: float):
+    """`lax.map` over the chunks of the log-prob and entropy of a head whose weight is not trained,
+    with a custom VJP for the hidden states only: the forward pass also forms, per position,
+        G = d logp / d h = (W[:, target] - sum_v p_v W[:, v]) / T        ([B, c, H], from p @ W^T),
+    so the backward is dh = g_logp * G: no logits are kept or recomputed, and the cost is the
+    single block's (the product p @ W^T replaces the backward's (onehot - p) / T @ W^T). The
+    entropy's gradient is taken as zero (use only where it is not trained: `entropy_coef == 0`).
+    Differentiating the weight through it is an error (it is closed over, never a VJP input: JAX
+    raises UnexpectedTracerError), never a silent zero gradient."""
+    weight, tied, h_dtype = head.weight, head.tied, h_nbch.dtype
+
+    def chunk(ht):
+        h_bch, t_bc = ht
+        x = head.logits(h_bch) / temperature
+        lse = jax.nn.logsumexp(x, axis=-1)
+        p = jnp.exp(x - lse[..., None])
+        logp = jnp.take_along_axis(x, t_bc[..., None], axis=-1)[..., 0] - lse
+        ent = lse - jnp.sum(p * x, axis=-1)
+        w = weight.astype(jnp.float32)
+        if tied:  # weight [V, H]
+            w_t, p_w = w[t_bc], matmul_2d(p, w)
+        else:  # weight [H, V]
+            w_t, p_w = jnp.moveaxis(jnp.take(w, t_bc, axis=1), 0, -1), matmul_2d(p, w.T)
+        return logp, ent, (w_t - p_w) / temperature
+
+    @jax.custom_vjp
+    def logp_ent(h_nbch):
+        logp, ent, _ = jax.lax.map(chunk, (h_nbch, t_nbc))
+        return logp, ent
+
+    def fwd(h_nbch):
+        logp, ent, g = jax.lax.map(chunk, (h_nbch, t_nbc))
+        return (logp, ent), g
+
+    def bwd(g_nbch, cts):
+        g_logp, _ = cts
+        return ((g_logp[..., None] * g_nbch).astype(h_dtype),)
+
+    logp_ent.defvjp(fwd, bwd)
+    return logp_ent(h_nbch)
+
+
 def sparse_token_logprobs_and_entropy(
-    logits_at_fn, tokens_bt, loss_mask_bt, max_loss_tokens: int, temperature: float = 1.0, *, chunk_size: int = 0
+    logits_at_fn,
+    tokens_bt,
+    loss_mask_bt,
+    max_loss_tokens: int,
+    temperature: float = 1.0,
+    *,
+    chunk_size: int = 0,
+    trained_head: bool = True,
+    entropy_grad: bool = True,
 ):
     """`token_logprobs_and_entropy` evaluated only at loss positions (same values there, 0 elsewhere).
 
     `logits_at_fn(positions_bk)` returns the logits `[B, K, V]` at the given time indices (e.g.
     `models.forward(..., logits_at_bk=...)`), or their `models.HeadInputs` (`head_inputs=True`),
-    which `head_logprobs_and_entropy` projects `chunk_size` positions at a time. The first
+    which `head_logprobs_and_entropy` projects `chunk_size` positions at a time (`trained_head`,
+    `entropy_grad`: whether the head weight and the entropy need gradients; see there). The first
     `max_loss_tokens` loss positions of each row (static K) are gathered, so the vocabulary
     projection and fp32 log-softmax run on [B, K, V] instead of [B, T, V]; RL sequences are mostly
     prompt, so this is several times cheaper. Rows with more than K loss tokens must be rejected by
@@ -232,7 +298,9 @@ def sparse_token_logprobs_and_entropy(
     out = logits_at_fn(pos_bk - 1)
     targets_bk = jnp.take_along_axis(tokens_bt.astype(jnp.int32), pos_bk, axis=1)
     if isinstance(out, HeadInputs):
-        logp_bk, ent_bk = head_logprobs_and_entropy(out, targets_bk, temperature, chunk_size)
+        logp_bk, ent_bk = head_logprobs_and_entropy(
+            out, targets_bk, temperature, chunk_size, trained_head=trained_head, entropy_grad=entropy_grad
+        )
     else:
         logp_bk, ent_bk = _logp_entropy_block(out, targets_bk, temperature)
     rows = jnp.arange(b)[:, None]

@@ -193,11 +193,26 @@ def build_conversations(cfg: SFTConfig) -> tuple[dict[str, list[data_lib.Convers
 
 
 # ------------------------------------------------------------------------------------ step
-def masked_nll(logprobs_fn, tokens_bt, attention_mask_bt, loss_mask_bt, max_loss_tokens: int, chunk_size: int = 0):
-    """Mean negative log-likelihood over the loss tokens of the batch, and their count (`logprobs_fn`
-    and `chunk_size` as in `rl.sparse_token_logprobs_and_entropy`)."""
+def masked_nll(
+    logprobs_fn,
+    tokens_bt,
+    attention_mask_bt,
+    loss_mask_bt,
+    max_loss_tokens: int,
+    chunk_size: int = 0,
+    trained_head: bool = True,
+):
+    """Mean negative log-likelihood over the loss tokens of the batch, and their count (`logprobs_fn`,
+    `chunk_size` and `trained_head` as in `rl.sparse_token_logprobs_and_entropy`; no entropy gradient)."""
     logp_bt, _ = rl.sparse_token_logprobs_and_entropy(
-        logprobs_fn, tokens_bt, loss_mask_bt, max_loss_tokens, 1.0, chunk_size=chunk_size
+        logprobs_fn,
+        tokens_bt,
+        loss_mask_bt,
+        max_loss_tokens,
+        1.0,
+        chunk_size=chunk_size,
+        trained_head=trained_head,
+        entropy_grad=False,
     )
     mask = loss_mask_bt.at[:, 0].set(0.0)
     count = mask.sum()
@@ -229,7 +244,13 @@ def make_sft_step(model_config, optimizer: rl.MultiAgentOptimizer, layout: Agent
                 )
 
             return masked_nll(
-                logits_at, batch["tokens"], batch["attention_mask"], batch["loss_mask"], k, model_config.logits_chunk
+                logits_at,
+                batch["tokens"],
+                batch["attention_mask"],
+                batch["loss_mask"],
+                k,
+                model_config.logits_chunk,
+                trained_head=not (adapter is not None and adapter.kind == "lora"),
             )
 
         (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params[agent])

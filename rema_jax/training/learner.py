@@ -112,8 +112,16 @@ class Learner:
                     head_inputs=True,
                 )
 
+            # A LoRA agent's head (the base's) is frozen; the entropy is trained only with a bonus.
             return rl.sparse_token_logprobs_and_entropy(
-                logits_at, batch.tokens, batch.loss_mask, k, temperature, chunk_size=self.model_config.logits_chunk
+                logits_at,
+                batch.tokens,
+                batch.loss_mask,
+                k,
+                temperature,
+                chunk_size=self.model_config.logits_chunk,
+                trained_head=not (adapter is not None and adapter.kind == "lora"),
+                entropy_grad=self.config.loss.entropy_coef > 0,
             )
 
         return logprobs_fn
