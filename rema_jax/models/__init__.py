@@ -12,7 +12,7 @@ from rema_jax.models.hub import LoadedModel, ModelSourceError, load
 from rema_jax.models.layers import dot_product_attention, rms_norm
 from rema_jax.models.rope import apply_rope, apply_rope_cos_sin, rope_cos_sin
 from rema_jax.models.shared_prefix import forward_shared_prefix
-from rema_jax.models.transformer import forward, lora_delta, param_shapes
+from rema_jax.models.transformer import HeadInputs, forward, lora_delta, param_shapes
 
 __all__ = [
     "Adapter",
@@ -35,6 +35,7 @@ __all__ = [
     "dot_product_attention",
     "forward",
     "forward_shared_prefix",
+    "HeadInputs",
     "lora_delta",
     "param_shapes",
     "rms_norm",

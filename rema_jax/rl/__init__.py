@@ -19,6 +19,7 @@ from rema_jax.rl.losses import (
     KL_ESTIMATORS,
     RATIO_MODES,
     LossConfig,
+    head_logprobs_and_entropy,
     kl_estimate,
     loss_normalizers,
     ppo_loss,
