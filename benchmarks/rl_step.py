@@ -14,7 +14,10 @@ batches and the old / reference log-prob passes), update (the jitted optimizer s
 and the XLA backend compiles during each phase (count and seconds, from jax.monitoring, attributed to
 the phase that was running). A phase that compiled is not a steady-state figure (its time includes
 tracing and compiling), and the two variants compile in different steps (the shared-prefix buckets
-grow), so the comparison uses the (step, phase) cells that compiled in *neither* variant:
+grow), so the comparison uses the (step, phase) cells that compiled in *neither* variant (a cell
+whose compiles took under ``QUIET_COMPILE_FRACTION`` = 1% of its time counts as not compiling: after
+``memory.release_programs='phase'`` clears JAX's caches, small jitted helpers recompile in
+milliseconds in every later rollout):
 
     steady_p(v) = mean over those steps i of t_v[i][p],    steady step(v) = sum_p steady_p(v),
     speedup = steady step(off) / steady step(on),          speedup_p = steady_p(off) / steady_p(on).
@@ -152,16 +155,28 @@ def _attribute_compiles(trainer, current: dict) -> None:
     trainer.learner.update = during("update", trainer.learner.update)
 
 
+QUIET_COMPILE_FRACTION = 0.01
+
+
+def _compiled(step: dict, phase: str) -> bool:
+    """Whether ``phase`` of ``step`` compiled for more than ``QUIET_COMPILE_FRACTION`` of its time (any
+    compile when the step has no compile seconds)."""
+    if step["compiles"].get(phase, 0) == 0:
+        return False
+    seconds = step.get("compile_s", {}).get(phase)
+    return seconds is None or seconds > QUIET_COMPILE_FRACTION * step[phase]
+
+
 def steady_state(variants: dict[str, list[dict]]) -> dict[str, dict]:
-    """Per variant, the mean time of each phase over the steps in which that phase compiled in no
-    variant, and their sum ("step"); ``cells[p]`` = those steps (1-based). A phase without such a step
-    is None (and so is "step")."""
+    """Per variant, the mean time of each phase over the steps in which that phase compiled (see
+    ``_compiled``) in no variant, and their sum ("step"); ``cells[p]`` = those steps (1-based). A phase
+    without such a step is None (and so is "step")."""
     names = list(variants)
     n = min(len(v) for v in variants.values())
     out = {v: {} for v in names}
     cells = {}
     for p in PHASES[:-1]:
-        quiet = [i for i in range(n) if all(variants[v][i]["compiles"].get(p, 0) == 0 for v in names)]
+        quiet = [i for i in range(n) if not any(_compiled(variants[v][i], p) for v in names)]
         cells[p] = [i + 1 for i in quiet]
         for v in names:
             out[v][p] = statistics.fmean(variants[v][i][p] for i in quiet) if quiet else None

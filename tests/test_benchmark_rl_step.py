@@ -36,6 +36,16 @@ def test_steady_state_uses_the_phases_that_compiled_in_neither_variant():
     assert st["off"]["update"] is None and st["off"]["step"] is None and st["off"]["prepare"] == 1
 
 
+def test_milliseconds_of_compiles_do_not_make_a_phase_unsteady():
+    """A rollout that recompiled two small helpers (0.04 s of its 20 s) is a steady cell; one that
+    spent 8 of its 26 s compiling is not."""
+    bench = _bench()
+    helpers = {**_step(20, {"rollout": 2}), "compile_s": {"rollout": 0.04}}
+    heavy = {**_step(26, {"rollout": 6}), "compile_s": {"rollout": 8.0}}
+    st = bench.steady_state({"off": [heavy, helpers], "on": [heavy, helpers]})
+    assert st["off"]["cells"]["rollout"] == [2] and st["off"]["rollout"] == 20
+
+
 @pytest.mark.slow
 def test_the_benchmark_runs_both_variants_and_prints_json(benchmark_json):
     out, stdout = benchmark_json("benchmarks/rl_step.py", "--tiny", "--steps", "2")
