@@ -247,6 +247,14 @@ def test_sparse_logprobs_match_dense_at_loss_positions():
     np.testing.assert_allclose(ent, dense_ent * m, atol=1e-6)
 
 
+def _head_problem(seed: int, tied: bool, b: int = 3, k: int = 11, h: int = 8, v: int = 37):
+    """(rng, hidden [b, k, h], head weight ([v, h] tied, else [h, v]), targets [b, k]), float32."""
+    rng = np.random.default_rng(seed)
+    hidden = jnp.asarray(rng.normal(size=(b, k, h)), jnp.float32)
+    weight = jnp.asarray(rng.normal(size=(v, h) if tied else (h, v)), jnp.float32)
+    return rng, hidden, weight, jnp.asarray(rng.integers(0, v, size=(b, k)), jnp.int32)
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_chunked_head_logprobs_match_one_block_values_and_gradients(tied):
     """The vocabulary projection + log-softmax over chunks of K (K = 11, not a multiple of the chunk)
@@ -255,11 +263,8 @@ def test_chunked_head_logprobs_match_one_block_values_and_gradients(tied):
     from rema_jax.models.transformer import HeadInputs
     from rema_jax.rl.losses import head_logprobs_and_entropy
 
-    rng = np.random.default_rng(1)
-    b, k, h, v = 3, 11, 8, 37
-    hidden = jnp.asarray(rng.normal(size=(b, k, h)), jnp.float32)
-    weight = jnp.asarray(rng.normal(size=(v, h) if tied else (h, v)), jnp.float32)
-    targets = jnp.asarray(rng.integers(0, v, size=(b, k)), jnp.int32)
+    rng, hidden, weight, targets = _head_problem(1, tied)
+    b, k = targets.shape
     w_lp = jnp.asarray(rng.normal(size=(b, k)), jnp.float32)
     w_ent = jnp.asarray(rng.normal(size=(b, k)), jnp.float32)
 
@@ -315,12 +320,8 @@ def test_frozen_head_chunks_match_one_block(tied):
     from rema_jax.models.transformer import HeadInputs
     from rema_jax.rl.losses import head_logprobs_and_entropy
 
-    rng = np.random.default_rng(2)
-    b, k, h, v = 3, 11, 8, 37
-    hidden = jnp.asarray(rng.normal(size=(b, k, h)), jnp.float32)
-    weight = jnp.asarray(rng.normal(size=(v, h) if tied else (h, v)), jnp.float32)
-    targets = jnp.asarray(rng.integers(0, v, size=(b, k)), jnp.int32)
-    w_lp = jnp.asarray(rng.normal(size=(b, k)), jnp.float32)
+    rng, hidden, weight, targets = _head_problem(2, tied)
+    w_lp = jnp.asarray(rng.normal(size=targets.shape), jnp.float32)
 
     def objective(hid, chunk, frozen):
         lp, ent = head_logprobs_and_entropy(
