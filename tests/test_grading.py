@@ -133,7 +133,11 @@ def test_input_validation():
 
 
 def test_pathological_inputs_score_zero_and_pool_is_reused():
-    """Pathological strings score 0 (math-verify's own limits or the outer timeout), never hang."""
+    """Pathological strings score 0 (math-verify's own limits or the outer timeout), never hang.
+
+    The outer timeout is 20 s. With 120 s the deep-parentheses string ran into it whenever the main
+    module imported pytest (122 s of the suite); with 20 or 30 s, or without pytest, the batch takes
+    12 s. Not understood (tracked in the issue notes); the test is about scoring 0, not the cause."""
     preds = [
         "\\boxed{3}",
         "\\boxed{" + "{" * 5000 + "1" + "}" * 5000 + "}",  # deeply nested braces
@@ -143,7 +147,7 @@ def test_pathological_inputs_score_zero_and_pool_is_reused():
         "x \\boxed{4}",
     ]
     golds = ["3", "3", "3", "3", "3", "4"]
-    with mg.MathGrader(mg.GradingConfig(timeout_s=NEVER / 5, workers=2)) as grader:
+    with mg.MathGrader(mg.GradingConfig(timeout_s=20.0, workers=2)) as grader:
         results = grader.grade_batch(preds, golds)
         again = grader.grade_batch(["\\boxed{12}"], ["12"])  # the same pool, next call
     assert [r.correct for r in results] == [True, False, False, False, False, True]
