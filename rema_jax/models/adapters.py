@@ -33,6 +33,12 @@ class Adapter:
     scale: float = struct.field(pytree_node=False, default=1.0)
 
 
+def trains_head(adapter: "Adapter | None") -> bool:
+    """Whether an agent with this adapter trains the LM head: a full copy or the shared model (None)
+    does; a LoRA agent's head is the frozen base's (LoRA never targets it)."""
+    return not (adapter is not None and adapter.kind == "lora")
+
+
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
     """How an agent's adapter is built. `rank`/`alpha`/`targets` only matter for `lora`."""

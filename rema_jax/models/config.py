@@ -70,7 +70,7 @@ class ModelConfig:
     decode_attention_impl: str = "dense"  # one-token decode attention: dense | ragged
     remat: bool = False  # training forward: recompute each layer in the backward pass (same values)
     # training log-prob / loss passes: loss positions per chunk of the vocabulary projection and its
-    # fp32 log-softmax, recomputed in the backward pass (rl.losses.head_logprobs_and_entropy); 0 = one block
+    # fp32 log-softmax (rl.losses.head_logprobs_and_entropy); 0 = one block
     logits_chunk: int = 0
 
     def __post_init__(self):

@@ -309,6 +309,16 @@ class HeadInputs(NamedTuple):
         return matmul_2d(x, w.T if self.tied else w).astype(jnp.float32)  # tied: = embed.attend(x), 2-D
 
 
+def head_chunks(k: int, chunk_size: int) -> tuple[int, int]:
+    """(n, c): K loss positions projected in n equal chunks of c <= `chunk_size` positions (K padded by
+    n * c - K < n); (1, K) for `chunk_size` 0 or >= K. `rl.losses.head_logprobs_and_entropy` and the
+    memory plan use it."""
+    if not chunk_size or chunk_size >= k:
+        return 1, k
+    n = -(-k // int(chunk_size))
+    return n, -(-k // n)
+
+
 def lm_head(module: nn.Module, cfg: ModelConfig, embed: nn.Embed, x_btd, logits_at_bk=None, head_inputs: bool = False):
     """Final norm + vocabulary projection of the last hidden states `[B, T, hidden]` (only at
     `logits_at_bk [B, K]` when given): float32 logits, or with `head_inputs` the `HeadInputs` (apply

@@ -44,7 +44,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from rema_jax.models.transformer import HeadInputs, matmul_2d
+from rema_jax.models.transformer import HeadInputs, head_chunks, matmul_2d
 
 RATIO_MODES = ("token", "turn_geometric", "turn_arithmetic")
 AGG_MODES = ("token_mean", "turn_mean", "trajectory_mean", "seq_mean_token_sum_norm")
@@ -203,10 +203,9 @@ def head_logprobs_and_entropy(
     """
     h_bkh = head.hidden_bkh
     b, k, hdim = h_bkh.shape
-    if not chunk_size or chunk_size >= k:
+    n, c = head_chunks(k, chunk_size)
+    if n == 1:
         return _logp_entropy_block(head.logits(), targets_bk, temperature)
-    n = -(-k // int(chunk_size))
-    c = -(-k // n)
     pad = n * c - k
     h_nbch = jnp.pad(h_bkh, ((0, 0), (0, pad), (0, 0))).reshape(b, n, c, hdim).swapaxes(0, 1)
     t_nbc = jnp.pad(targets_bk, ((0, 0), (0, pad))).reshape(b, n, c).swapaxes(0, 1)

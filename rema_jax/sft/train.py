@@ -28,7 +28,7 @@ import numpy as np
 
 from rema_jax import models, rl
 from rema_jax.config_utils import from_dict, to_dict
-from rema_jax.models.adapters import Adapter, AdapterConfig
+from rema_jax.models.adapters import Adapter, AdapterConfig, trains_head
 from rema_jax.rollout import ChatEncoder
 from rema_jax.rollout import prompts as prompts_lib
 from rema_jax.rollout.prompts import META_THINKING, REASONING, SINGLE
@@ -250,7 +250,7 @@ def make_sft_step(model_config, optimizer: rl.MultiAgentOptimizer, layout: Agent
                 batch["loss_mask"],
                 k,
                 model_config.logits_chunk,
-                trained_head=not (adapter is not None and adapter.kind == "lora"),
+                trained_head=trains_head(adapter),
             )
 
         (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params[agent])

@@ -23,7 +23,7 @@ from rema_jax.models import layers
 from rema_jax.models.adapters import ALL_TARGETS
 from rema_jax.models.config import ModelConfig
 from rema_jax.models.layers import ATTENTION_PROJS
-from rema_jax.models.transformer import param_shapes
+from rema_jax.models.transformer import head_chunks, param_shapes
 from rema_jax.sharding.mesh import mesh_sizes
 from rema_jax.sharding.rules import CACHE_AXES, DEFAULT_RULES, Rules, ShardingPlan, iter_param_specs, shard_shape
 
@@ -247,10 +247,7 @@ def plan_memory(
     )
     k = train_seq if loss_positions is None else min(loss_positions, train_seq)
     tv = sizes.get("tensor", 1) if config.vocab_size % sizes.get("tensor", 1) == 0 else 1
-    if logits_chunk and logits_chunk < k:  # rl.losses.head_logprobs_and_entropy: n equal chunks
-        k_live = -(-k // -(-k // logits_chunk))
-    else:
-        k_live = k
+    _, k_live = head_chunks(k, logits_chunk)  # rl.losses.head_logprobs_and_entropy's chunks
     logits_b = int(batch_block * k_live * 3 * config.vocab_size / tv * 4)  # fp32 logits, log-softmax, gradient
 
     reference_b = trainable_b if reference_copy else 0  # the shared model or the agents' adapters

@@ -44,8 +44,9 @@ class ModelSection:
     keeping them (``ModelConfig.remat``; the same ops, fp32 rounding apart): at the main command's
     shapes the RL update's XLA:CPU scratch falls from 6.8 to 3.6 GB, for ~1/3 more FLOPs.
     logits_chunk: loss positions per chunk of the training passes' vocabulary projection and fp32
-    log-softmax (``ModelConfig.logits_chunk``; the same values), recomputed in the backward pass; 0 =
-    all K loss positions of a row in one ``[B, K, V]`` block."""
+    log-softmax (``ModelConfig.logits_chunk``; the same values; see
+    ``rl.losses.head_logprobs_and_entropy`` for the backward pass); 0 = all K loss positions of a row
+    in one ``[B, K, V]`` block."""
 
     source: str = "smollm2-135m"
     dtype: str = "float32"

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rema_jax import models, rl, sharding
+from rema_jax.models.adapters import trains_head
 from rema_jax.rl.batch import TrainBatch, host_rows
 from rema_jax.training.layout import AgentLayout
 
@@ -112,7 +113,7 @@ class Learner:
                     head_inputs=True,
                 )
 
-            # A LoRA agent's head (the base's) is frozen; the entropy is trained only with a bonus.
+            # The entropy is trained only with a bonus.
             return rl.sparse_token_logprobs_and_entropy(
                 logits_at,
                 batch.tokens,
@@ -120,7 +121,7 @@ class Learner:
                 k,
                 temperature,
                 chunk_size=self.model_config.logits_chunk,
-                trained_head=not (adapter is not None and adapter.kind == "lora"),
+                trained_head=trains_head(adapter),
                 entropy_grad=self.config.loss.entropy_coef > 0,
             )
 
