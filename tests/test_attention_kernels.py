@@ -72,7 +72,7 @@ def test_unknown_kernels_are_config_errors():
 
 
 def _cache(rng, b=3, kv=2, c=256, d=8):
-    k = jnp.asarray(rng.normal(size=(b, kv, c, d)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(b, kv, d, c)), jnp.float32)  # keys transposed: [B, kv, hd, C]
     v = jnp.asarray(rng.normal(size=(b, kv, c, d)), jnp.float32)
     return layers.KVCache(k, v)
 

@@ -141,16 +141,20 @@ def test_kv_cache_layout_and_write():
     b, t, c = 2, 3, 8
     k = jnp.arange(b * t * cfg.num_kv_heads * cfg.head_dim, dtype=jnp.float32).reshape(b, t, cfg.num_kv_heads, -1)
     cache = layers.kv_cache_from_block(k, -k, c)
-    assert cache.k.shape == layers.kv_cache_shape(cfg, b, c) == (b, cfg.num_kv_heads, c, cfg.head_dim)
-    np.testing.assert_array_equal(cache.k[:, :, :t], np.asarray(k).transpose(0, 2, 1, 3))
-    assert not np.asarray(cache.k[:, :, t:]).any()
+    kv, hd = cfg.num_kv_heads, cfg.head_dim
+    assert layers.kv_cache_shapes(cfg, b, c) == ((b, kv, hd, c), (b, kv, c, hd))
+    assert (cache.k.shape, cache.v.shape) == layers.kv_cache_shapes(cfg, b, c)
+    np.testing.assert_array_equal(cache.k[..., :t], np.asarray(k).transpose(0, 2, 3, 1))  # keys: [B, kv, hd, C]
+    np.testing.assert_array_equal(cache.v[:, :, :t], -np.asarray(k).transpose(0, 2, 1, 3))  # values: [B, kv, C, hd]
+    assert not np.asarray(cache.k[..., t:]).any() and not np.asarray(cache.v[:, :, t:]).any()
     new = k[:, :1] + 1000
     cache = layers.kv_cache_write(cache, new, -new, jnp.int32(5))
-    np.testing.assert_array_equal(cache.k[:, :, 5], np.asarray(new)[:, 0])
+    np.testing.assert_array_equal(cache.k[..., 5], np.asarray(new)[:, 0])
     np.testing.assert_array_equal(cache.v[:, :, 5], -np.asarray(new)[:, 0])
+    np.testing.assert_array_equal(cache.k[..., :t], np.asarray(k).transpose(0, 2, 3, 1))  # untouched
     zeros = layers.init_kv_cache(cfg, b, c)
     assert len(zeros) == cfg.num_layers and zeros[0].k.dtype == layers.kv_cache_dtype(cfg)
-    assert zeros[0].k.shape == layers.kv_cache_shape(cfg, b, c)
+    assert (zeros[0].k.shape, zeros[0].v.shape) == layers.kv_cache_shapes(cfg, b, c)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

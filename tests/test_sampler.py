@@ -7,7 +7,7 @@ import pytest
 
 from rema_jax.models import forward, layers
 from rema_jax.models.adapters import Adapter, AdapterConfig, init_adapter
-from rema_jax.models.config import Llama3RopeScaling
+from rema_jax.models.config import Llama3RopeScaling, ModelConfigError
 from rema_jax.models.testing import random_params, tiny_config
 from rema_jax.sampling import Generation, Sampler, SamplingParams, kernel, ops, stops
 
@@ -50,11 +50,16 @@ def _lora(seed, config=CFG, params=PARAMS):
 
 
 # --------------------------------------------------------------------------- kernel vs forward
-@pytest.mark.parametrize("variant", ["llama", "llama3_rope_scaling", "qwen2_bias_tied", "lora"])
+@pytest.mark.parametrize(
+    "variant", ["llama", "llama3_rope_scaling", "qwen2_bias_tied", "lora", "qwen2_bias_tied 3 blocks", "lora 3 blocks"]
+)
 def test_cache_decode_logits_equal_full_forward(variant):
     """Prefill + decode (the only KV-cache path) vs the uncached training forward, left-padded rows:
-    against the padded batch under its mask and against each row alone, unpadded."""
+    against the padded batch under its mask and against each row alone, unpadded. "3 blocks": every
+    fused kernel (and the tied head) cut into 3 uneven column blocks."""
     cfg, adapter = CFG, None
+    blocks = 3 if variant.endswith("3 blocks") else 1
+    variant = variant.removesuffix(" 3 blocks")
     if variant == "qwen2_bias_tied":
         cfg = tiny_config(vocab_size=CFG.vocab_size, family="qwen2", attention_bias=True, tie_word_embeddings=True)
     if variant == "llama3_rope_scaling":
@@ -62,7 +67,8 @@ def test_cache_decode_logits_equal_full_forward(variant):
     params = random_params(cfg, jax.random.key(3))
     if variant == "lora":
         adapter = _lora(7, cfg, params)
-    fp = kernel.fuse_params(cfg, params, adapter)
+    fp = kernel.fuse_params(cfg, params, adapter, blocks)
+    assert all(len(w) == blocks for w in (fp.lm_head_hv, fp.layers[0].w_qkv, fp.layers[0].w_down))
     rng = np.random.default_rng(0)
     p, n_new = 8, 5
     pad = np.array([3, 0, 6], np.int32)
@@ -73,7 +79,7 @@ def test_cache_decode_logits_equal_full_forward(variant):
     alone = [np.asarray(forward(cfg, params, jnp.asarray(tokens[i : i + 1, pad[i] :]), adapter))[0] for i in range(3)]
     caches, logits = kernel.prefill(cfg, fp, jnp.asarray(tokens[:, :p]), jnp.asarray(pad), p + n_new)
     assert len(caches) == cfg.num_layers and isinstance(caches[0], layers.KVCache)
-    assert caches[0].k.shape == caches[0].v.shape == layers.kv_cache_shape(cfg, 3, p + n_new)
+    assert (caches[0].k.shape, caches[0].v.shape) == layers.kv_cache_shapes(cfg, 3, p + n_new)
     assert caches[0].k.dtype == layers.kv_cache_dtype(cfg)
     np.testing.assert_allclose(np.asarray(logits), ref[:, p - 1], atol=2e-5, rtol=1e-5)
     for t in range(n_new):
@@ -424,10 +430,42 @@ def test_a_full_fused_cache_evicts_before_fusing_the_next_agent(cache_size, expe
 
     sampler._compiled = recording
     agents = [_lora(10 * i) for i in range(3)]
-    fused = [sampler._fused_params(PARAMS, a) for a in agents]
+    fused = [sampler._fused_params(PARAMS, a, 8) for a in agents]
     assert cached_at_fuse == expected
-    assert sampler._fused_params(PARAMS, agents[2]) is fused[2]  # the newest copy is reused, not refused
+    assert sampler._fused_params(PARAMS, agents[2], 8) is fused[2]  # the newest copy is reused, not refused
     assert len(sampler._fused) == cache_size
+
+
+def test_column_blocks_policy_and_the_same_generations():
+    """Auto column blocks: 2 from batch bucket 4 up on this one-device CPU, 1 below (reusing any
+    cached copy); a fixed `sampler_column_blocks` always. Blocks change no token nor log-prob."""
+    sampler = Sampler(CFG, TOKENIZER, max_cache_len=64)
+    assert jax.default_backend() == "cpu" and jax.device_count() == 1
+    assert sampler.column_blocks(3) == (2, False) and sampler.column_blocks(32) == (2, False)
+    assert sampler.column_blocks(1) == (1, True) and sampler.column_blocks(2) == (1, True)
+    fixed = Sampler(CFG.replace(sampler_column_blocks=3), TOKENIZER, max_cache_len=64)
+    assert fixed.column_blocks(1) == (3, False) and fixed.column_blocks(32) == (3, False)
+    with pytest.raises(ModelConfigError, match="sampler_column_blocks"):
+        CFG.replace(sampler_column_blocks=-1)
+    with pytest.raises(ValueError, match="column_blocks"):
+        kernel.fuse_params(CFG, PARAMS, None, 0)
+
+    prompts = PROMPTS + [[30, 31, 32]]  # batch bucket 4: two blocks under auto
+    sp = SamplingParams(max_new_tokens=6, temperature=1.0, ignore_eos=True)
+    one = Sampler(CFG.replace(sampler_column_blocks=1), TOKENIZER, max_cache_len=64).generate(
+        PARAMS, None, prompts, sp, seed=5
+    )
+    two = sampler.generate(PARAMS, None, prompts, sp, seed=5)
+    assert sampler._fused[0][1] == 2 and len(sampler._fused[0][2].lm_head_hv) == 2
+    assert [g.token_ids for g in two] == [g.token_ids for g in one]
+    np.testing.assert_allclose([g.logprobs for g in two], [g.logprobs for g in one], atol=1e-5)
+    sampler.generate(PARAMS, None, prompts[:1], sp, seed=5)  # a one-row call reuses the 2-block copy
+    assert len(sampler._fused) == 1 and sampler._fused[0][1] == 2
+    assert [k[-1] for k in sampler.program_keys() if k[0] == "fuse"] == [2]
+    small = Sampler(CFG, TOKENIZER, max_cache_len=64)
+    small.generate(PARAMS, None, prompts[:1], sp, seed=5)  # fused with 1 block ...
+    small.generate(PARAMS, None, prompts, sp, seed=5)  # ... then fused again with 2 for 4 rows,
+    assert [f[1] for f in small._fused] == [2]  # and the stale 1-block copy is gone
 
 
 def test_dropped_programs_compile_again_and_give_the_same_tokens():

@@ -123,10 +123,11 @@ def test_adapter_and_optimizer_state_mirror_param_specs():
 
 def test_cache_specs_and_unknown_leaves():
     plan = ShardingPlan({"data": 2, "fsdp": 1, "tensor": 2}, CFG)
-    shape = layers.kv_cache_shape(CFG, 4, 16)  # the sampler's cache: [B, kv_heads, max_len, head_dim]
-    contract2 = np.zeros(shape)
-    assert plan.cache_specs(({"k": contract2, "v": contract2},))[0]["k"] == P("data", "tensor")
-    assert plan.spec(KV_CACHE_AXES, shape, "kv_cache") == P("data", "tensor")  # the memory plan's axes
+    shapes = layers.kv_cache_shapes(CFG, 4, 16)  # the sampler's cache: k [B, kv, hd, C], v [B, kv, C, hd]
+    specs = plan.cache_specs((layers.KVCache(np.zeros(shapes.k), np.zeros(shapes.v)),))[0]
+    assert specs == layers.KVCache(P("data", "tensor"), P("data", "tensor"))
+    for axes, shape, spec in zip(KV_CACHE_AXES, shapes, specs):
+        assert plan.spec(axes, shape, "kv_cache") == spec  # the memory plan's axes
     with pytest.raises(ShardingRulesError, match="Contract 2"):
         plan.cache_specs(({"k": np.zeros((4, 16)), "v": np.zeros((4, 16))},))
     odd = {"mystery": np.zeros((3, 5))}

@@ -175,13 +175,13 @@ def _worker() -> None:
                 rec["tokens_shard"] = shard_shape(s_batches["reasoning"]["tokens"])
 
         s_base, s_adapter = plan.put(base), plan.put(adapter)
-        cache_shape = layers.kv_cache_shape(cfg, n, 8 + steps)
-        cache_sh = plan.activation_sharding(KV_CACHE_AXES, cache_shape)
-        rec["cache_shard"] = list(cache_sh.shard_shape(cache_shape))
+        cache_shapes = layers.kv_cache_shapes(cfg, n, 8 + steps)
+        cache_sh = layers.KVCache(*(plan.activation_sharding(a, s) for a, s in zip(KV_CACHE_AXES, cache_shapes)))
+        rec["cache_shard"] = [list(sh.shard_shape(s)) for sh, s in zip(cache_sh, cache_shapes)]
         tok_sh = plan.batch_shardings(prompts)
         # the cache inside `greedy` follows the memory plan's axes too: constrained where prefill creates it
         g = jax.jit(
-            make_greedy(cache_sh),
+            make_greedy((cache_sh,) * cfg.num_layers),
             in_shardings=(plan.tree_shardings(base), plan.tree_shardings(adapter), tok_sh),
             out_shardings=tok_sh,
         )
@@ -245,15 +245,18 @@ def test_params_are_really_sharded(mesh8_results):
     # tiny config: hidden 32, ffn 64, vocab 128, 4 heads x 8, LoRA rank 4; batch 8 rows x 16
     r = mesh8_results[(8, 1, 1)]  # pure data parallel: params replicated, batch split 8 ways
     assert r["q_kernel_shard"] == [32, 32] and r["embed_shard"] == [128, 32]
-    assert r["tokens_shard"] == [1, 16] and r["cache_shard"] == [1, 4, 16, 8]  # [B, kv, C, hd]
+    assert r["tokens_shard"] == [1, 16] and r["cache_shard"] == [
+        [1, 4, 8, 16],
+        [1, 4, 16, 8],
+    ]  # k [B, kv, hd, C], v [B, kv, C, hd]
     r = mesh8_results[(2, 4, 1)]  # fsdp=4 shards the hidden dim of every weight and its moments
     assert r["q_kernel_shard"] == [8, 32] and r["embed_shard"] == [128, 8] and r["down_mu_shard"] == [64, 8]
     assert r["lora_a_shard"] == [8, 4] and r["lora_b_shard"] == [4, 32] and r["lora_b_mu_shard"] == [4, 32]
-    assert r["tokens_shard"] == [1, 16] and r["cache_shard"] == [1, 4, 16, 8]
+    assert r["tokens_shard"] == [1, 16] and r["cache_shard"] == [[1, 4, 8, 16], [1, 4, 16, 8]]
     r = mesh8_results[(1, 2, 4)]  # fsdp=2 x tensor=4: heads/ffn/vocab split 4 ways
     assert r["q_kernel_shard"] == [16, 8] and r["embed_shard"] == [32, 16] and r["down_mu_shard"] == [16, 16]
     assert r["lora_a_shard"] == [16, 4] and r["lora_b_shard"] == [4, 8] and r["lora_b_mu_shard"] == [4, 8]
-    assert r["tokens_shard"] == [4, 16] and r["cache_shard"] == [4, 1, 16, 8]
+    assert r["tokens_shard"] == [4, 16] and r["cache_shard"] == [[4, 1, 8, 16], [4, 1, 16, 8]]
     assert r["greedy_out_shard"] == [4, 8]
 
 

@@ -218,3 +218,15 @@ def test_plot_training_curves_writes_png(tmp_path):
     assert out and os.path.getsize(out) > 1000
     with open(out, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_model_section_kernel_fields_are_validated_and_reach_the_model_config():
+    from rema_jax.training.base_model import build_base_model
+    from rema_jax.training.config import load_train_config
+
+    for field, bad in (("sampler_column_blocks", -1), ("logits_chunk", -2)):
+        with pytest.raises(ConfigError, match=f"config.model.*{field} must be an int >= 0"):
+            load_train_config(_train_config(model={field: bad}))
+    cfg = load_train_config(_train_config(model={"sampler_column_blocks": 3, "logits_chunk": 8}))
+    model_config, _, _ = build_base_model(cfg.model)
+    assert (model_config.sampler_column_blocks, model_config.logits_chunk) == (3, 8)

@@ -72,6 +72,9 @@ class ModelConfig:
     # training log-prob / loss passes: loss positions per chunk of the vocabulary projection and its
     # fp32 log-softmax (rl.losses.head_logprobs_and_entropy); 0 = one block
     logits_chunk: int = 0
+    # the sampler's fused kernels, each cut into this many column blocks (sampling.kernel.fuse_params);
+    # 0 = auto: 2 on a one-device CPU for batch buckets >= 4, else 1
+    sampler_column_blocks: int = 0
 
     def __post_init__(self):
         for name in (
@@ -88,6 +91,10 @@ class ModelConfig:
                 raise ModelConfigError(f"ModelConfig.{name} must be a positive int, got {value!r}")
         if not isinstance(self.logits_chunk, int) or self.logits_chunk < 0:
             raise ModelConfigError(f"ModelConfig.logits_chunk must be an int >= 0, got {self.logits_chunk!r}")
+        if not isinstance(self.sampler_column_blocks, int) or self.sampler_column_blocks < 0:
+            raise ModelConfigError(
+                f"ModelConfig.sampler_column_blocks must be an int >= 0 (0 = auto), got {self.sampler_column_blocks!r}"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ModelConfigError(
                 f"ModelConfig.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"

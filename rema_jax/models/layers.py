@@ -6,8 +6,9 @@ norms, the rotary embedding, attention and the gated MLP, so a model change is m
 They take plain arrays and never the sampler's fused records; this module imports only the
 config and `rope`, so it sits below both (no import loop).
 
-The one KV-cache layout is `KVCache`: per layer `k, v [B, kv_heads, C, head_dim]` (a decode step is
-then a batched matmul over contiguous keys). The memory plan sizes it with `kv_cache_shape`.
+The one KV-cache layout is `KVCache`: per layer keys `k [B, kv_heads, head_dim, C]` (transposed) and
+values `v [B, kv_heads, C, head_dim]`, so both products of a decode step are plain matmuls with no
+operand transpose. The memory plan sizes it with `kv_cache_shapes`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ __all__ = [
     "decode_attention",
     "mlp_hidden",
     "KVCache",
-    "kv_cache_shape",
+    "kv_cache_shapes",
     "kv_cache_dtype",
     "init_kv_cache",
     "kv_cache_from_block",
@@ -155,7 +156,7 @@ def decode_attention(
         return _dense_decode_attention(q_bhd, cache, mask_bc)
     if implementation != "ragged":
         raise ValueError(f"decode attention implementation {implementation!r}; expected dense or ragged")
-    c = cache.k.shape[2]
+    c = cache.v.shape[2]
     return _ragged_decode_attention(q_bhd, cache, mask_bc, c if filled is None else filled, _divisor_block(c, block))
 
 
@@ -163,7 +164,7 @@ def _dense_decode_attention(q_bhd, cache, mask_bc):
     b, h, d = q_bhd.shape
     kv = cache.k.shape[1]
     q = q_bhd.reshape(b, kv, h // kv, d)
-    scores = jnp.einsum("bkgd,bkcd->bkgc", q, cache.k.astype(q.dtype), preferred_element_type=jnp.float32) * (d**-0.5)
+    scores = jnp.einsum("bkgd,bkdc->bkgc", q, cache.k.astype(q.dtype), preferred_element_type=jnp.float32) * (d**-0.5)
     probs = _masked_probs(scores, mask_bc[:, None, None, :], q.dtype)
     out = jnp.einsum("bkgc,bkcd->bkgd", probs, cache.v.astype(q.dtype))
     return out.reshape(b, h, d)
@@ -185,10 +186,10 @@ def _ragged_decode_attention(q_bhd, cache, mask_bc, filled, block: int):
     def body(i, carry):
         m, l, acc = carry
         start = i * block
-        k = jax.lax.dynamic_slice_in_dim(cache.k, start, block, axis=2).astype(q.dtype)
+        k = jax.lax.dynamic_slice_in_dim(cache.k, start, block, axis=3).astype(q.dtype)
         v = jax.lax.dynamic_slice_in_dim(cache.v, start, block, axis=2).astype(q.dtype)
         allowed = jax.lax.dynamic_slice_in_dim(mask_bc, start, block, axis=1)[:, None, None, :]
-        s = jnp.einsum("bkgd,bkcd->bkgc", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
+        s = jnp.einsum("bkgd,bkdc->bkgc", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
         s = jnp.where(allowed, s, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         p = jnp.exp(s - m_new[..., None])
@@ -215,15 +216,22 @@ def mlp_hidden(gate: jnp.ndarray, up: jnp.ndarray) -> jnp.ndarray:
 
 # ---------------------------------------------------------------------------- the KV cache record
 class KVCache(NamedTuple):
-    """One layer's keys (rotated) and values, `[B, kv_heads, C, head_dim]` each, in the compute dtype."""
+    """One layer's cache in the compute dtype: rotated keys stored transposed, `k [B, kv_heads,
+    head_dim, C]`, and values `v [B, kv_heads, C, head_dim]`.
+
+    With these layouts a decode step's scores are `[g, hd] x [hd, C]` and its output `[g, C] x [C, hd]`
+    per (row, kv head): plain matmuls, neither operand transposed. Keys stored like the values made
+    XLA:CPU contract `[g, hd] x [C, hd]^T`, which cost a SmolLM2 decode step at batch 32 about 25 ms
+    of its ~135 (`benchmarks/sampler.py`, docs/architecture.md)."""
 
     k: jnp.ndarray
     v: jnp.ndarray
 
 
-def kv_cache_shape(config: ModelConfig, batch: int, length: int) -> tuple[int, int, int, int]:
-    """Shape of `KVCache.k` (and `.v`) for `batch` rows and `length` slots."""
-    return (batch, config.num_kv_heads, length, config.head_dim)
+def kv_cache_shapes(config: ModelConfig, batch: int, length: int) -> KVCache:
+    """Shapes of `KVCache.k` `[B, kv, hd, C]` and `.v` `[B, kv, C, hd]` for `batch` rows and `length` slots."""
+    kv, hd = config.num_kv_heads, config.head_dim
+    return KVCache(k=(batch, kv, hd, length), v=(batch, kv, length, hd))
 
 
 def kv_cache_dtype(config: ModelConfig) -> Any:
@@ -233,18 +241,19 @@ def kv_cache_dtype(config: ModelConfig) -> Any:
 
 def init_kv_cache(config: ModelConfig, batch: int, length: int) -> tuple[KVCache, ...]:
     """An all-zero cache, one `KVCache` per layer."""
-    shape, dtype = kv_cache_shape(config, batch, length), kv_cache_dtype(config)
-    return tuple(KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
+    shapes, dtype = kv_cache_shapes(config, batch, length), kv_cache_dtype(config)
+    return tuple(KVCache(jnp.zeros(shapes.k, dtype), jnp.zeros(shapes.v, dtype)) for _ in range(config.num_layers))
 
 
 def kv_cache_from_block(k_btkd: jnp.ndarray, v_btkd: jnp.ndarray, length: int) -> KVCache:
     """A cache of `length` slots holding a block's keys/values `[B, T, kv, hd]` in slots `[0, T)`."""
-    pad = ((0, 0), (0, 0), (0, length - k_btkd.shape[1]), (0, 0))
-    return KVCache(k=jnp.pad(k_btkd.transpose(0, 2, 1, 3), pad), v=jnp.pad(v_btkd.transpose(0, 2, 1, 3), pad))
+    fill = length - k_btkd.shape[1]
+    k = jnp.pad(k_btkd.transpose(0, 2, 3, 1), ((0, 0), (0, 0), (0, 0), (0, fill)))
+    return KVCache(k=k, v=jnp.pad(v_btkd.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, fill), (0, 0))))
 
 
 def kv_cache_write(cache: KVCache, k_b1kd: jnp.ndarray, v_b1kd: jnp.ndarray, slot) -> KVCache:
     """`cache` with one token's keys/values `[B, 1, kv, hd]` written at `slot` (traced int)."""
-    k = jax.lax.dynamic_update_slice(cache.k, k_b1kd.transpose(0, 2, 1, 3).astype(cache.k.dtype), (0, 0, slot, 0))
+    k = jax.lax.dynamic_update_slice(cache.k, k_b1kd.transpose(0, 2, 3, 1).astype(cache.k.dtype), (0, 0, 0, slot))
     v = jax.lax.dynamic_update_slice(cache.v, v_b1kd.transpose(0, 2, 1, 3).astype(cache.v.dtype), (0, 0, slot, 0))
     return KVCache(k, v)

@@ -5,10 +5,14 @@ attention and gated MLP are the shared `rema_jax.models.layers` functions; this 
 weights and the loop out for decoding:
 - Weights are prepared once per `generate` call, outside the loop (`fuse_params`): LoRA is merged
   into the kernels (the per-step cost is then the base model's), q/k/v and gate/up kernels are
-  concatenated so each layer does three matmuls instead of seven.
-- One `layers.KVCache` per layer, laid out `[B, kv_heads, C, head_dim]` so per-step attention is a
-  plain batched matmul over contiguous keys; buffers are carried through `lax.while_loop` and
-  donated into the decode call, so XLA updates them in place (no per-step cache copy).
+  concatenated so each layer does three matmuls instead of seven. Optionally each fused kernel is
+  then cut into `column_blocks` column blocks (`[in, out_i]`, concatenated after the product): on
+  XLA:CPU independent products run on different threads, and at small batch the blocks' GEMMs
+  together stream the weights faster than one GEMM does (`Sampler(column_blocks=...)`).
+- One `layers.KVCache` per layer (keys `[B, kv_heads, head_dim, C]`, values `[B, kv_heads, C,
+  head_dim]`) so per-step attention is two plain batched matmuls; buffers are carried through
+  `lax.while_loop` and donated into the decode call, so XLA updates them in place (no per-step
+  cache copy).
 - Prefill computes the LM head only at the last prompt position.
 - Left padding: row b's prompt occupies slots `[pad_b, P)`; pad slots never attend nor are attended
   to, and rotary positions count real tokens only, so a padded row computes what it would alone.
@@ -30,28 +34,46 @@ from rema_jax.models.config import ModelConfig
 from rema_jax.models.layers import ATTENTION_PROJS, KVCache, rms_norm, rope_cos_sin
 from rema_jax.sampling import ops, stops
 
+Blocks = tuple[jnp.ndarray, ...]  # a kernel `[in, out]` as column blocks `[in, out_i]` (concatenated: the kernel)
+
 
 class FusedLayer(NamedTuple):
     ln1: jnp.ndarray  # [H]
-    w_qkv: jnp.ndarray  # [H, (nh + 2 nkv) hd]
+    w_qkv: Blocks  # [H, (nh + 2 nkv) hd]
     b_qkv: Optional[jnp.ndarray]
-    w_o: jnp.ndarray  # [nh hd, H]
+    w_o: Blocks  # [nh hd, H]
     ln2: jnp.ndarray  # [H]
-    w_gate_up: jnp.ndarray  # [H, 2F]
-    w_down: jnp.ndarray  # [F, H]
+    w_gate_up: Blocks  # [H, 2F]
+    w_down: Blocks  # [F, H]
 
 
 class FusedParams(NamedTuple):
     embed_vh: jnp.ndarray  # [V, H]
     layers: tuple[FusedLayer, ...]
     norm: jnp.ndarray  # [H]
-    lm_head_hv: jnp.ndarray  # [H, V] (a transposed copy of the embedding when tied)
+    lm_head_hv: Blocks  # [H, V] (a transposed copy of the embedding when tied)
 
 
-def fuse_params(config: ModelConfig, params: dict, adapter: Optional[Adapter]) -> FusedParams:
-    """The decode-friendly weights of the agent (`params` with `adapter` merged), computed on device."""
+def _column_blocks(w: jnp.ndarray, n: int) -> Blocks:
+    """`w [in, out]` as `n` column blocks of near-equal width (`n` = 1: the kernel itself)."""
+    return (w,) if n == 1 else tuple(jnp.array_split(w, n, axis=1))
+
+
+def _matmul(x: jnp.ndarray, w: Blocks) -> jnp.ndarray:
+    """`x @ concat(w, axis=1)` as one product per column block."""
+    if len(w) == 1:
+        return x @ w[0]
+    return jnp.concatenate([x @ wi for wi in w], axis=-1)
+
+
+def fuse_params(config: ModelConfig, params: dict, adapter: Optional[Adapter], column_blocks: int = 1) -> FusedParams:
+    """The decode-friendly weights of the agent (`params` with `adapter` merged), computed on device,
+    each kernel cut into `column_blocks` column blocks."""
+    if not isinstance(column_blocks, int) or column_blocks < 1:
+        raise ValueError(f"fuse_params: column_blocks must be an int >= 1, got {column_blocks!r}")
     p = merge_adapter(params, adapter)
     dt = config.compute_dtype
+    cut = lambda w: _column_blocks(w.astype(dt), column_blocks)  # noqa: E731
     layers = []
     for i in range(config.num_layers):
         lp = p[f"layers_{i}"]
@@ -62,16 +84,16 @@ def fuse_params(config: ModelConfig, params: dict, adapter: Optional[Adapter]) -
         layers.append(
             FusedLayer(
                 ln1=lp["input_layernorm"]["scale"].astype(dt),
-                w_qkv=jnp.concatenate([att[n]["kernel"] for n in ATTENTION_PROJS[:3]], axis=1).astype(dt),
+                w_qkv=cut(jnp.concatenate([att[n]["kernel"] for n in ATTENTION_PROJS[:3]], axis=1)),
                 b_qkv=b_qkv,
-                w_o=att["o_proj"]["kernel"].astype(dt),
+                w_o=cut(att["o_proj"]["kernel"]),
                 ln2=lp["post_attention_layernorm"]["scale"].astype(dt),
-                w_gate_up=jnp.concatenate([mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"]], axis=1).astype(dt),
-                w_down=mlp["down_proj"]["kernel"].astype(dt),
+                w_gate_up=cut(jnp.concatenate([mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"]], axis=1)),
+                w_down=cut(mlp["down_proj"]["kernel"]),
             )
         )
     embed = p["embed_tokens"]["embedding"].astype(dt)
-    lm_head = embed.T if config.tie_word_embeddings else p["lm_head"]["kernel"].astype(dt)
+    lm_head = cut(embed.T if config.tie_word_embeddings else p["lm_head"]["kernel"])
     return FusedParams(embed_vh=embed, layers=tuple(layers), norm=p["norm"]["scale"].astype(dt), lm_head_hv=lm_head)
 
 
@@ -79,7 +101,7 @@ def _qkv(config: ModelConfig, layer: FusedLayer, x: jnp.ndarray, cos, sin):
     """Heads of `x [B, T, H]`: rotated q `[B, T, nh, hd]`, rotated k and v `[B, T, nkv, hd]`."""
     nh, nkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
     h = rms_norm(x, layer.ln1, config.rms_norm_eps)
-    qkv = h @ layer.w_qkv
+    qkv = _matmul(h, layer.w_qkv)
     if layer.b_qkv is not None:
         qkv = qkv + layer.b_qkv
     q, k, v = qkv[..., : nh * hd], qkv[..., nh * hd : (nh + nkv) * hd], qkv[..., (nh + nkv) * hd :]
@@ -88,12 +110,12 @@ def _qkv(config: ModelConfig, layer: FusedLayer, x: jnp.ndarray, cos, sin):
 
 def _mlp(config: ModelConfig, layer: FusedLayer, x: jnp.ndarray) -> jnp.ndarray:
     f = config.intermediate_size
-    gu = rms_norm(x, layer.ln2, config.rms_norm_eps) @ layer.w_gate_up
-    return layers.mlp_hidden(gu[..., :f], gu[..., f:]) @ layer.w_down
+    gu = _matmul(rms_norm(x, layer.ln2, config.rms_norm_eps), layer.w_gate_up)
+    return _matmul(layers.mlp_hidden(gu[..., :f], gu[..., f:]), layer.w_down)
 
 
 def _logits(config: ModelConfig, fp: FusedParams, x_bh: jnp.ndarray) -> jnp.ndarray:
-    return (rms_norm(x_bh, fp.norm, config.rms_norm_eps) @ fp.lm_head_hv).astype(jnp.float32)
+    return _matmul(rms_norm(x_bh, fp.norm, config.rms_norm_eps), fp.lm_head_hv).astype(jnp.float32)
 
 
 BlockKV = tuple[jnp.ndarray, jnp.ndarray]  # a block's keys (rotated) and values, [B or 1, T, kv, hd] each
@@ -127,7 +149,7 @@ def _attend_block(
         if past is not None:
             k, v = _prepend(past[i], out_kv[-1])
         att = layers.dot_product_attention(q, k, v, mask_bts, config.attention_impl).reshape(b, t, -1)
-        x = x + att @ layer.w_o
+        x = x + _matmul(att, layer.w_o)
         x = x + _mlp(config, layer, x)
     return x, out_kv
 
@@ -182,7 +204,7 @@ def decode_step(
     """Feeds one token per row (rotary position `pos_b`, cache slot `slot`); returns the updated
     caches and the next-token logits `[B, V]`. Row b's pad slots are `[prefix_len, prefix_len + pad_b)`."""
     b = tok_b.shape[0]
-    c = caches[0].k.shape[2]
+    c = caches[0].v.shape[2]
     cos, sin = rope_cos_sin(pos_b[:, None], config)
     c_1c = jnp.arange(c, dtype=jnp.int32)[None, :]
     valid_bc = ((c_1c < prefix_len) | (c_1c >= prefix_len + pad_b[:, None])) & (c_1c <= slot)
@@ -192,7 +214,7 @@ def decode_step(
         q, k, v = _qkv(config, layer, x[:, None], cos, sin)
         kv = layers.kv_cache_write(kv, k, v, slot)
         att = layers.decode_attention(q[:, 0], kv, valid_bc, config.decode_attention_impl, slot + 1).reshape(b, -1)
-        x = x + att @ layer.w_o
+        x = x + _matmul(att, layer.w_o)
         x = x + _mlp(config, layer, x)
         new_caches.append(kv)
     return tuple(new_caches), _logits(config, fp, x)

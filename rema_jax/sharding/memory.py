@@ -25,7 +25,15 @@ from rema_jax.models.config import ModelConfig
 from rema_jax.models.layers import ATTENTION_PROJS
 from rema_jax.models.transformer import head_chunks, param_shapes
 from rema_jax.sharding.mesh import mesh_sizes
-from rema_jax.sharding.rules import CACHE_AXES, DEFAULT_RULES, Rules, ShardingPlan, iter_param_specs, shard_shape
+from rema_jax.sharding.rules import (
+    CACHE_AXES,
+    DEFAULT_RULES,
+    KEY_CACHE_AXES,
+    Rules,
+    ShardingPlan,
+    iter_param_specs,
+    shard_shape,
+)
 
 GiB = 1024**3
 # With remat, XLA:CPU keeps this share of the non-remat activations live in the measured RL update
@@ -33,7 +41,7 @@ GiB = 1024**3
 # the same scheduler; benchmarks/update_memory.py). It was 0.52 (3566 MiB) with ``nn.remat``, whose
 # deferred weight gradients kept every layer's activations; `models.transformer.tied_remat` fixed that.
 REMAT_LIVE_FRACTION = 0.21
-KV_CACHE_AXES = CACHE_AXES  # the sampler's cache (`layers.KVCache`, `[B, kv_heads, C, head_dim]`)
+KV_CACHE_AXES = layers.KVCache(k=KEY_CACHE_AXES, v=CACHE_AXES)  # the sampler's cache, per `layers.KVCache` field
 
 
 class MemoryPlanError(RuntimeError, UserError):
@@ -225,9 +233,16 @@ def plan_memory(
     fused_b = fused_copies * (_tree_bytes(base_rows, plan, c_item) + head_b)  # + the transposed tied head
 
     sampler_batch = max(rollout_batch, eval_batch)
-    cache_shape = layers.kv_cache_shape(config, sampler_batch, cache_len)  # what the sampler allocates
-    cache_block = shard_shape(cache_shape, plan.spec(KV_CACHE_AXES, cache_shape, "kv_cache"), sizes)
-    kv_b = 2 * config.num_layers * math.prod(cache_block) * _itemsize(layers.kv_cache_dtype(config))
+    cache_shapes = layers.kv_cache_shapes(config, sampler_batch, cache_len)  # what the sampler allocates
+    kv_item = _itemsize(layers.kv_cache_dtype(config))
+    kv_b = (
+        config.num_layers
+        * kv_item
+        * sum(
+            math.prod(shard_shape(shape, plan.spec(axes, shape, "kv_cache"), sizes))
+            for shape, axes in zip(cache_shapes, KV_CACHE_AXES)
+        )
+    )
     p_len = cache_len if prompt_len is None else prompt_len
     sampler_block = shard_shape((sampler_batch,), plan.batch_spec((sampler_batch,)), sizes)[0]
     prefill_b = int(sampler_block * p_len * prefill_bytes_per_token(config, p_len, sizes))

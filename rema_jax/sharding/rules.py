@@ -69,7 +69,8 @@ KERNEL_AXES: dict[str, tuple[str, str]] = {
     "down_proj": ("mlp", "embed"),
     "lm_head": ("embed", "vocab"),
 }
-CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_seq", "head_dim")  # layers.KVCache: [B, kv, C, hd]
+CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_seq", "head_dim")  # layers.KVCache.v: [B, kv, C, hd]
+KEY_CACHE_AXES = ("cache_batch", "cache_kv_heads", "head_dim", "cache_seq")  # layers.KVCache.k: [B, kv, hd, C]
 _HEAD_AXES = ("q_heads", "kv_heads", "cache_kv_heads", "act_heads")
 _warned: set[tuple] = set()
 
@@ -261,16 +262,18 @@ class ShardingPlan:
         return self.spec(("batch",) + (None,) * (len(shape) - 1), shape, what)
 
     def cache_specs(self, cache: Any) -> Any:
-        """Specs of the sampler's KV cache (Contract 2: per layer `layers.KVCache` with k, v of
-        `[B, kv_heads, max_len, head_dim]`)."""
+        """Specs of the sampler's KV cache (Contract 2: per layer a `layers.KVCache`, keys `k` of
+        `[B, kv_heads, head_dim, max_len]` and values `v` of `[B, kv_heads, max_len, head_dim]`)."""
 
         def one(p, x):
+            keys = path_keys(p)
             if np.ndim(x) != 4:
                 raise ShardingRulesError(
-                    f"KV cache leaf {'/'.join(path_keys(p))} has shape {np.shape(x)}; "
-                    "Contract 2 expects [B, kv_heads, max_len, head_dim]"
+                    f"KV cache leaf {'/'.join(keys)} has shape {np.shape(x)}; Contract 2 expects "
+                    "k [B, kv_heads, head_dim, max_len] and v [B, kv_heads, max_len, head_dim]"
                 )
-            return self.spec(CACHE_AXES, np.shape(x), "kv_cache")
+            axes = KEY_CACHE_AXES if keys and keys[-1] == "k" else CACHE_AXES
+            return self.spec(axes, np.shape(x), "kv_cache")
 
         return jax.tree_util.tree_map_with_path(one, cache)
 

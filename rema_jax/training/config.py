@@ -46,7 +46,10 @@ class ModelSection:
     logits_chunk: loss positions per chunk of the training passes' vocabulary projection and fp32
     log-softmax (``ModelConfig.logits_chunk``; the same values; see
     ``rl.losses.head_logprobs_and_entropy`` for the backward pass); 0 = all K loss positions of a row
-    in one ``[B, K, V]`` block."""
+    in one ``[B, K, V]`` block.
+    sampler_column_blocks: the sampler's fused kernels are cut into this many column blocks, whose
+    products XLA:CPU runs on different threads (``ModelConfig.sampler_column_blocks``; the same
+    values); 0 = auto (2 on a one-device CPU for batches of 4 rows or more, else 1)."""
 
     source: str = "smollm2-135m"
     dtype: str = "float32"
@@ -58,10 +61,15 @@ class ModelSection:
     decode_attention_impl: Literal["dense", "ragged"] = "dense"
     remat: bool = True
     logits_chunk: int = 16
+    sampler_column_blocks: int = 0
 
     def __post_init__(self):
         if not isinstance(self.logits_chunk, int) or self.logits_chunk < 0:
             raise ValueError(f"logits_chunk must be an int >= 0 (0 = no chunks), got {self.logits_chunk!r}")
+        if not isinstance(self.sampler_column_blocks, int) or self.sampler_column_blocks < 0:
+            raise ValueError(
+                f"sampler_column_blocks must be an int >= 0 (0 = auto), got {self.sampler_column_blocks!r}"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}; expected one of {DTYPES}")
         if self.param_dtype is not None and self.param_dtype not in DTYPES:
