@@ -30,6 +30,10 @@ def get_config() -> ml_collections.ConfigDict:
     # compiled update / log-prob programs (~12 MiB of host RAM per decoder layer each on XLA:CPU).
     rl.loop.eval_batch_size = 16
     rl.memory.release_programs = "phase"
+    # One column block per fused kernel (not auto's 2): with 2 the RL stage's rollouts were ~14% faster
+    # but its peak was 4256 MiB (4528 in a second run) against 3871 with 1 (2026-12-06, 74c0cd6;
+    # run-to-run spread ~300 MiB), and this job must stay under 4 GiB.
+    rl.model.sampler_column_blocks = 1
     rl.loop.steps = 4  # one RA phase, then one MTA phase (2 steps each), to keep the job near 15 min
     # 2 questions × 4 plans × 2 solutions: the same 8 MTA / 16 RA rows per step as 4 × 2 × 2, but GRPO
     # groups of 4 plans (8 solutions) per question, so fewer groups have all-equal rewards (with 2

@@ -1,7 +1,8 @@
 """`Sampler`: bucketed, compiled-once-per-bucket generation with a static KV cache.
 
 Per call: prompts are left-padded into a (batch bucket, prompt-length bucket) block, the agent's
-weights are fused (cached while the same arrays are passed again), then two ahead-of-time compiled
+weights are fused (cached while the same arrays are passed again; each kernel in `column_blocks`
+column blocks, see `Sampler.column_blocks`), then two ahead-of-time compiled
 executables run: `prefill` (builds the caches) and `decode` (the `lax.while_loop`, caches donated).
 Executables are cached by everything that fixes their shapes (bucket sizes, static sampling mode,
 stop-table shapes, parameter/adapter tree structure), never by values: temperature, top-p, seeds,
