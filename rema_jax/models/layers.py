@@ -222,7 +222,7 @@ class KVCache(NamedTuple):
     With these layouts a decode step's scores are `[g, hd] x [hd, C]` and its output `[g, C] x [C, hd]`
     per (row, kv head): plain matmuls, neither operand transposed. Keys stored like the values made
     XLA:CPU contract `[g, hd] x [C, hd]^T`, which cost a SmolLM2 decode step at batch 32 about 25 ms
-    of its ~135 (`benchmarks/sampler.py`, docs/architecture.md)."""
+    of its ~135 (a decode-step breakdown, docs/architecture.md)."""
 
     k: jnp.ndarray
     v: jnp.ndarray

@@ -8,7 +8,8 @@ weights and the loop out for decoding:
   concatenated so each layer does three matmuls instead of seven. Optionally each fused kernel is
   then cut into `column_blocks` column blocks (`[in, out_i]`, concatenated after the product): on
   XLA:CPU independent products run on different threads, and at small batch the blocks' GEMMs
-  together stream the weights faster than one GEMM does (`Sampler(column_blocks=...)`).
+  together stream the weights faster than one GEMM does (`ModelConfig.sampler_column_blocks`,
+  `Sampler.column_blocks`).
 - One `layers.KVCache` per layer (keys `[B, kv_heads, head_dim, C]`, values `[B, kv_heads, C,
   head_dim]`) so per-step attention is two plain batched matmuls; buffers are carried through
   `lax.while_loop` and donated into the decode call, so XLA updates them in place (no per-step

@@ -26,9 +26,8 @@ from rema_jax.models.layers import ATTENTION_PROJS
 from rema_jax.models.transformer import head_chunks, param_shapes
 from rema_jax.sharding.mesh import mesh_sizes
 from rema_jax.sharding.rules import (
-    CACHE_AXES,
     DEFAULT_RULES,
-    KEY_CACHE_AXES,
+    KV_CACHE_AXES,
     Rules,
     ShardingPlan,
     iter_param_specs,
@@ -41,7 +40,8 @@ GiB = 1024**3
 # the same scheduler; benchmarks/update_memory.py). It was 0.52 (3566 MiB) with ``nn.remat``, whose
 # deferred weight gradients kept every layer's activations; `models.transformer.tied_remat` fixed that.
 REMAT_LIVE_FRACTION = 0.21
-KV_CACHE_AXES = layers.KVCache(k=KEY_CACHE_AXES, v=CACHE_AXES)  # the sampler's cache, per `layers.KVCache` field
+# the sampler's cache axes, per `layers.KVCache` field (the ones `ShardingPlan.cache_specs` uses)
+KV_CACHE_AXES = layers.KVCache(**KV_CACHE_AXES)
 
 
 class MemoryPlanError(RuntimeError, UserError):
@@ -234,15 +234,11 @@ def plan_memory(
 
     sampler_batch = max(rollout_batch, eval_batch)
     cache_shapes = layers.kv_cache_shapes(config, sampler_batch, cache_len)  # what the sampler allocates
-    kv_item = _itemsize(layers.kv_cache_dtype(config))
-    kv_b = (
-        config.num_layers
-        * kv_item
-        * sum(
-            math.prod(shard_shape(shape, plan.spec(axes, shape, "kv_cache"), sizes))
-            for shape, axes in zip(cache_shapes, KV_CACHE_AXES)
-        )
+    kv_elems = sum(
+        math.prod(shard_shape(shape, plan.spec(axes, shape, "kv_cache"), sizes))
+        for shape, axes in zip(cache_shapes, KV_CACHE_AXES)
     )
+    kv_b = config.num_layers * kv_elems * _itemsize(layers.kv_cache_dtype(config))
     p_len = cache_len if prompt_len is None else prompt_len
     sampler_block = shard_shape((sampler_batch,), plan.batch_spec((sampler_batch,)), sizes)[0]
     prefill_b = int(sampler_block * p_len * prefill_bytes_per_token(config, p_len, sizes))

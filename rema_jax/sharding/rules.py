@@ -71,6 +71,7 @@ KERNEL_AXES: dict[str, tuple[str, str]] = {
 }
 CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_seq", "head_dim")  # layers.KVCache.v: [B, kv, C, hd]
 KEY_CACHE_AXES = ("cache_batch", "cache_kv_heads", "head_dim", "cache_seq")  # layers.KVCache.k: [B, kv, hd, C]
+KV_CACHE_AXES = {"k": KEY_CACHE_AXES, "v": CACHE_AXES}  # per `layers.KVCache` field
 _HEAD_AXES = ("q_heads", "kv_heads", "cache_kv_heads", "act_heads")
 _warned: set[tuple] = set()
 
@@ -272,7 +273,7 @@ class ShardingPlan:
                     f"KV cache leaf {'/'.join(keys)} has shape {np.shape(x)}; Contract 2 expects "
                     "k [B, kv_heads, head_dim, max_len] and v [B, kv_heads, max_len, head_dim]"
                 )
-            axes = KEY_CACHE_AXES if keys and keys[-1] == "k" else CACHE_AXES
+            axes = KV_CACHE_AXES.get(keys[-1] if keys else "", CACHE_AXES)
             return self.spec(axes, np.shape(x), "kv_cache")
 
         return jax.tree_util.tree_map_with_path(one, cache)
