@@ -1,10 +1,16 @@
-"""Whole RL step of the default config, with ``update.share_prefix`` off and on, in the same run.
+"""Whole RL step of the default config, with the plain training passes and with the default ones, in the same run.
+
+Variants (``VARIANTS``): ``off`` = the plain passes, as the official code runs them: every row's every
+token (``update.share_prefix=False``) and a log-prob pass for π_old before the update
+(``update.old_logprobs='recompute'``); ``on`` = the default config as shipped (shared prefixes, and π_old
+from the update's own forward, since it takes one optimizer step per batch); ``prefix`` = shared
+prefixes with the π_old pass, to split the gain between the two (``--variants off prefix on``).
 
 Each variant runs ``--steps`` real steps of ``configs/default.py``'s ``rl`` section (single-turn ReMA,
 2 questions x 4 plans x 2 solutions, alternating RA / MTA phases of 2 steps, GRPO, LoRA) through the
 real ``Trainer`` in its own child process: a fresh heap for its peak RSS and a cold start (the
-persistent compilation cache is off), so each variant pays its own compiles. Both variants use the
-same seed, so step 1 rolls out the same tokens; later steps may sample differently, because the two
+persistent compilation cache is off), so each variant pays its own compiles. All variants use the
+same seed, so step 1 rolls out the same tokens; later steps may sample differently, because the
 paths' updates agree only to fp32 rounding. The model is the embedded SmolLM2-135M-Instruct (GGUF), or
 random weights of its shape with ``--random_weights``; the LoRA adapters start at zero unless
 ``--adapters`` names an SFT's adapters (e.g. ``runs/default/sft/adapters`` of the main command).
@@ -13,8 +19,8 @@ Per variant and step it reports the trainer's phase times: rollout (sampling + g
 batches and the old / reference log-prob passes), update (the jitted optimizer step), the whole step,
 and the XLA backend compiles during each phase (count and seconds, from jax.monitoring, attributed to
 the phase that was running). A phase that compiled is not a steady-state figure (its time includes
-tracing and compiling), and the two variants compile in different steps (the shared-prefix buckets
-grow), so the comparison uses the (step, phase) cells that compiled in *neither* variant (a cell
+tracing and compiling), and the variants compile in different steps (the shared-prefix buckets
+grow), so the comparison uses the (step, phase) cells that compiled in *no* variant (a cell
 whose compiles took under ``QUIET_COMPILE_FRACTION`` = 1% of its time counts as not compiling: after
 ``memory.release_programs='phase'`` clears JAX's caches, small jitted helpers recompile in
 milliseconds in every later rollout):
@@ -30,6 +36,7 @@ pays). ``peak_rss_mb`` = the largest child's peak RSS (a ``host_memory.PeakRss``
     python benchmarks/rl_step.py --quick              # 3 steps per variant, about 8 min on 2 cores
     python benchmarks/rl_step.py --steps 6            # both phases twice
     python benchmarks/rl_step.py --variants on        # one variant
+    python benchmarks/rl_step.py --variants off prefix on   # what each default pass contributes
 
 The last line printed is one JSON object with every figure.
 """
@@ -53,6 +60,11 @@ from benchmarks.update_memory import _cpu_model as cpu_model  # noqa: E402
 from benchmarks.update_memory import _hwm_mib  # noqa: E402
 
 PHASES = ("rollout", "prepare", "update", "step")
+VARIANTS = {  # update-section overrides of configs/default.py's rl section
+    "off": {"share_prefix": False, "old_logprobs": "recompute"},
+    "prefix": {"share_prefix": True, "old_logprobs": "recompute"},
+    "on": {},
+}
 TINY = dict(num_layers=2, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=8)
 
 
@@ -79,7 +91,7 @@ def _child(args: argparse.Namespace) -> dict:
     from rema_jax.training.trainer import Trainer
 
     raw = default.get_config().rl.to_dict()
-    raw["update"]["share_prefix"] = args.variant == "on"
+    raw["update"].update(VARIANTS[args.variant])
     raw["loop"]["steps"] = args.steps
     raw["loop"]["eval_before"] = False
     raw["loop"]["eval_questions"] = 0
@@ -191,11 +203,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=4, help="RL steps per variant (default 4: one RA + one MTA phase)")
     ap.add_argument("--quick", action="store_true", help="3 steps per variant (fits 10 min on 2 cores)")
-    ap.add_argument("--variants", nargs="+", choices=("off", "on"), default=["off", "on"])
+    ap.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=["off", "on"])
     ap.add_argument("--random_weights", action="store_true", help="random weights of SmolLM2-135M's shape")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer random model, 8 new tokens (smoke test)")
     ap.add_argument("--adapters", default=None, help="start both agents from these SFT adapters")
-    ap.add_argument("--variant", choices=("off", "on"), help=argparse.SUPPRESS)  # child process
+    ap.add_argument("--variant", choices=tuple(VARIANTS), help=argparse.SUPPRESS)  # child process
     args = ap.parse_args()
     if args.quick:
         args.steps = 3
@@ -206,7 +218,7 @@ def main() -> None:
         return
 
     machine = cpu_model()
-    print(f"RL step, configs/default.py rl section, share_prefix {' vs '.join(args.variants)}; CPU: {machine}")
+    print(f"RL step, configs/default.py rl section, passes {' vs '.join(args.variants)}; CPU: {machine}")
     results = {}
     for v in args.variants:
         cmd = [sys.executable, os.path.abspath(__file__), "--variant", v, "--steps", str(args.steps)]

@@ -56,7 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
         max_turns=30,
     )
     c.optimizer = dict(learning_rate=1e-6, schedule="constant", weight_decay=0.01, max_grad_norm=1.0)
-    c.update = dict(num_mini_batches=4, num_micro_batches=16)
+    c.update = dict(
+        num_mini_batches=4, num_micro_batches=16, share_prefix=True, old_logprobs="auto"
+    )  # 4 steps: a π_old pass
     c.schedule = dict(kind="simultaneous")
     c.curriculum = dict(enabled=False)
     c.data = dict(

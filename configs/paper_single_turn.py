@@ -69,7 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
         max_turns=1,
     )
     c.optimizer = dict(learning_rate=5e-7, schedule="constant", weight_decay=0.0, max_grad_norm=1.0)
-    c.update = dict(num_mini_batches=8, num_micro_batches=16)
+    c.update = dict(
+        num_mini_batches=8, num_micro_batches=16, share_prefix=True, old_logprobs="auto"
+    )  # 8 steps: a π_old pass
     c.schedule = dict(kind="alternating", reasoning_steps=8, meta_thinking_steps=8)
     c.curriculum = dict(enabled=True, low=0.2, high=0.8, num_samples=10, pool_size=2000)
     c.data = dict(

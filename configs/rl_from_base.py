@@ -50,7 +50,8 @@ def get_config() -> ml_collections.ConfigDict:
         max_turns=1,
     )
     c.optimizer = dict(learning_rate=2e-4, schedule="constant", weight_decay=0.0, max_grad_norm=1.0)
-    c.update = dict(num_mini_batches=1, num_micro_batches=2)
+    # one optimizer step per rollout batch, so the update takes π_old from its own forward (no log-prob pass)
+    c.update = dict(num_mini_batches=1, num_micro_batches=2, share_prefix=True, old_logprobs="auto")
     c.schedule = dict(kind="alternating", reasoning_steps=2, meta_thinking_steps=2)
     c.curriculum = dict(enabled=False)
     c.data = dict(

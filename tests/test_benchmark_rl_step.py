@@ -1,4 +1,4 @@
-"""benchmarks/rl_step.py (share_prefix off vs on over real trainer steps): its steady-state rule, and,
+"""benchmarks/rl_step.py (the plain vs the default training passes over real trainer steps): its steady-state rule, and,
 marked slow, the whole script on a tiny random model (two child processes, ~1 min on 2 cores)."""
 
 import importlib.util

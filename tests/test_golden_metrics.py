@@ -10,11 +10,13 @@ split into layout / rollout worker / learner).
 Rewards are replaced by 1, 0, 1, 0, … per group (a random model's real rewards are all equal, so the
 updates would be zero and the comparison weak). ``time/``, ``throughput/`` and ``memory/`` keys are dropped.
 
-The records were made with the plain training passes (``update.share_prefix=False``, set below). With
-shared prefixes (the default) the same first 3 steps must give the plain run's metrics on the same
-machine within ``RTOL_SHARED_PREFIX`` (fp32 sums in another order): the "must not change" check of
-issue 12, plus ``ATOL_NOISE`` absolute: values that are themselves fp32 rounding (the first step's
-loss, a sum of advantages that cancel to ~5e-8; ``*/behaviour_logprob_gap``, ~3e-7) differ by ~1e-7.
+The records were made with the plain training passes (``update.share_prefix=False`` and
+``update.old_logprobs='recompute'``, set below). With the defaults (shared prefixes; π_old from the
+update's own forward when there is one mini-batch, as in ``default_rl``) the same first 3 steps must
+give the plain run's metrics on the same machine within ``RTOL_SHARED_PREFIX`` (fp32 sums in another
+order): the "must not change" check of issue 12, plus ``ATOL_NOISE`` absolute: values that are
+themselves fp32 rounding (the first step's loss, a sum of advantages that cancel to ~5e-8;
+``*/behaviour_logprob_gap``, ~3e-7; ``*/approx_kl``, exactly 0 with π_old from the update) differ by ~1e-7.
 
 Comparison: bit-for-bit (every float as recorded) on a machine with the recording's fingerprint
 (jax version and CPU vector extensions); elsewhere XLA may emit different kernels (AVX2 vs AVX-512),
@@ -46,6 +48,7 @@ BUILTIN = {
     "test_per_cell": 0,
 }
 STEPS = 3
+PLAIN_PASSES = {"share_prefix": False, "old_logprobs": "recompute"}  # every row's every token, and a π_old pass
 RTOL_OTHER_MACHINE = 1e-4
 # Absolute floor of the comparison on another machine. Some metrics are zero up to fp32 noise: the
 # first on-policy GRPO loss is -mean(A) over zero-mean groups (~1e-7), the behaviour gap is
@@ -85,7 +88,7 @@ def setups() -> dict[str, dict]:
             "rollout": {"num_samples": 2, "max_new_tokens": 6, "max_prompt_len": 255},
             "adapter": {"rank": 4, "alpha": 8.0},
             "optimizer": {"learning_rate": 3e-2},
-            "update": {"share_prefix": False},
+            "update": PLAIN_PASSES,
             "data": BUILTIN,
             "loop": {"steps": STEPS, "questions_per_step": 2, "max_seq_len": 262, **NO_EVAL},
             "checkpoint": {"every": STEPS, "keep_last": 1},
@@ -111,7 +114,7 @@ def setups() -> dict[str, dict]:
             "loss": {"max_turns": 2},
             "grading": {"workers": 1},
             "optimizer": {"learning_rate": 1e-3},
-            "update": {"num_mini_batches": 2, "num_micro_batches": 1, "share_prefix": False},
+            "update": {"num_mini_batches": 2, "num_micro_batches": 1, **PLAIN_PASSES},
             "data": BUILTIN,
             "loop": {"steps": STEPS, "questions_per_step": 2, "max_seq_len": 262, **NO_EVAL},
             "checkpoint": {"every": STEPS, "keep_last": 1},
@@ -136,14 +139,16 @@ def fingerprint() -> dict:
     return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "isa": isa, "backend": jax.default_backend()}
 
 
-def run_setup(name: str, workdir: str, share_prefix: bool = False) -> list[dict]:
-    """Train ``name`` for STEPS steps and return its metrics records without time/throughput keys."""
+def run_setup(name: str, workdir: str, defaults: bool = False) -> list[dict]:
+    """Train ``name`` for STEPS steps and return its metrics records without time/throughput keys;
+    ``defaults``: with the update's default passes instead of ``PLAIN_PASSES``."""
     from rema_jax.training import loop as loop_lib
     from rema_jax.training.config import load_train_config
     from rema_jax.training.metrics import read_jsonl
 
     cfg = setups()[name]
-    cfg["update"] = {**cfg["update"], "share_prefix": share_prefix}
+    if defaults:
+        cfg["update"] = {k: v for k, v in cfg["update"].items() if k not in PLAIN_PASSES}
     cfg = load_train_config(cfg)
     loop_lib.train(cfg, workdir, progress=False, reward_override=alternating_rewards)
     return [
@@ -180,9 +185,10 @@ def test_first_steps_match_the_recorded_metrics(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["default_rl", "paper_multi_turn"])
-def test_shared_prefix_passes_give_the_same_first_steps(name, tmp_path, monkeypatch):
-    """``update.share_prefix=True`` (the default) vs False on this machine: the same metrics within
-    RTOL_SHARED_PREFIX, with the shared-prefix plan in use on every pass."""
+def test_default_passes_give_the_same_first_steps(name, tmp_path, monkeypatch):
+    """The default passes (``update.share_prefix=True``, ``update.old_logprobs='auto'``) vs the plain
+    ones on this machine: the same metrics within RTOL_SHARED_PREFIX, with the shared-prefix plan in
+    use on every pass, and π_old taken from the update exactly when there is one mini-batch."""
     from rema_jax.training import learner as learner_lib
 
     plain = _PLAIN_RUNS.get(name) or run_setup(name, str(tmp_path / "plain"))
@@ -195,11 +201,18 @@ def test_shared_prefix_passes_give_the_same_first_steps(name, tmp_path, monkeypa
         return out
 
     monkeypatch.setattr(learner_lib.Learner, "with_prefix", counting)
-    got = run_setup(name, str(tmp_path / name), share_prefix=True)
+    old_passes = []
+    real_old = learner_lib.Learner.old_logprobs
+    monkeypatch.setattr(
+        learner_lib.Learner, "old_logprobs", lambda self, *a: old_passes.append(1) or real_old(self, *a)
+    )
+    got = run_setup(name, str(tmp_path / name), defaults=True)
     assert planned and all(planned), planned
+    one_mini_batch = setups()[name]["update"].get("num_mini_batches", 1) == 1
+    assert (len(old_passes) == 0) == one_mini_batch, (name, len(old_passes))
     assert len(got) == STEPS
     for step, (g, w) in enumerate(zip(got, plain), start=1):
-        _compare(g, w, False, f"{name} step {step} (share_prefix)", RTOL_SHARED_PREFIX, ATOL_NOISE)
+        _compare(g, w, False, f"{name} step {step} (default passes)", RTOL_SHARED_PREFIX, ATOL_NOISE)
 
 
 if __name__ == "__main__":  # re-record, with the test session's settings (tests/conftest.py)

@@ -175,14 +175,20 @@ def test_compiled_programs_counted_per_layer_and_per_live_role():
     from rema_jax.training.layout import AgentLayout
     from tests.test_trainer import tiny_train_config
 
-    per_role, sampler = (
-        memory_check.CPU_TRAINING_PROGRAM_BYTES_PER_LAYER,
+    update, logprob, sampler = (
+        memory_check.CPU_UPDATE_PROGRAM_BYTES_PER_LAYER,
+        memory_check.CPU_LOGPROB_PROGRAM_BYTES_PER_LAYER,
         memory_check.CPU_SAMPLER_PROGRAM_BYTES_PER_LAYER,
     )
+    per_role = update  # one mini-batch: π_old comes from the update, no log-prob pass program
     for release, live in (("end", 2), ("phase", 1)):
         cfg = load_train_config(tiny_train_config(memory={"release_programs": release}))
+        assert cfg.old_logprobs_in_update
         got = memory_check.program_bytes(cfg, AgentLayout.from_train_config(cfg), num_layers=30)
         assert got == 30 * (live * per_role + sampler), release
+    recompute = load_train_config(tiny_train_config(update={"old_logprobs": "recompute"}))
+    got = memory_check.program_bytes(recompute, AgentLayout.from_train_config(recompute), num_layers=30)
+    assert got == 30 * (2 * (update + logprob) + sampler)
     shared = load_train_config(
         tiny_train_config(
             adapter={"kind": "shared"}, schedule={"kind": "simultaneous"}, memory={"release_programs": "phase"}
@@ -191,6 +197,10 @@ def test_compiled_programs_counted_per_layer_and_per_live_role():
     assert memory_check.program_bytes(shared, AgentLayout.from_train_config(shared), 30) == 30 * (
         2 * per_role + sampler
     )
+    kl = load_train_config(tiny_train_config(loss={"kl_coef": 0.01}))  # a π_ref pass per role
+    assert AgentLayout.from_train_config(kl).needs_reference
+    got = memory_check.program_bytes(kl, AgentLayout.from_train_config(kl), num_layers=30)
+    assert got == 30 * (2 * (update + logprob) + sampler)
 
 
 def test_a_long_compile_is_followed_by_a_heap_trim(monkeypatch):

@@ -226,7 +226,7 @@ def test_update_input_errors():
     state = rl.init_rl_state(params, optimizer)
     with pytest.raises(ValueError, match="not divisible"):
         update(state, {"reasoning": batch}, trained=("reasoning",))
-    update = rl.make_update_fn(toy_logits_fn, LOSS, optimizer)
+    update = rl.make_update_fn(toy_logits_fn, LOSS, optimizer, rl.UpdateConfig(old_logprobs="recompute"))
     with pytest.raises(ValueError, match="not in the trainable params"):
         update(state, {"reasoning": batch}, trained=("critic",))
     with pytest.raises(ValueError, match="missing \\['old_logprobs'\\]"):
@@ -234,6 +234,53 @@ def test_update_input_errors():
     bad = dict(batch, turn_ids=batch["turn_ids"] + 5)
     with pytest.raises(ValueError, match="max_turns"):
         update(state, {"reasoning": bad}, trained=("reasoning",))
+
+
+def test_old_logprobs_config():
+    assert rl.UpdateConfig().old_from_update  # auto, one mini-batch
+    assert not rl.UpdateConfig(num_mini_batches=2).old_from_update  # auto falls back to the pass
+    assert not rl.UpdateConfig(old_logprobs="recompute").old_from_update
+    assert rl.UpdateConfig(old_logprobs="in_update", num_micro_batches=4).old_from_update
+    with pytest.raises(ValueError, match="needs num_mini_batches == 1"):
+        rl.UpdateConfig(old_logprobs="in_update", num_mini_batches=2)
+    with pytest.raises(ValueError, match="old_logprobs must be one of"):
+        rl.UpdateConfig(old_logprobs="sampler")
+
+
+@pytest.mark.parametrize("micro", [1, 4])
+def test_old_logprobs_from_the_update_equal_the_recomputed_pass(micro):
+    """With one mini-batch, π_old = stop_gradient(π_θ) inside the update gives the step that the
+    recomputed π_old gives (same loss, gradient, Adam moments and parameters to fp32 rounding),
+    with approx_kl exactly 0; the behaviour gap is mean |behaviour − π_old| over the drawn loss tokens
+    either way."""
+    params, batch = _one_batch()
+    rng = np.random.default_rng(0)
+    drawn = (rng.uniform(size=batch["loss_mask"].shape) < 0.8).astype(np.float32) * batch["loss_mask"]
+    noise = rng.uniform(-0.01, 0.01, drawn.shape).astype(np.float32)
+    batch["behaviour_logprobs"] = (batch["old_logprobs"] + noise) * drawn
+    batch["behaviour_mask"] = drawn
+    want_gap = float(np.abs(noise)[drawn > 0].mean())
+    optimizer = rl.MultiAgentOptimizer(dataclasses.replace(OPT, max_grad_norm=1e9))
+    runs = {}
+    for source in ("recompute", "in_update"):
+        update = rl.make_update_fn(
+            toy_logits_fn, LOSS, optimizer, rl.UpdateConfig(num_micro_batches=micro, old_logprobs=source)
+        )
+        b = batch if source == "recompute" else {k: v for k, v in batch.items() if k != "old_logprobs"}
+        state, m = update(rl.init_rl_state(params, optimizer), {"reasoning": b}, trained=("reasoning",))
+        assert bool(m["finite"])
+        runs[source] = (state, m)
+    (s_re, m_re), (s_in, m_in) = runs["recompute"], runs["in_update"]
+    assert float(m_in["reasoning/approx_kl"]) == 0.0 and float(m_in["reasoning/clip_frac"]) == 0.0
+    assert abs(float(m_re["reasoning/approx_kl"])) < 1e-6
+    assert float(m_re["grad_norm"]) > 1e-3  # a real gradient, so equality means something
+    for k in ("loss", "grad_norm", "reasoning/pg_loss", "reasoning/ratio_mean", "reasoning/entropy"):
+        np.testing.assert_allclose(float(m_in[k]), float(m_re[k]), rtol=1e-5, atol=1e-7, err_msg=k)
+    for m in (m_re, m_in):
+        np.testing.assert_allclose(float(m["reasoning/behaviour_logprob_gap"]), want_gap, rtol=1e-4)
+        assert float(m["reasoning/behaviour_gap_count"]) == drawn.sum()
+    _close(_adam_moments(s_in.opt_state["reasoning"]), _adam_moments(s_re.opt_state["reasoning"]), atol=1e-10)
+    _close(s_in.params["reasoning"], s_re.params["reasoning"])
 
 
 def test_schedules_and_optimizer_config():

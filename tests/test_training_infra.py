@@ -109,6 +109,20 @@ def test_consistency_reward_needs_several_solutions_per_plan():
     assert "loop.solutions_per_plan >= 2" in str(e.value) and "agree with itself" in str(e.value)
 
 
+def test_old_logprob_pass_is_skipped_only_where_nothing_reads_pi_old_before_the_update():
+    from rema_jax.training.config import load_train_config
+
+    assert load_train_config(_train_config()).old_logprobs_in_update  # auto, one mini-batch, GRPO
+    assert not load_train_config(_train_config(update={"num_mini_batches": 2})).old_logprobs_in_update
+    assert not load_train_config(_train_config(update={"old_logprobs": "recompute"})).old_logprobs_in_update
+    kl = {"estimator": "reinforce_pp", "kl_coef": 0.01}  # KL(π_old ‖ π_ref) in the reward
+    assert not load_train_config(_train_config(advantage=kl)).old_logprobs_in_update
+    with pytest.raises(ConfigError, match="update.old_logprobs='in_update'.*reads π_old before the update"):
+        load_train_config(_train_config(advantage=kl, update={"old_logprobs": "in_update"}))
+    with pytest.raises(ConfigError, match="config.update.*needs num_mini_batches == 1"):
+        load_train_config(_train_config(update={"old_logprobs": "in_update", "num_mini_batches": 2}))
+
+
 def test_dr_grpo_defaults_to_the_constant_normalised_token_sum():
     from rema_jax.training.config import load_train_config
 

@@ -74,6 +74,12 @@ class AdvantageConfig:
         if self.whiten_scope not in ("batch", "role"):
             raise ValueError(f"AdvantageConfig.whiten_scope must be 'batch' or 'role', got {self.whiten_scope!r}")
 
+    @property
+    def reads_old_logprobs(self) -> bool:
+        """Whether the estimator reads π_old (REINFORCE++'s in-reward KL, ``kl_coef > 0``): the
+        trainer then computes old log-probs before the advantages, in a pass of their own."""
+        return self.kl_coef > 0
+
 
 def _group_index(group_ids_b, role_ids_b) -> tuple[jax.Array, int]:
     """Dense group index per row for keys (role, question), and the number of rows N."""

@@ -23,6 +23,7 @@ Array = Any  # jax.Array or np.ndarray (host batches before they are placed)
 
 MODEL_FIELDS = ("tokens", "attention_mask", "loss_mask", "turn_ids")
 RL_FIELDS = ("advantages", "old_logprobs")
+BEHAVIOUR_FIELDS = ("behaviour_logprobs", "behaviour_mask")
 
 
 @flax.struct.dataclass
@@ -34,8 +35,13 @@ class TrainBatch:
     loss_mask:      float32 [B, T]  1 where the token is the role's own output (trained)
     turn_ids:       int32   [B, T]  the turn of each loss token (0 .. max_turns-1), -1 elsewhere
     advantages:     float32 [B, T]  per-token advantages (the update only)
-    old_logprobs:   float32 [B, T]  log π_old of each token, 0 outside loss_mask (the update only)
+    old_logprobs:   float32 [B, T]  log π_old of each token, 0 outside loss_mask (the update only; optional
+                                    when the update takes π_old from its own forward, see
+                                    ``UpdateConfig.old_logprobs``)
     ref_logprobs:   float32 [B, T]  log π_ref, when a KL term reads it
+    behaviour_logprobs: float32 [B, T]  the sampler's log-prob of each token it drew (optional, diagnostic:
+                                    the update then reports ``behaviour_logprob_gap``)
+    behaviour_mask: float32 [B, T]  1 on the loss tokens the sampler drew (with ``behaviour_logprobs``)
     prefix:         PrefixPlan      shared prefixes of the rows, for as many micro-batches as the pass splits
                                     into (None: the plain path)
     """
@@ -47,6 +53,8 @@ class TrainBatch:
     advantages: Optional[Array] = None
     old_logprobs: Optional[Array] = None
     ref_logprobs: Optional[Array] = None
+    behaviour_logprobs: Optional[Array] = None
+    behaviour_mask: Optional[Array] = None
     prefix: Optional[PrefixPlan] = None
 
     @property
@@ -56,16 +64,25 @@ class TrainBatch:
 
     def model_inputs(self) -> "TrainBatch":
         """The four fields a forward / log-prob pass reads, and ``prefix`` (the RL fields dropped)."""
-        return self.replace(advantages=None, old_logprobs=None, ref_logprobs=None)
+        return self.replace(
+            advantages=None, old_logprobs=None, ref_logprobs=None, behaviour_logprobs=None, behaviour_mask=None
+        )
 
-    def checked(self, role: str, *, rl_fields: bool, ref: bool) -> "TrainBatch":
-        """This batch with exactly the fields a pass needs (``ref_logprobs`` dropped when ``ref`` is
-        False) and ``prefix``, after checking they are present and all ``[B, T]`` like ``tokens``."""
-        need = MODEL_FIELDS + (RL_FIELDS if rl_fields else ()) + (("ref_logprobs",) if ref else ())
+    def checked(self, role: str, *, rl_fields: bool, ref: bool, old: bool = True) -> "TrainBatch":
+        """This batch with exactly the fields a pass needs and ``prefix``, after checking they are
+        present and all ``[B, T]`` like ``tokens``. ``ref_logprobs`` is dropped unless ``ref``; with
+        ``rl_fields``, ``old_logprobs`` is required when ``old`` (kept when given either way) and the
+        behaviour fields are kept when both are given."""
+        need = MODEL_FIELDS + (("advantages",) + (("old_logprobs",) if old else ()) if rl_fields else ())
+        need += ("ref_logprobs",) if ref else ()
         missing = [k for k in need if getattr(self, k) is None]
         if missing:
             have = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
             raise ValueError(f"batch for role {role!r} is missing {missing}; has {have}")
+        if rl_fields and (self.behaviour_logprobs is None) != (self.behaviour_mask is None):
+            raise ValueError(f"batch for role {role!r}: give both {BEHAVIOUR_FIELDS} or neither")
+        given = ("old_logprobs",) + BEHAVIOUR_FIELDS if rl_fields else ()
+        need += tuple(k for k in given if k not in need and getattr(self, k) is not None)
         keep = need + ("prefix",)
         out = self.replace(**{f.name: None for f in dataclasses.fields(self) if f.name not in keep})
         for k in need:

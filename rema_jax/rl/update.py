@@ -47,17 +47,31 @@ def _as_logprobs_fn(
     return from_logits
 
 
+OLD_LOGPROB_SOURCES = ("auto", "recompute", "in_update")
+
+
 @dataclasses.dataclass(frozen=True)
 class UpdateConfig:
     """num_mini_batches: optimizer steps per rollout batch (paper: 4; official example: 1).
     num_micro_batches: gradient-accumulation steps per mini-batch (memory only).
     share_prefix: the learner's update and old / reference log-prob passes compute a token prefix
     that rows share once per micro-batch (`rl.plan_prefix`, `models.forward_shared_prefix`); same
-    results as off up to float rounding. The mesh path always runs the plain passes."""
+    results as off up to float rounding. The mesh path always runs the plain passes.
+    old_logprobs: where log π_old comes from.
+      "recompute": a log-prob pass over the rows before the update (the official code's order);
+        the batch must carry ``old_logprobs``.
+      "in_update": with one mini-batch the update's only optimizer step is taken at the rollout's
+        parameters, so its own forward already computes log π_old: a batch without
+        ``old_logprobs`` uses ``stop_gradient(log π_θ)``. The ratio is then exactly 1 and its
+        gradient is ∇log π_θ, as with the recomputed values up to float rounding; the pass is
+        skipped. Needs ``num_mini_batches == 1``.
+      "auto" (default): "in_update" when ``num_mini_batches == 1``, else "recompute". (The trainer
+        still runs the pass when an advantage estimator reads π_old before the update.)"""
 
     num_mini_batches: int = 1
     num_micro_batches: int = 1
     share_prefix: bool = True
+    old_logprobs: str = "auto"
 
     def __post_init__(self):
         for name in ("num_mini_batches", "num_micro_batches"):
@@ -66,6 +80,20 @@ class UpdateConfig:
                 raise ValueError(f"UpdateConfig.{name} must be an int >= 1, got {v!r}")
         if not isinstance(self.share_prefix, bool):
             raise ValueError(f"UpdateConfig.share_prefix must be a bool, got {self.share_prefix!r}")
+        if self.old_logprobs not in OLD_LOGPROB_SOURCES:
+            raise ValueError(
+                f"UpdateConfig.old_logprobs must be one of {OLD_LOGPROB_SOURCES}, got {self.old_logprobs!r}"
+            )
+        if self.old_logprobs == "in_update" and self.num_mini_batches != 1:
+            raise ValueError(
+                f"UpdateConfig.old_logprobs='in_update' needs num_mini_batches == 1 (got {self.num_mini_batches}): "
+                "every mini-batch after the first is taken at updated parameters; use 'auto' or 'recompute'"
+            )
+
+    @property
+    def old_from_update(self) -> bool:
+        """Whether a batch without ``old_logprobs`` takes log π_old from the update's own forward."""
+        return self.old_logprobs != "recompute" and self.num_mini_batches == 1
 
 
 class RLState(NamedTuple):
@@ -101,8 +129,10 @@ def _split(x, m: int, u: int):
 
 
 # Per-role loss metrics that are each micro-batch's share of the mini-batch loss (normalised by
-# whole-mini-batch denominators): they add up over micro-batches; every other metric averages.
-_ADDITIVE_OVER_MICRO = ("pg_loss", "loss")
+# whole-mini-batch denominators), and the behaviour-gap sums: they add up over micro-batches; every
+# other metric averages.
+_GAP_SUM, _GAP_COUNT = "behaviour_gap_sum", "behaviour_gap_count"
+_ADDITIVE_OVER_MICRO = ("pg_loss", "loss", _GAP_SUM, _GAP_COUNT)
 
 
 def _merge_metrics(stacked: dict, *, micro: bool = False) -> dict:
@@ -133,7 +163,8 @@ def make_update_fn(
     `trained` (tuple of agent names, e.g. ("reasoning",) or ("shared",)) is static: one
     compilation per phase, none between steps of the same shapes. Metrics are scalars:
     "<role>/<loss metric>" averaged over micro/mini-batches, plus "loss", "grad_norm", "lr",
-    "finite". When any mini-batch has a non-finite loss or gradient, the returned state is the
+    "finite"; with behaviour log-probs in a role's batch, "<role>/behaviour_logprob_gap" (mean
+    |behaviour − π_old| over its drawn loss tokens) and "<role>/behaviour_gap_count" (their number). When any mini-batch has a non-finite loss or gradient, the returned state is the
     input state unchanged and metrics["finite"] is False. With `donate_state` the input state's
     buffers are donated (do not reuse it after the call).
     """
@@ -144,9 +175,14 @@ def make_update_fn(
 
     def role_loss(params, role, mb: TrainBatch, norms):
         logp, ent = lp_fn(params, role, mb.model_inputs())
-        return losses.ppo_loss(
+        old = mb.old_logprobs
+        if old is None:
+            if not update_cfg.old_from_update:  # (check_update_batch says so first, on the host)
+                raise ValueError(f"batch[{role!r}] has no old_logprobs and {update_cfg} needs them")
+            old = jax.lax.stop_gradient(logp) * (mb.loss_mask > 0)  # π_old = π_θ before the only step
+        loss, met = losses.ppo_loss(
             logp,
-            mb.old_logprobs,
+            old,
             mb.advantages,
             mb.loss_mask,
             mb.turn_ids,
@@ -155,6 +191,11 @@ def make_update_fn(
             ref_logp_bt=mb.ref_logprobs,
             normalizers=norms,
         )
+        if mb.behaviour_logprobs is not None:  # |sampler − training graph| on the drawn loss tokens
+            drawn = mb.behaviour_mask * (mb.loss_mask > 0)
+            gap = jnp.abs(mb.behaviour_logprobs - jax.lax.stop_gradient(old)) * drawn
+            met = {**met, _GAP_SUM: jnp.sum(gap), _GAP_COUNT: jnp.sum(drawn)}
+        return loss, met
 
     def core(state: RLState, batches: dict, trained: tuple, constants: dict):
         # {role: TrainBatch} (mappings accepted, e.g. from the mesh helpers); no ref without a KL term
@@ -214,7 +255,13 @@ def make_update_fn(
             lambda a, b: jnp.where(all_finite, a, b), new, old
         )
         new_state = RLState(params=revert(params, state.params), opt_state=revert(opt_state, state.opt_state))
+        gaps = {k: jnp.sum(mets.pop(k)) for k in [k for k in mets if k.endswith((_GAP_SUM, _GAP_COUNT))]}
         metrics = _merge_metrics({k: v for k, v in mets.items() if k != "finite"})
+        for r in roles:  # mean |behaviour − old| over all drawn loss tokens of the batch
+            if f"{r}/{_GAP_SUM}" in gaps:
+                count = gaps[f"{r}/{_GAP_COUNT}"]
+                metrics[f"{r}/behaviour_logprob_gap"] = gaps[f"{r}/{_GAP_SUM}"] / jnp.maximum(count, 1.0)
+                metrics[f"{r}/{_GAP_COUNT}"] = count
         metrics["finite"] = all_finite
         return new_state, metrics
 
@@ -245,8 +292,11 @@ def check_update_batch(
 ) -> TrainBatch:
     """The batch an update of ``role`` reads, checked on the host (every path runs this): the RL
     fields present and ``[B, T]``, ``ref_logprobs`` kept only for a KL term, loss tokens' turn ids in
-    ``[0, max_turns)``, and N divisible by the mini × micro split."""
-    b = as_train_batch(batch).checked(role, rl_fields=True, ref=loss_cfg.kl_coef > 0)
+    ``[0, max_turns)``, and N divisible by the mini × micro split. ``old_logprobs`` may be absent
+    when ``update_cfg.old_from_update``."""
+    b = as_train_batch(batch).checked(
+        role, rl_fields=True, ref=loss_cfg.kl_coef > 0, old=not update_cfg.old_from_update
+    )
     _check_turn_ids(b, role, loss_cfg.max_turns)
     m, u = update_cfg.num_mini_batches, update_cfg.num_micro_batches
     n = b.shape[0]

@@ -293,6 +293,12 @@ class TrainConfig:
                 )
         if -1 not in (self.mesh.data, self.mesh.fsdp):  # else checked once the device count is known
             self.check_batch_shards(self.mesh.data * self.mesh.fsdp)
+        if self.update.old_logprobs == "in_update" and self.advantage.reads_old_logprobs:
+            raise ValueError(
+                f"update.old_logprobs='in_update' skips the log-prob pass before the update, but "
+                f"advantage.kl_coef={self.advantage.kl_coef} puts a KL(π_old ‖ π_ref) term in the reward, "
+                "which reads π_old before the update; use update.old_logprobs='auto' or 'recompute'"
+            )
         if self.advantage.estimator == "grpo" and self.rollout.num_samples * self.loop.solutions_per_plan < 2:
             raise ValueError("GRPO needs at least 2 samples per question (rollout.num_samples)")
 
@@ -306,6 +312,12 @@ class TrainConfig:
         reasoning agent (each plan is answered ``solutions_per_plan`` times)."""
         rows = self.loop.questions_per_step * self.rollout.num_samples
         return {r: rows * (self.loop.solutions_per_plan if r == REASONING else 1) for r in self.rollout.agent_roles}
+
+    @property
+    def old_logprobs_in_update(self) -> bool:
+        """Whether a step skips the old-log-prob pass: the update takes log π_old from its own forward
+        (``update.old_from_update``) and no advantage estimator reads π_old before it."""
+        return self.update.old_from_update and not self.advantage.reads_old_logprobs
 
     def check_batch_shards(self, batch_shards: int) -> None:
         """Raises ``ValueError`` unless every micro-batch (rows / (mini × micro)) splits evenly over

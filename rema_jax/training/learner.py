@@ -202,7 +202,11 @@ class Learner:
                 f"the loss or a gradient is NaN/inf (loss={metrics.get('loss')}, "
                 f"grad_norm={metrics.get('grad_norm')}); the update was not applied"
             )
-        return {k: float(np.asarray(v)) for k, v in metrics.items()}
+        out = {k: float(np.asarray(v)) for k, v in metrics.items()}
+        for k in [k for k in out if k.endswith("/behaviour_gap_count")]:  # no drawn token: no gap
+            if out.pop(k) == 0:
+                out.pop(k.replace("behaviour_gap_count", "behaviour_logprob_gap"), None)
+        return out
 
     # ------------------------------------------------------------------ mesh plumbing
     def _global(self, batch: TrainBatch) -> TrainBatch:

@@ -13,12 +13,22 @@ from rema_jax.training.layout import AgentLayout
 # (2026-12-06, SmolLM2-135M; docs/architecture.md "Host memory of the main command"):
 #  * the process with jax, the tokenizer and the loaded modules;
 #  * the compiled programs XLA:CPU keeps: they grow with the decoder layers they unroll (kernels per
-#    layer), not with the batch. One trained role's update and log-prob passes hold about
-#    CPU_TRAINING_PROGRAM_BYTES_PER_LAYER; the sampler's prefill/decode programs of a run (both agents'
-#    rollout buckets and the evaluation's) about CPU_SAMPLER_PROGRAM_BYTES_PER_LAYER.
+#    layer), not with the batch. One trained role's update program holds about
+#    CPU_UPDATE_PROGRAM_BYTES_PER_LAYER and each of its log-prob passes (π_old unless the update computes
+#    it, π_ref) about CPU_LOGPROB_PROGRAM_BYTES_PER_LAYER: the RSS freed by dropping each after an RA step
+#    of configs/default.py (30 layers: 564 and 79 MiB, 2026-12-06; together 22 MiB per layer, where the
+#    main command's RSS had shown about 24). The sampler's prefill/decode programs of a run (both agents'
+#    rollout buckets and the evaluation's) hold about CPU_SAMPLER_PROGRAM_BYTES_PER_LAYER.
 CPU_RUNTIME_BYTES = 450 * 2**20
-CPU_TRAINING_PROGRAM_BYTES_PER_LAYER = 24 * 2**20
+CPU_UPDATE_PROGRAM_BYTES_PER_LAYER = 19 * 2**20
+CPU_LOGPROB_PROGRAM_BYTES_PER_LAYER = 3 * 2**20
 CPU_SAMPLER_PROGRAM_BYTES_PER_LAYER = 28 * 2**20
+
+
+def training_program_bytes_per_layer(cfg: TrainConfig, layout: AgentLayout) -> int:
+    """One trained role's compiled training programs, per decoder layer: the update and its log-prob passes."""
+    passes = (not cfg.old_logprobs_in_update) + layout.needs_reference
+    return CPU_UPDATE_PROGRAM_BYTES_PER_LAYER + passes * CPU_LOGPROB_PROGRAM_BYTES_PER_LAYER
 
 
 def program_bytes(cfg: TrainConfig, layout: AgentLayout, num_layers: int) -> int:
@@ -27,7 +37,8 @@ def program_bytes(cfg: TrainConfig, layout: AgentLayout, num_layers: int) -> int
     drops the others at each phase start) or of every role the schedule trains (``'end'``)."""
     together = len(layout.roles) if layout.shared or cfg.schedule.kind == "simultaneous" else 1
     live = together if cfg.memory.release_programs == "phase" else len(layout.roles)
-    return num_layers * (live * CPU_TRAINING_PROGRAM_BYTES_PER_LAYER + CPU_SAMPLER_PROGRAM_BYTES_PER_LAYER)
+    per_role = training_program_bytes_per_layer(cfg, layout)
+    return num_layers * (live * per_role + CPU_SAMPLER_PROGRAM_BYTES_PER_LAYER)
 
 
 def check_memory(cfg: TrainConfig, layout: AgentLayout, model_config, sampler, mesh) -> sharding.MemoryPlan:

@@ -25,7 +25,8 @@ class RoleBatch:
     """One trained role's rows of a step.
 
     sequences: the rollout side, ``[B, T]`` / ``[B]`` (``rewards`` and ``group_ids`` filled in)
-    train:     what the learner reads; ``old_logprobs`` / ``ref_logprobs`` / ``advantages`` set by the step
+    train:     what the learner reads (with the sampler's behaviour log-probs); ``old_logprobs`` (unless the
+               update takes them from its own forward) / ``ref_logprobs`` / ``advantages`` set by the step
     """
 
     sequences: RoleSequences
@@ -54,19 +55,16 @@ def build_role_batch(
         )
     seqs = dataclasses.replace(seqs, rewards=exp.rewards[role], group_ids=exp.group_ids[role])
     train = TrainBatch(
-        tokens=seqs.tokens, attention_mask=seqs.attention_mask, loss_mask=seqs.loss_mask, turn_ids=seqs.turn_ids
+        tokens=seqs.tokens,
+        attention_mask=seqs.attention_mask,
+        loss_mask=seqs.loss_mask,
+        turn_ids=seqs.turn_ids,
+        # the update reports mean |behaviour − old| over the drawn loss tokens: how far the sampler's
+        # numerics drift from the training graph (a forced end-of-turn label was not drawn)
+        behaviour_logprobs=seqs.behaviour_logprobs.astype(np.float32),
+        behaviour_mask=((seqs.loss_mask > 0) & (seqs.eos_label_mask == 0)).astype(np.float32),
     )
     return RoleBatch(sequences=seqs, train=train)
-
-
-def behaviour_logprob_gap(batch: RoleBatch) -> float | None:
-    """Mean |behaviour − recomputed old| log-prob over sampled loss tokens: how far the sampler's
-    numerics drift from the training graph (None when no token was sampled)."""
-    seqs, old = batch.sequences, np.asarray(batch.train.old_logprobs)
-    sampled = (seqs.loss_mask > 0) & (seqs.eos_label_mask == 0)
-    if not sampled.any():
-        return None
-    return float(np.abs(seqs.behaviour_logprobs - old)[sampled].mean())
 
 
 def step_advantages(config, batches: Mapping[str, RoleBatch]) -> dict[str, np.ndarray]:

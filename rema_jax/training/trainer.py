@@ -42,7 +42,7 @@ from rema_jax.training.data_iterator import TaskIterator
 from rema_jax.training.layout import AgentLayout
 from rema_jax.training.learner import Learner
 from rema_jax.training.memory_check import check_memory
-from rema_jax.training.role_batches import RoleBatch, behaviour_logprob_gap, build_role_batch, step_advantages
+from rema_jax.training.role_batches import RoleBatch, build_role_batch, step_advantages
 from rema_jax.training.rollout_worker import RolloutWorker
 from rema_jax.training.schedules import Phase, phase_at
 from rema_jax.training.task_data import heldout_subset, load_tasks  # noqa: F401  (re-exported)
@@ -180,7 +180,8 @@ class Trainer:
         return metrics
 
     def _role_batches(self, exp, roles: Sequence[str], metrics: dict) -> dict[str, RoleBatch]:
-        """The trained roles' batches with old / reference log-probs and advantages filled in."""
+        """The trained roles' batches with old (unless the update computes them) / reference log-probs and
+        advantages filled in."""
         cfg, learner = self.config, self.learner
         batches = {}
         for role in roles:
@@ -193,12 +194,10 @@ class Trainer:
                 cfg.loop.max_seq_len,
                 learner.max_loss_tokens,
             )
-            b.train = b.train.replace(old_logprobs=learner.old_logprobs(role, b.train))
+            if not cfg.old_logprobs_in_update:  # else the update's own forward gives log π_old
+                b.train = b.train.replace(old_logprobs=learner.old_logprobs(role, b.train))
             if self.layout.needs_reference:
                 b.train = b.train.replace(ref_logprobs=learner.ref_logprobs(role, b.train))
-            gap = behaviour_logprob_gap(b)
-            if gap is not None:
-                metrics[f"{role}/behaviour_logprob_gap"] = gap
             metrics[f"{role}/loss_tokens"] = float(b.sequences.loss_mask.sum())
             batches[role] = b
         for role, adv in step_advantages(cfg, batches).items():
