@@ -9,10 +9,12 @@ between phases through ``/proc/self/clear_refs``), and XLA's own ``memory_analys
 executable (temporaries = the scratch the update allocates on top of its arguments).
 
     python benchmarks/update_memory.py                          # base and chunk0
+    python benchmarks/update_memory.py --variants unrolled base   # the layers unrolled vs scanned
     python benchmarks/update_memory.py --variants base noremat micro1 chunk0+micro1
 
-Variants: ``base`` (configs/default.py's RL section as is: remat on, logits in chunks of 16 loss
-positions, 2 micro-batches), ``noremat`` (``model.remat=False``), ``chunkN`` (``model.logits_chunk=N``;
+Variants: ``base`` (configs/default.py's RL section as is: remat on, layers in one scan, logits in
+chunks of 16 loss positions, 2 micro-batches), ``noremat`` (``model.remat=False``), ``unrolled``
+(``model.scan_layers=False``), ``chunkN`` (``model.logits_chunk=N``;
 0 = one ``[B, K, V]`` block), ``microN`` (``update.num_micro_batches=N``, which changes the float
 summation order), combinations with ``+``.
 The last line printed is one JSON object.
@@ -79,6 +81,8 @@ def _variant_config(variant: str):
             continue
         if part == "noremat":
             rl.model.remat = False
+        elif part == "unrolled":
+            rl.model.scan_layers = False
         elif part.startswith("chunk"):
             rl.model.logits_chunk = int(part[len("chunk") :])
         elif part.startswith("micro"):
@@ -100,7 +104,13 @@ def child(variant: str, what: str) -> dict:
     from rema_jax.training.learner import Learner
 
     cfg = load_train_config(_variant_config(variant))
-    mc = tiny_config(**SMOLLM2, eos_token_ids=(2,), remat=cfg.model.remat, logits_chunk=cfg.model.logits_chunk)
+    mc = tiny_config(
+        **SMOLLM2,
+        eos_token_ids=(2,),
+        remat=cfg.model.remat,
+        logits_chunk=cfg.model.logits_chunk,
+        scan_layers=cfg.model.scan_layers,
+    )
     base = random_params(mc, jax.random.key(0), std=0.02)
     layout = AgentLayout.from_train_config(cfg)
     trainable = layout.init_trainable(mc, base, cfg.adapter, jax.random.key(1))

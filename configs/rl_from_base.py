@@ -17,7 +17,13 @@ from ml_collections.config_dict import placeholder
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = dict(
-        source="smollm2-135m", dtype="float32", random_init=None, init_adapters_from=placeholder(str), max_cache_len=320
+        source="smollm2-135m",
+        dtype="float32",
+        random_init=None,
+        init_adapters_from=placeholder(str),
+        max_cache_len=320,
+        remat=True,
+        scan_layers=True,  # the training passes scan the layers: compiled once (--config.model.scan_layers=false)
     )
     c.adapter = dict(
         kind="lora",

@@ -20,7 +20,9 @@ from ml_collections.config_dict import placeholder
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.model = dict(source="smollm2-135m", dtype="float32", random_init=None, max_cache_len=768)
+    c.model = dict(
+        source="smollm2-135m", dtype="float32", random_init=None, max_cache_len=768, remat=True, scan_layers=True
+    )
     c.adapter = dict(
         kind="lora",
         rank=16,

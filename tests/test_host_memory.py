@@ -176,8 +176,8 @@ def test_compiled_programs_counted_per_layer_and_per_live_role():
     from tests.test_trainer import tiny_train_config
 
     update, logprob, sampler = (
-        memory_check.CPU_UPDATE_PROGRAM_BYTES_PER_LAYER,
-        memory_check.CPU_LOGPROB_PROGRAM_BYTES_PER_LAYER,
+        memory_check.CPU_UPDATE_PROGRAM_BYTES_PER_LAYER[True],  # model.scan_layers (the default)
+        memory_check.CPU_LOGPROB_PROGRAM_BYTES_PER_LAYER[True],
         memory_check.CPU_SAMPLER_PROGRAM_BYTES_PER_LAYER,
     )
     per_role = update  # one mini-batch: π_old comes from the update, no log-prob pass program
@@ -186,9 +186,14 @@ def test_compiled_programs_counted_per_layer_and_per_live_role():
         assert cfg.old_logprobs_in_update
         got = memory_check.program_bytes(cfg, AgentLayout.from_train_config(cfg), num_layers=30)
         assert got == 30 * (live * per_role + sampler), release
-    recompute = load_train_config(tiny_train_config(update={"old_logprobs": "recompute"}))
+    recompute = load_train_config(
+        tiny_train_config(update={"old_logprobs": "recompute"}, memory={"release_programs": "end"})
+    )
     got = memory_check.program_bytes(recompute, AgentLayout.from_train_config(recompute), num_layers=30)
     assert got == 30 * (2 * (update + logprob) + sampler)
+    unrolled = load_train_config(tiny_train_config(model={"scan_layers": False}, memory={"release_programs": "end"}))
+    got = memory_check.program_bytes(unrolled, AgentLayout.from_train_config(unrolled), num_layers=30)
+    assert got == 30 * (2 * memory_check.CPU_UPDATE_PROGRAM_BYTES_PER_LAYER[False] + sampler)
     shared = load_train_config(
         tiny_train_config(
             adapter={"kind": "shared"}, schedule={"kind": "simultaneous"}, memory={"release_programs": "phase"}

@@ -69,6 +69,7 @@ class ModelConfig:
     attention_impl: str = "reference"  # block attention (training, prefill): reference | xla | cudnn
     decode_attention_impl: str = "dense"  # one-token decode attention: dense | ragged
     remat: bool = False  # training forward: recompute each layer in the backward pass (same values)
+    scan_layers: bool = False  # training forward: one lax.scan over stacked layers (compiles once; same ops)
     # training log-prob / loss passes: loss positions per chunk of the vocabulary projection and its
     # fp32 log-softmax (rl.losses.head_logprobs_and_entropy); 0 = one block
     logits_chunk: int = 0

@@ -22,7 +22,7 @@ from rema_jax.models import layers
 from rema_jax.models.adapters import Adapter
 from rema_jax.models.config import ModelConfig
 from rema_jax.models.layers import Params
-from rema_jax.models.transformer import HeadInputs, apply_layer, embedding, lm_head, model_variables
+from rema_jax.models.transformer import HeadInputs, embedding, lm_head, model_variables, run_layers
 
 
 class SharedPrefixTransformer(nn.Module):
@@ -59,11 +59,15 @@ class SharedPrefixTransformer(nn.Module):
 
         embed = embedding(cfg)
         x_up, x_bs = embed(prefix_tokens_up), embed(suffix_tokens_bs)
-        for i in range(cfg.num_layers):
-            x_up_next, (k_up, v_up) = apply_layer(self, cfg, self.lora_scale, i, x_up, cos_up, sin_up, mask_upp)
+
+        def body(layer, carry):
+            x_up, x_bs = carry
+            x_up_next, (k_up, v_up) = layer(x_up, cos_up, sin_up, mask_upp)
             kv_bp = (k_up[row_prefix_b], v_up[row_prefix_b])
-            x_bs, _ = apply_layer(self, cfg, self.lora_scale, i, x_bs, cos_bs, sin_bs, mask_bs_ps, kv_bp)
-            x_up = x_up_next  # the last layer's prefix output is unused (only its keys/values are)
+            x_bs, _ = layer(x_bs, cos_bs, sin_bs, mask_bs_ps, kv_bp)
+            return x_up_next, x_bs  # the last layer's prefix output is unused (only its keys/values are)
+
+        _, x_bs = run_layers(self, cfg, self.lora_scale, body, (x_up, x_bs))
         return lm_head(self, cfg, embed, x_bs, logits_at_bk, head_inputs)
 
 

@@ -11,6 +11,7 @@ structure (no recompilation).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
@@ -238,6 +239,23 @@ def _layer_variables(module: nn.Module, name: str) -> dict[str, Any]:
     return {col: tree[name] for col, tree in module.variables.items() if name in tree}
 
 
+def _trained_and_frozen(variables: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A layer's variables split into what its backward pass differentiates: the LoRA factors when the
+    agent has them (the base is frozen), else the layer's params (a full or shared agent)."""
+    trained = {"lora": variables["lora"]} if "lora" in variables else variables
+    return trained, {k: v for k, v in variables.items() if k not in trained}
+
+
+def _layer_fn(cfg: ModelConfig, lora_scale: float):
+    """``fn(trained, frozen, *layer_args)``: one ``DecoderLayer`` as a pure function of its variables,
+    through ``tied_remat`` with ``cfg.remat``."""
+
+    def layer_fn(trained, frozen, *layer_args):
+        return DecoderLayer(cfg, lora_scale).apply({**frozen, **trained}, *layer_args)
+
+    return tied_remat(layer_fn) if cfg.remat else layer_fn
+
+
 def apply_layer(module: nn.Module, cfg: ModelConfig, lora_scale: float, index: int, *args):
     """``DecoderLayer`` number ``index`` of ``module`` on ``args`` (see ``DecoderLayer.__call__``).
 
@@ -247,16 +265,31 @@ def apply_layer(module: nn.Module, cfg: ModelConfig, lora_scale: float, index: i
     name = f"layers_{index}"
     if module.is_initializing():
         return DecoderLayer(cfg, lora_scale, name=name)(*args)
-    variables = _layer_variables(module, name)
-    # Trained: the LoRA factors when the agent has them (the base is frozen), else the layer's params
-    # (a full or shared agent).
-    trained = {"lora": variables["lora"]} if "lora" in variables else variables
-    frozen = {k: v for k, v in variables.items() if k not in trained}
+    return _layer_fn(cfg, lora_scale)(*_trained_and_frozen(_layer_variables(module, name)), *args)
 
-    def layer_fn(trained, frozen, *layer_args):
-        return DecoderLayer(cfg, lora_scale).apply({**frozen, **trained}, *layer_args)
 
-    return (tied_remat(layer_fn) if cfg.remat else layer_fn)(trained, frozen, *args)
+def run_layers(module: nn.Module, cfg: ModelConfig, lora_scale: float, body, carry):
+    """``carry = body(layer, carry)`` for each decoder layer in order, where ``layer(*args)`` applies
+    that layer (as ``apply_layer``; ``body`` may call it several times).
+
+    With ``cfg.scan_layers`` (apply mode) the layers' variables are stacked ``[num_layers, ...]`` and
+    one ``lax.scan`` runs ``body``: traced and compiled once instead of ``num_layers`` times (the
+    update's compile time and compiled-program size shrink accordingly; MaxText's ``scan_layers``).
+    The same ops per layer; the stacked copy of the variables costs their size while it lives."""
+    if module.is_initializing() or not cfg.scan_layers:
+        for i in range(cfg.num_layers):
+            carry = body(functools.partial(apply_layer, module, cfg, lora_scale, i), carry)
+        return carry
+    split = [_trained_and_frozen(_layer_variables(module, f"layers_{i}")) for i in range(cfg.num_layers)]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *split)
+    fn = _layer_fn(cfg, lora_scale)
+
+    def step(c, layer_vars):
+        trained, frozen = layer_vars
+        return body(functools.partial(fn, trained, frozen), c), None
+
+    carry, _ = jax.lax.scan(step, carry, stacked)
+    return carry
 
 
 class Transformer(nn.Module):
@@ -273,8 +306,7 @@ class Transformer(nn.Module):
         cos, sin = layers.rope_cos_sin(positions_bt, cfg)
         # remat: each layer's backward recomputes its forward from the layer input (same values),
         # so only the layer inputs stay alive between the passes (`tied_remat`).
-        for i in range(cfg.num_layers):
-            x, _ = apply_layer(self, cfg, self.lora_scale, i, x, cos, sin, mask_bts)
+        x = run_layers(self, cfg, self.lora_scale, lambda layer, x: layer(x, cos, sin, mask_bts)[0], x)
         return lm_head(self, cfg, embed, x, logits_at_bk, head_inputs)
 
 

@@ -43,6 +43,10 @@ class ModelSection:
     remat: the training passes recompute each layer's activations in the backward pass instead of
     keeping them (``ModelConfig.remat``; the same ops, fp32 rounding apart): at the main command's
     shapes the RL update's XLA:CPU scratch falls from 6.8 to 3.6 GB, for ~1/3 more FLOPs.
+    scan_layers: the training passes run the decoder layers as one ``lax.scan`` over their stacked
+    variables (``ModelConfig.scan_layers``; the same ops): the layer is traced and compiled once, not
+    once per layer. The main command's RL update (SmolLM2, 2-core AMD EPYC, 2026-12-06): compile 33 →
+    16 s, 39.4 → 33.5 s per update, run peak 3067 → 2509 MiB, compiled update program 564 → 272 MiB.
     logits_chunk: loss positions per chunk of the training passes' vocabulary projection and fp32
     log-softmax (``ModelConfig.logits_chunk``; the same values; see
     ``rl.losses.head_logprobs_and_entropy`` for the backward pass); 0 = all K loss positions of a row
@@ -60,6 +64,7 @@ class ModelSection:
     attention_impl: Literal["reference", "xla", "cudnn"] = "reference"
     decode_attention_impl: Literal["dense", "ragged"] = "dense"
     remat: bool = True
+    scan_layers: bool = True
     logits_chunk: int = 16
     sampler_column_blocks: int = 0
 

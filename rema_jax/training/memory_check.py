@@ -15,20 +15,23 @@ from rema_jax.training.layout import AgentLayout
 #  * the compiled programs XLA:CPU keeps: they grow with the decoder layers they unroll (kernels per
 #    layer), not with the batch. One trained role's update program holds about
 #    CPU_UPDATE_PROGRAM_BYTES_PER_LAYER and each of its log-prob passes (π_old unless the update computes
-#    it, π_ref) about CPU_LOGPROB_PROGRAM_BYTES_PER_LAYER: the RSS freed by dropping each after an RA step
-#    of configs/default.py (30 layers: 564 and 79 MiB, 2026-12-06; together 22 MiB per layer, where the
-#    main command's RSS had shown about 24). The sampler's prefill/decode programs of a run (both agents'
-#    rollout buckets and the evaluation's) hold about CPU_SAMPLER_PROGRAM_BYTES_PER_LAYER.
+#    it, π_ref) about CPU_LOGPROB_PROGRAM_BYTES_PER_LAYER, keyed by ``model.scan_layers``: the RSS freed
+#    by dropping each after an RA step of configs/default.py (30 layers, 2026-12-06: unrolled 564 and
+#    79 MiB, together 22 MiB per layer where the main command's RSS had shown about 24; scanned 272 and
+#    10 MiB, mostly the optimizer's per-leaf code: 420 LoRA factors). The sampler's prefill/decode
+#    programs of a run (both agents' rollout buckets and the evaluation's) hold about
+#    CPU_SAMPLER_PROGRAM_BYTES_PER_LAYER.
 CPU_RUNTIME_BYTES = 450 * 2**20
-CPU_UPDATE_PROGRAM_BYTES_PER_LAYER = 19 * 2**20
-CPU_LOGPROB_PROGRAM_BYTES_PER_LAYER = 3 * 2**20
+CPU_UPDATE_PROGRAM_BYTES_PER_LAYER = {False: 19 * 2**20, True: 9 * 2**20}
+CPU_LOGPROB_PROGRAM_BYTES_PER_LAYER = {False: 3 * 2**20, True: 2**20 // 3}
 CPU_SAMPLER_PROGRAM_BYTES_PER_LAYER = 28 * 2**20
 
 
 def training_program_bytes_per_layer(cfg: TrainConfig, layout: AgentLayout) -> int:
     """One trained role's compiled training programs, per decoder layer: the update and its log-prob passes."""
     passes = (not cfg.old_logprobs_in_update) + layout.needs_reference
-    return CPU_UPDATE_PROGRAM_BYTES_PER_LAYER + passes * CPU_LOGPROB_PROGRAM_BYTES_PER_LAYER
+    scan = cfg.model.scan_layers
+    return CPU_UPDATE_PROGRAM_BYTES_PER_LAYER[scan] + passes * CPU_LOGPROB_PROGRAM_BYTES_PER_LAYER[scan]
 
 
 def program_bytes(cfg: TrainConfig, layout: AgentLayout, num_layers: int) -> int:
