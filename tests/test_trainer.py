@@ -117,11 +117,13 @@ def _strip_times(records):
 
 @pytest.mark.real_model
 def test_kill_and_resume_is_exact(tmp_path, smollm2_gguf):
-    cfg = load_train_config(tiny_train_config())
+    # 3 steps: RA, RA, MTA; "killed" after step 1, so the resumed run continues mid-phase and then
+    # crosses into the next phase
+    cfg = load_train_config(tiny_train_config(loop={"steps": 3}))
     straight = loop_lib.train(cfg, str(tmp_path / "straight"), progress=False)
-    loop_lib.train(cfg, str(tmp_path / "resumed"), progress=False, max_steps=2)  # "killed" after 2
+    loop_lib.train(cfg, str(tmp_path / "resumed"), progress=False, max_steps=1)
     resumed = loop_lib.train(cfg, str(tmp_path / "resumed"), progress=False)
-    assert resumed["resumed_from_step"] == 2 and straight["steps"] == resumed["steps"] == 4
+    assert resumed["resumed_from_step"] == 1 and straight["steps"] == resumed["steps"] == 3
 
     a = trainer_lib.Trainer(cfg, str(tmp_path / "straight"))
     b = trainer_lib.Trainer(cfg, str(tmp_path / "resumed"))
@@ -130,7 +132,8 @@ def test_kill_and_resume_is_exact(tmp_path, smollm2_gguf):
     assert tree_bitwise_equal(a.state.opt_state, b.state.opt_state)
     ma = _strip_times(read_jsonl(str(tmp_path / "straight" / "metrics.jsonl")))
     mb = _strip_times(read_jsonl(str(tmp_path / "resumed" / "metrics.jsonl")))
-    assert [r["step"] for r in mb] == [1, 2, 3, 4]
+    assert [r["step"] for r in mb] == [1, 2, 3]
+    assert [r["phase/trained"] for r in mb] == ["reasoning", "reasoning", "meta_thinking"]
     assert ma == mb
     for name in ("metrics.jsonl", "curves.png", "summary.json", "config.json"):
         assert (tmp_path / "straight" / name).exists(), name
