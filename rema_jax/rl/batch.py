@@ -65,7 +65,7 @@ class TrainBatch:
     def model_inputs(self) -> "TrainBatch":
         """The four fields a forward / log-prob pass reads, and ``prefix`` (the RL fields dropped)."""
         return self.replace(
-            advantages=None, old_logprobs=None, ref_logprobs=None, behaviour_logprobs=None, behaviour_mask=None
+            **{f.name: None for f in dataclasses.fields(self) if f.name not in MODEL_FIELDS + ("prefix",)}
         )
 
     def checked(self, role: str, *, rl_fields: bool, ref: bool, old: bool = True) -> "TrainBatch":
@@ -73,8 +73,8 @@ class TrainBatch:
         present and all ``[B, T]`` like ``tokens``. ``ref_logprobs`` is dropped unless ``ref``; with
         ``rl_fields``, ``old_logprobs`` is required when ``old`` (kept when given either way) and the
         behaviour fields are kept when both are given."""
-        need = MODEL_FIELDS + (("advantages",) + (("old_logprobs",) if old else ()) if rl_fields else ())
-        need += ("ref_logprobs",) if ref else ()
+        rl_need = tuple(k for k in RL_FIELDS if old or k != "old_logprobs") if rl_fields else ()
+        need = MODEL_FIELDS + rl_need + (("ref_logprobs",) if ref else ())
         missing = [k for k in need if getattr(self, k) is None]
         if missing:
             have = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]

@@ -131,8 +131,8 @@ def _split(x, m: int, u: int):
 # Per-role loss metrics that are each micro-batch's share of the mini-batch loss (normalised by
 # whole-mini-batch denominators), and the behaviour-gap sums: they add up over micro-batches; every
 # other metric averages.
-_GAP_SUM, _GAP_COUNT = "behaviour_gap_sum", "behaviour_gap_count"
-_ADDITIVE_OVER_MICRO = ("pg_loss", "loss", _GAP_SUM, _GAP_COUNT)
+_GAP_SUM, GAP_COUNT, GAP = "behaviour_gap_sum", "behaviour_gap_count", "behaviour_logprob_gap"
+_ADDITIVE_OVER_MICRO = ("pg_loss", "loss", _GAP_SUM, GAP_COUNT)
 
 
 def _merge_metrics(stacked: dict, *, micro: bool = False) -> dict:
@@ -164,8 +164,9 @@ def make_update_fn(
     compilation per phase, none between steps of the same shapes. Metrics are scalars:
     "<role>/<loss metric>" averaged over micro/mini-batches, plus "loss", "grad_norm", "lr",
     "finite"; with behaviour log-probs in a role's batch, "<role>/behaviour_logprob_gap" (mean
-    |behaviour − π_old| over its drawn loss tokens) and "<role>/behaviour_gap_count" (their number). When any mini-batch has a non-finite loss or gradient, the returned state is the
-    input state unchanged and metrics["finite"] is False. With `donate_state` the input state's
+    |behaviour − π_old| over its drawn loss tokens) and "<role>/behaviour_gap_count" (their number).
+    When any mini-batch has a non-finite loss or gradient, the returned state is the input state
+    unchanged and metrics["finite"] is False. With `donate_state` the input state's
     buffers are donated (do not reuse it after the call).
     """
     m, u = update_cfg.num_mini_batches, update_cfg.num_micro_batches
@@ -194,7 +195,7 @@ def make_update_fn(
         if mb.behaviour_logprobs is not None:  # |sampler − training graph| on the drawn loss tokens
             drawn = mb.behaviour_mask * (mb.loss_mask > 0)
             gap = jnp.abs(mb.behaviour_logprobs - jax.lax.stop_gradient(old)) * drawn
-            met = {**met, _GAP_SUM: jnp.sum(gap), _GAP_COUNT: jnp.sum(drawn)}
+            met = {**met, _GAP_SUM: jnp.sum(gap), GAP_COUNT: jnp.sum(drawn)}
         return loss, met
 
     def core(state: RLState, batches: dict, trained: tuple, constants: dict):
@@ -255,13 +256,13 @@ def make_update_fn(
             lambda a, b: jnp.where(all_finite, a, b), new, old
         )
         new_state = RLState(params=revert(params, state.params), opt_state=revert(opt_state, state.opt_state))
-        gaps = {k: jnp.sum(mets.pop(k)) for k in [k for k in mets if k.endswith((_GAP_SUM, _GAP_COUNT))]}
+        gaps = {k: jnp.sum(mets.pop(k)) for k in [k for k in mets if k.endswith((_GAP_SUM, GAP_COUNT))]}
         metrics = _merge_metrics({k: v for k, v in mets.items() if k != "finite"})
         for r in roles:  # mean |behaviour − old| over all drawn loss tokens of the batch
             if f"{r}/{_GAP_SUM}" in gaps:
-                count = gaps[f"{r}/{_GAP_COUNT}"]
-                metrics[f"{r}/behaviour_logprob_gap"] = gaps[f"{r}/{_GAP_SUM}"] / jnp.maximum(count, 1.0)
-                metrics[f"{r}/{_GAP_COUNT}"] = count
+                count = gaps[f"{r}/{GAP_COUNT}"]
+                metrics[f"{r}/{GAP}"] = gaps[f"{r}/{_GAP_SUM}"] / jnp.maximum(count, 1.0)
+                metrics[f"{r}/{GAP_COUNT}"] = count
         metrics["finite"] = all_finite
         return new_state, metrics
 

@@ -203,9 +203,9 @@ class Learner:
                 f"grad_norm={metrics.get('grad_norm')}); the update was not applied"
             )
         out = {k: float(np.asarray(v)) for k, v in metrics.items()}
-        for k in [k for k in out if k.endswith("/behaviour_gap_count")]:  # no drawn token: no gap
+        for k in [k for k in out if k.endswith(f"/{rl.update.GAP_COUNT}")]:  # no drawn token: no gap
             if out.pop(k) == 0:
-                out.pop(k.replace("behaviour_gap_count", "behaviour_logprob_gap"), None)
+                out.pop(k.replace(rl.update.GAP_COUNT, rl.update.GAP), None)
         return out
 
     # ------------------------------------------------------------------ mesh plumbing
