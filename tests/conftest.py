@@ -13,6 +13,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # the reference forwards.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import codegen  # noqa: E402  (tests/ is on sys.path: rootdir-relative imports, as the test modules use)
+
+codegen.apply()  # LLVM optimisation level 0 for the suite's compiles (see tests/codegen.py)
+
 # One temporary persistent XLA cache (and converted-tokenizer cache) for the whole run, never ~/.cache: the test process, the entry
 # points it runs as subprocesses (kill-and-resume, the mesh runs, the notebook) and pytest-xdist
 # workers all read and write the same directory, so a program compiled once (the tiny model's

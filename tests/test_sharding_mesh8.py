@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 
+import codegen  # tests/codegen.py: the session's XLA code generation
 import pytest
 
 MESHES = [(8, 1, 1), (2, 4, 1), (1, 2, 4)]
@@ -212,7 +213,8 @@ def _worker() -> None:
 
 @pytest.fixture(scope="module")
 def mesh8_results():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    xla_flags = " ".join(["--xla_force_host_platform_device_count=8", *codegen.flags()])  # + the session's codegen
+    env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import codegen  # tests/codegen.py: the session's XLA code generation
 import numpy as np
 import pytest
 
@@ -107,9 +108,9 @@ def _worker(out_dir: str, meshes: list) -> None:
 
 def _spawn(out_dir, devices: int, meshes: list) -> subprocess.Popen:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = " ".join(codegen.flags())  # the session's code generation only
     if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.Popen(
