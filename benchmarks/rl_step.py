@@ -1,10 +1,14 @@
 """Whole RL step of the default config, with the plain training passes and with the default ones, in the same run.
 
-Variants (``VARIANTS``): ``off`` = the plain passes, as the official code runs them: every row's every
-token (``update.share_prefix=False``) and a log-prob pass for π_old before the update
+Variants (``VARIANTS``): ``off`` = the plain training passes, as the official code runs them: every row's
+every token (``update.share_prefix=False``) and a log-prob pass for π_old before the update
 (``update.old_logprobs='recompute'``); ``on`` = the default config as shipped (shared prefixes, and π_old
 from the update's own forward, since it takes one optimizer step per batch); ``prefix`` = shared
-prefixes with the π_old pass, to split the gain between the two (``--variants off prefix on``).
+prefixes with the π_old pass, to split the gain between the two (``--variants off prefix on``);
+``plain`` = ``off`` with the rollout's prefill plain too (``model.sampler_share_prompts=False``: every
+row's whole prompt, where ``off`` and ``on`` prefill each distinct prompt once and group prefixes once
+per group), so ``plain`` vs ``off`` is the rollout's prompt sharing and ``plain`` vs ``on`` everything
+(``--variants plain off on``). ``speedup`` is ``off`` / ``on``, the training passes' gain.
 
 Each variant runs ``--steps`` real steps of ``configs/default.py``'s ``rl`` section (single-turn ReMA,
 2 questions x 4 plans x 2 solutions, alternating RA / MTA phases of 2 steps, GRPO, LoRA) through the
@@ -60,10 +64,12 @@ from benchmarks.update_memory import _cpu_model as cpu_model  # noqa: E402
 from benchmarks.update_memory import _hwm_mib  # noqa: E402
 
 PHASES = ("rollout", "prepare", "update", "step")
-VARIANTS = {  # update-section overrides of configs/default.py's rl section
-    "off": {"share_prefix": False, "old_logprobs": "recompute"},
-    "prefix": {"share_prefix": True, "old_logprobs": "recompute"},
+PLAIN_UPDATE = {"share_prefix": False, "old_logprobs": "recompute"}
+VARIANTS = {  # section overrides of configs/default.py's rl section
+    "off": {"update": PLAIN_UPDATE},
+    "prefix": {"update": {"share_prefix": True, "old_logprobs": "recompute"}},
     "on": {},
+    "plain": {"update": PLAIN_UPDATE, "model": {"sampler_share_prompts": False}},
 }
 TINY = dict(num_layers=2, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=8)
 
@@ -91,7 +97,8 @@ def _child(args: argparse.Namespace) -> dict:
     from rema_jax.training.trainer import Trainer
 
     raw = default.get_config().rl.to_dict()
-    raw["update"].update(VARIANTS[args.variant])
+    for section, overrides in VARIANTS[args.variant].items():
+        raw[section].update(overrides)
     raw["loop"]["steps"] = args.steps
     raw["loop"]["eval_before"] = False
     raw["loop"]["eval_questions"] = 0
@@ -294,6 +301,18 @@ def main() -> None:
             + "; by phase "
             + ", ".join(f"{p} " + ("-" if x is None else f"{x:.2f}x") for p, x in ratio.items())
             + f"; all {args.steps} steps with compiles: {summary['speedup_all_steps']:.2f}x"
+        )
+    if {"plain", "on"} <= set(results) and results["plain"]["steady"]["step"] is not None:
+        plain, on = results["plain"], results["on"]
+        summary["speedup_nothing_shared"] = plain["steady"]["step"] / on["steady"]["step"]
+        print(
+            f"nothing shared (plain) / on: steady step {summary['speedup_nothing_shared']:.2f}x, rollout "
+            + (
+                "-"
+                if plain["steady"]["rollout"] is None
+                else f"{plain['steady']['rollout'] / on['steady']['rollout']:.2f}x"
+            )
+            + f", all {args.steps} steps {plain['first_steps_s'] / on['first_steps_s']:.2f}x"
         )
     print(f"peak_rss_mb {summary['peak_rss_mb']:.0f}; CPU: {machine}")
     print(json.dumps(summary))

@@ -254,9 +254,11 @@ if __name__ == "__main__":  # re-record, with the test session's settings (tests
         with tempfile.TemporaryDirectory() as d:
             records = run_setup(n, d)
         path = GOLDEN / f"metrics_{n}.json"
-        kept = (
-            [r for r in json.loads(path.read_text())["recordings"] if r["fingerprint"] != here] if path.exists() else []
-        )
-        recordings = [{"fingerprint": here, "records": records}, *kept]
+        recordings = json.loads(path.read_text())["recordings"] if path.exists() else []
+        kept = [r for r in recordings if r["fingerprint"] != here]
+        new = {"fingerprint": here, "records": records}
+        # in place when this fingerprint has a recording (the diff shows only what moved), else appended
+        recordings = [new if r["fingerprint"] == here else r for r in recordings]
+        recordings += [] if len(kept) < len(recordings) else [new]
         path.write_text(json.dumps({"recordings": recordings}, indent=1, sort_keys=True) + "\n")
         print(f"recorded {n} ({here['codegen']}): {len(records)} steps, {len(records[0])} keys; kept {len(kept)} other")

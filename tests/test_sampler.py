@@ -149,6 +149,83 @@ def test_shared_prefix_gives_the_same_generations_and_less_prefill(greedy):
     assert alone.token_ids == a[2].token_ids
 
 
+def test_grouped_prefixes_and_repeated_prompts_prefill_like_the_full_forward():
+    """Two groups' prefixes run once each, three distinct remainders once each, five rows (two prompts
+    repeated): every row's prefill logits and decode steps equal the uncached forward of its prompt."""
+    cfg, params = CFG, PARAMS
+    fp = kernel.fuse_params(cfg, params, None)
+    rng = np.random.default_rng(7)
+    s_len, q, n_new = 6, 8, 3
+    prefixes = rng.integers(3, cfg.vocab_size, size=(2, s_len)).astype(np.int32)
+    group_u = np.array([0, 1, 1], np.int32)
+    pad_u = np.array([2, 0, 5], np.int32)
+    rest = rng.integers(3, cfg.vocab_size, size=(3, q)).astype(np.int32)
+    rest[np.arange(q)[None] < pad_u[:, None]] = 0
+    prompt_b = np.array([1, 0, 1, 2, 0], np.int32)
+    caches, logits = kernel.prefill(
+        cfg, fp, jnp.asarray(rest), jnp.asarray(pad_u), s_len + q + n_new, jnp.asarray(prefixes),
+        jnp.asarray(group_u), jnp.asarray(prompt_b),
+    )  # fmt: skip
+    assert logits.shape[0] == caches[0].k.shape[0] == 5
+    nxt = rng.integers(3, cfg.vocab_size, size=(5, n_new)).astype(np.int32)
+    rows = [np.concatenate([prefixes[group_u[u]], rest[u, pad_u[u] :], nxt[i]]) for i, u in enumerate(prompt_b)]
+    refs = [np.asarray(forward(cfg, params, jnp.asarray(r[None]))[0]) for r in rows]
+    pad_b = pad_u[prompt_b]
+    own = s_len + q - pad_b  # each row's real prompt length
+    for i in range(5):
+        np.testing.assert_allclose(np.asarray(logits)[i], refs[i][own[i] - 1], atol=2e-5, rtol=1e-5)
+    for t in range(n_new):
+        caches, logits = kernel.decode_step(
+            cfg, fp, caches, jnp.asarray(nxt[:, t]), jnp.asarray(own + t), s_len + q + t, jnp.asarray(pad_b), s_len
+        )
+        for i in range(5):
+            np.testing.assert_allclose(np.asarray(logits)[i], refs[i][own[i] + t], atol=2e-5, rtol=1e-5)
+
+
+def test_plan_prompts_runs_each_prompt_once_and_picks_the_cheapest_prefix():
+    from rema_jax.sampling.sampler import plan_prompts
+
+    buckets = (1, 2, 4, 8, 16)
+    system = list(range(100, 140))  # 40 tokens every prompt shares
+    questions = [system + list(range(200, 230)), system + list(range(300, 330))]  # 70 tokens each
+    plans = [[400 + i] * 20 for i in range(4)]
+    # the reasoning agent's rows of one step: 2 questions x 2 plans x 2 solutions (each prompt twice)
+    rows = [questions[i // 4] + plans[(i // 2) % 4] for i in range(8)]
+    plan = plan_prompts(rows, buckets)
+    assert plan.prompt_of_row == [0, 0, 1, 1, 2, 2, 3, 3] and [rows[0], rows[2], rows[4], rows[6]] == plan.prompts
+    # per question 70 shared tokens -> S = 64 (2 groups) and remainders of <= 26 -> Q = 32:
+    # 2 x 64 + 4 x 32 = 256 token passes, against 8 rows x 96 without sharing
+    assert (plan.prefix_len, plan.remainder_len, plan.group_of_prompt) == (64, 32, [0, 0, 1, 1])
+    assert plan.prefixes == [questions[0][:64], questions[1][:64]] and plan.prefill_slots(buckets) == 256
+    plain = plan_prompts(rows, buckets, share=False)
+    assert plain.prompts == rows and plain.prefix_len == 0 and plain.prefill_slots(buckets) == 8 * 96
+    one = plan_prompts([rows[0]] * 4, buckets)  # one distinct prompt: run once, no prefix
+    assert (one.prompt_of_row, one.prefix_len, one.remainder_len, one.prefill_slots(buckets)) == ([0] * 4, 0, 96, 96)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_repeated_prompts_give_the_same_generations_as_the_plain_path(greedy):
+    """Rows that repeat a prompt share its prefill, not its samples: each row still draws with its
+    own seed, and every row's tokens and log-probs are the plain path's."""
+    rng = np.random.default_rng(3)
+    system = rng.integers(3, CFG.vocab_size, size=20).tolist()
+    questions = [system + rng.integers(3, CFG.vocab_size, size=24).tolist() for _ in range(2)]
+    tails = [rng.integers(3, CFG.vocab_size, size=n).tolist() for n in (2, 7, 4)]
+    prompts = [questions[0] + tails[0]] * 2 + [questions[1] + tails[1]] * 3 + [questions[1] + tails[2]]
+    sp = SamplingParams(max_new_tokens=8, greedy=greedy, temperature=1.5, ignore_eos=True)
+    shared = Sampler(CFG, TOKENIZER, max_cache_len=128)
+    plain = Sampler(CFG, TOKENIZER, max_cache_len=128, share_prefix=False)
+    a = shared.generate(PARAMS, None, prompts, sp, seed=11)
+    b = plain.generate(PARAMS, None, prompts, sp, seed=11)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-4)
+    # 3 distinct prompts (bucket 4; remainders <= 19 -> 24 slots) after 2 group prefixes of 32, against 8 x 64
+    assert shared.stats.prefill_slots == 2 * 32 + 4 * 24 and plain.stats.prefill_slots == 8 * 64
+    if not greedy:  # repeats of one prompt sample on their own
+        assert len({tuple(g.token_ids) for g in a[2:5]}) > 1
+
+
 def test_greedy_generate_equals_uncached_forward_with_and_without_adapter(sampler):
     """Teacher-forced check: every greedy token is the argmax of the full (uncached) forward over
     prompt + generated prefix, and its log-prob is that forward's log-softmax."""

@@ -244,3 +244,19 @@ def test_model_section_kernel_fields_are_validated_and_reach_the_model_config():
     cfg = load_train_config(_train_config(model={"sampler_column_blocks": 3, "logits_chunk": 8}))
     model_config, _, _ = build_base_model(cfg.model)
     assert (model_config.sampler_column_blocks, model_config.logits_chunk) == (3, 8)
+
+
+def test_sampler_share_prompts_is_validated_and_reaches_the_rollout_sampler(monkeypatch):
+    from rema_jax.models.testing import tiny_config
+    from rema_jax.training import rollout_worker
+    from rema_jax.training.config import load_train_config
+    from rema_jax.training.rollout_worker import RolloutWorker
+
+    monkeypatch.setattr(rollout_worker, "ChatEncoder", lambda tokenizer: None)  # no tokenizer needed here
+    with pytest.raises(ConfigError, match="config.model.sampler_share_prompts: expected a bool"):
+        load_train_config(_train_config(model={"sampler_share_prompts": "no"}))
+    for share in (True, False):
+        cfg = load_train_config(_train_config(model={"sampler_share_prompts": share}, grading={"workers": 1}))
+        worker = RolloutWorker(cfg, tiny_config(), tokenizer=None)
+        assert worker.sampler.share_prefix is share
+        worker.grader.close()

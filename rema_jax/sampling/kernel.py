@@ -17,9 +17,12 @@ weights and the loop out for decoding:
 - Prefill computes the LM head only at the last prompt position.
 - Left padding: row b's prompt occupies slots `[pad_b, P)`; pad slots never attend nor are attended
   to, and rotary positions count real tokens only, so a padded row computes what it would alone.
-- Shared prefix: when every row starts with the same tokens (the system prompt and chat template
-  head of a ReMA agent), prefill runs them once and broadcasts their keys/values into slots
-  `[0, S)`; the rows' remainders are left-padded after them (pad slots `[S, S + pad_b)`).
+- Prompt sharing: prefill runs each distinct prompt once (a ReMA step sends every question's prompt
+  once per sample, and every plan once per solution) and gives each row its prompt's cache and
+  logits. Prompts that begin with the same S tokens form a group (the system prompt and chat head
+  for all rows; with them the question, for the reasoning agent's rows of one question): each group's
+  prefix runs once and its keys/values fill slots `[0, S)` of its rows; the rows' remainders are
+  left-padded after them (pad slots `[S, S + pad_b)`).
 """
 
 from __future__ import annotations
@@ -158,38 +161,46 @@ def _attend_block(
 def prefill(
     config: ModelConfig,
     fp: FusedParams,
-    tokens_bp: jnp.ndarray,
-    pad_b: jnp.ndarray,
+    tokens_up: jnp.ndarray,
+    pad_u: jnp.ndarray,
     cache_len: int,
-    prefix_1s: Optional[jnp.ndarray] = None,
+    prefix_gs: Optional[jnp.ndarray] = None,
+    group_u: Optional[jnp.ndarray] = None,
+    prompt_b: Optional[jnp.ndarray] = None,
 ) -> tuple[tuple[KVCache, ...], jnp.ndarray]:
     """Runs the prompts; returns the per-layer caches `[B, kv, cache_len, hd]` and the next-token
     logits `[B, V]` at the last prompt position.
 
-    Without `prefix_1s`: `tokens_bp [B, P]` are whole left-padded prompts, in slots `[0, P)`.
-    With `prefix_1s [1, S]` (a prefix every row shares, e.g. the system prompt): it is computed
-    once, at positions `0..S-1` in slots `[0, S)` of every row, and `tokens_bp [B, Q]` are the rows'
-    left-padded remainders in slots `[S, S + Q)` (pad slots `[S, S + pad_b)`), at positions `S, ...`.
-    Prefill then costs `S + B*Q` token-passes instead of `B*(S + Q)`."""
-    b, q_len = tokens_bp.shape
-    s_len = 0 if prefix_1s is None else prefix_1s.shape[1]
+    Without `prefix_gs`: `tokens_up [U, P]` are whole left-padded prompts, in slots `[0, P)`.
+    With `prefix_gs [G, S]` (prefixes that groups of prompts share, e.g. the system prompt, or the
+    system prompt and the question): each is computed once, at positions `0..S-1` in slots `[0, S)`
+    of its prompts (`group_u [U]`: prompt u's group; None: all in group 0), and `tokens_up [U, Q]` are
+    the prompts' left-padded remainders in slots `[S, S + Q)` (pad slots `[S, S + pad_u)`), at
+    positions `S, ...`. Prefill then costs `G*S + U*Q` token-passes instead of `U*(S + Q)`.
+    `prompt_b [B]`: row b continues prompt `prompt_b[b]` (rows sharing a prompt get copies of its
+    cache and logits); None: row b is prompt b."""
+    u, q_len = tokens_up.shape
+    s_len = 0 if prefix_gs is None else prefix_gs.shape[1]
     past = None
-    if prefix_1s is not None:
+    if prefix_gs is not None:
         pos_1s = jnp.arange(s_len, dtype=jnp.int32)[None]
         causal = (pos_1s[0][:, None] >= pos_1s[0][None, :])[None]
-        _, past = _attend_block(config, fp, fp.embed_vh[prefix_1s], *rope_cos_sin(pos_1s, config), causal)
+        _, past = _attend_block(config, fp, fp.embed_vh[prefix_gs], *rope_cos_sin(pos_1s, config), causal)
+        if group_u is not None:  # each prompt's group prefix, [U, S, kv, hd] per layer
+            past = [(k[group_u], v[group_u]) for k, v in past]
     slots = jnp.arange(q_len, dtype=jnp.int32)
-    positions_bq = s_len + jnp.maximum(slots[None, :] - pad_b[:, None], 0)
-    real_bq = slots[None, :] >= pad_b[:, None]
-    mask_bts = (slots[:, None] >= slots[None, :])[None] & real_bq[:, None, :]
+    positions_uq = s_len + jnp.maximum(slots[None, :] - pad_u[:, None], 0)
+    real_uq = slots[None, :] >= pad_u[:, None]
+    mask_uts = (slots[:, None] >= slots[None, :])[None] & real_uq[:, None, :]
     if s_len:
-        mask_bts = jnp.concatenate([jnp.ones((b, q_len, s_len), bool), mask_bts], axis=-1)
-    x, block_kv = _attend_block(config, fp, fp.embed_vh[tokens_bp], *rope_cos_sin(positions_bq, config), mask_bts, past)
+        mask_uts = jnp.concatenate([jnp.ones((u, q_len, s_len), bool), mask_uts], axis=-1)
+    x, block_kv = _attend_block(config, fp, fp.embed_vh[tokens_up], *rope_cos_sin(positions_uq, config), mask_uts, past)
+    rows = (lambda a: a) if prompt_b is None else (lambda a: a[prompt_b])  # noqa: E731
     caches = tuple(
-        layers.kv_cache_from_block(*(kv if past is None else _prepend(past[i], kv)), cache_len)
+        layers.kv_cache_from_block(*map(rows, kv if past is None else _prepend(past[i], kv)), cache_len)
         for i, kv in enumerate(block_kv)
     )
-    return caches, _logits(config, fp, x[:, -1])
+    return caches, rows(_logits(config, fp, x[:, -1]))
 
 
 def decode_step(

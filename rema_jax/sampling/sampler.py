@@ -1,7 +1,8 @@
 """`Sampler`: bucketed, compiled-once-per-bucket generation with a static KV cache.
 
-Per call: prompts are left-padded into a (batch bucket, prompt-length bucket) block, the agent's
-weights are fused (cached while the same arrays are passed again; each kernel in `column_blocks`
+Per call: the distinct prompts (`plan_prompts`: each once, prefixes shared by groups of them once
+per group) are left-padded into a (batch bucket, prompt-length bucket) block, the agent's weights
+are fused (cached while the same arrays are passed again; each kernel in `column_blocks`
 column blocks, see `Sampler.column_blocks`), then two ahead-of-time compiled
 executables run: `prefill` (builds the caches) and `decode` (the `lax.while_loop`, caches donated).
 Executables are cached by everything that fixes their shapes (bucket sizes, static sampling mode,
@@ -12,7 +13,7 @@ max-new-tokens and the adapter's weights are traced inputs, so switching agents 
 from __future__ import annotations
 
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,56 @@ def _tree_signature(tree: Any) -> tuple:
     return treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
 
 
+class PromptPlan(NamedTuple):
+    """How a call's prompts are prefilled (`plan_prompts`): each distinct prompt once, after its
+    group's shared prefix of `prefix_len` tokens (0: no prefix, whole prompts)."""
+
+    prompts: list[list[int]]  # the distinct prompts, in order of first appearance
+    prompt_of_row: list[int]  # row i continues prompts[prompt_of_row[i]]
+    prefixes: list[list[int]]  # [G] the groups' shared first prefix_len tokens ([] when prefix_len is 0)
+    group_of_prompt: list[int]  # prompts[u] starts with prefixes[group_of_prompt[u]]
+    prefix_len: int  # S
+    remainder_len: int  # Q: the prompt-slot bucket after the prefix (the whole-prompt bucket when S = 0)
+
+    def prefill_slots(self, buckets: Sequence[int]) -> int:
+        """Token passes the prefill computes: G and U batch buckets of S and Q slots."""
+        g = bucketing.batch_bucket(len(self.prefixes), buckets) if self.prefix_len else 0
+        return g * self.prefix_len + bucketing.batch_bucket(len(self.prompts), buckets) * self.remainder_len
+
+
+def plan_prompts(rows: Sequence[Sequence[int]], buckets: Sequence[int], share: bool = True) -> PromptPlan:
+    """Each distinct prompt once, and the shared-prefix length S (on the length-bucket ladder, leaving
+    every prompt >= 1 own token) with the cheapest prefill `G_bucket * S + U_bucket * Q(S)`, where G is
+    the number of distinct S-token prefixes and Q(S) the remainders' bucket. A prefix is used only if it
+    saves at least `MIN_PREFIX_SAVING` of the whole-prompt prefill and does not lengthen the prompt slots
+    (S + Q <= the whole-prompt bucket, so decode attends over no more slots). `share=False`: every row's
+    whole prompt (the plain path)."""
+    rows = [list(r) for r in rows]
+    if not share:
+        plain = bucketing.length_bucket(max(len(r) for r in rows), MIN_PROMPT_BUCKET)
+        return PromptPlan(rows, list(range(len(rows))), [], [0] * len(rows), 0, plain)
+    index: dict[tuple, int] = {}
+    prompt_of_row = [index.setdefault(tuple(r), len(index)) for r in rows]
+    prompts = [list(p) for p in index]
+    longest, shortest = max(len(p) for p in prompts), min(len(p) for p in prompts)
+    plain = bucketing.length_bucket(longest, MIN_PROMPT_BUCKET)
+    u_bucket = bucketing.batch_bucket(len(prompts), buckets)
+    best = PromptPlan(prompts, prompt_of_row, [], [0] * len(prompts), 0, plain)
+    if len(prompts) < 2:  # one distinct prompt: nothing to share beyond running it once
+        return best
+    best_cost = (1 - MIN_PREFIX_SAVING) * u_bucket * plain
+    s = MIN_PROMPT_BUCKET
+    while s <= shortest - 1:
+        q = bucketing.length_bucket(longest - s, MIN_PROMPT_BUCKET)
+        groups: dict[tuple, int] = {}
+        group_of_prompt = [groups.setdefault(tuple(p[:s]), len(groups)) for p in prompts]
+        cost = bucketing.batch_bucket(len(groups), buckets) * s + u_bucket * q
+        if s + q <= plain and cost <= best_cost:
+            best, best_cost = PromptPlan(prompts, prompt_of_row, [list(g) for g in groups], group_of_prompt, s, q), cost
+        s = bucketing.length_bucket(s + 1)
+    return best
+
+
 class Sampler:
     """Generates continuations of chat-templated token-id prompts (see `generate`).
 
@@ -47,9 +98,10 @@ class Sampler:
       max_cache_len: the longest prompt bucket + generation the KV cache may hold.
       batch_buckets: allowed batch sizes; bigger calls are split into chunks of the largest.
       fused_cache_size: how many agents' fused weights to keep between calls (2 = both ReMA agents).
-      share_prefix: prefill a prefix that every prompt of a call shares (the agent's system prompt
-        and chat-template head) once instead of once per row, when that saves at least
-        `MIN_PREFIX_SAVING` of the prefill (same tokens and log-probs either way; tested).
+      share_prefix: prefill each distinct prompt of a call once, and a prefix that groups of its
+        prompts share (the agent's system prompt and chat-template head, and the question) once per
+        group, when that saves at least `MIN_PREFIX_SAVING` of the prefill (`plan_prompts`; the same
+        tokens and log-probs either way, to fp32 rounding; tested). False: every row's whole prompt.
     """
 
     def __init__(
@@ -270,21 +322,6 @@ class Sampler:
             out.extend(self._generate_chunk(fused, rows[sl], sampling, seeds[sl], row_ids[sl]))
         return out
 
-    def _prompt_layout(self, rows: list[list[int]], b: int) -> tuple[int, int]:
-        """(S, Q): a shared prefix of S slots (0 = none) then left-padded remainders of Q slots.
-        S is on the bucket ladder (so executables stay few) and leaves every row >= 1 own token."""
-        longest = max(len(r) for r in rows)
-        plain = bucketing.length_bucket(longest, MIN_PROMPT_BUCKET)
-        if not self.share_prefix or len(rows) < 2:
-            return 0, plain
-        s = bucketing.length_bucket_floor(min(bucketing.common_prefix_len(rows), min(len(r) for r in rows) - 1))
-        if s < MIN_PROMPT_BUCKET:
-            return 0, plain
-        q = bucketing.length_bucket(longest - s, MIN_PROMPT_BUCKET)
-        if s + q > plain or s + b * q > (1 - MIN_PREFIX_SAVING) * b * plain:
-            return 0, plain
-        return s, q
-
     def _generate_chunk(
         self,
         fused: kernel.FusedParams,
@@ -295,7 +332,9 @@ class Sampler:
     ) -> list[Generation]:
         n = len(rows)
         b = bucketing.batch_bucket(n, self.batch_buckets)
-        s_len, q_len = self._prompt_layout(rows, b)
+        plan = plan_prompts(rows, self.batch_buckets, self.share_prefix)
+        u = bucketing.batch_bucket(len(plan.prompts), self.batch_buckets)
+        s_len, q_len = plan.prefix_len, plan.remainder_len
         p = s_len + q_len  # prompt slots
         n_out = bucketing.next_pow2(sampling.max_new_tokens, MIN_NEW_TOKENS_BUCKET)
         cache_len = min(p + n_out, self.max_cache_len)
@@ -304,7 +343,10 @@ class Sampler:
                 f"Sampler.generate: prompt bucket {p} (longest prompt {max(len(r) for r in rows)}) + "
                 f"max_new_tokens {sampling.max_new_tokens} exceeds max_cache_len={self.max_cache_len}"
             )
-        tokens_bp, pad_b = bucketing.left_pad([r[s_len:] for r in rows], b, q_len)
+        tokens_up, pad_u = bucketing.left_pad([r[s_len:] for r in plan.prompts], u, q_len)
+        prompt_b = np.zeros((b,), np.int32)  # filler rows continue prompt 0
+        prompt_b[:n] = plan.prompt_of_row
+        pad_b = pad_u[prompt_b]
         active = np.arange(b) < n
         seeds_b = np.zeros((b,), np.uint32)
         seeds_b[:n] = seeds
@@ -331,19 +373,24 @@ class Sampler:
         fsig = _tree_signature(fused)
 
         cfg = self.config
-        tokens_bp, pad_dev = jnp.asarray(tokens_bp), inp.pad_b
-        prefix_1s = jnp.asarray(np.asarray(rows[0][:s_len], np.int32)[None]) if s_len else None
+        g = bucketing.batch_bucket(len(plan.prefixes), self.batch_buckets) if s_len else 0
+        prefix_gs = group_u = None
+        if s_len:
+            prefixes = plan.prefixes + [plan.prefixes[0]] * (g - len(plan.prefixes))  # filler groups
+            prefix_gs = jnp.asarray(np.asarray(prefixes, np.int32))
+            group_u = np.zeros((u,), np.int32)
+            group_u[: len(plan.prompts)] = plan.group_of_prompt
+            group_u = jnp.asarray(group_u)
+        prompt_dev = None if u == b and plan.prompt_of_row == list(range(n)) else jnp.asarray(prompt_b)
+        args = (fused, jnp.asarray(tokens_up), jnp.asarray(pad_u), prefix_gs, group_u, prompt_dev)
         prefill_exe = self._compiled(
-            ("prefill", b, s_len, q_len, cache_len, fsig),
-            lambda f, t, pd, pre: kernel.prefill(cfg, f, t, pd, cache_len, pre),
+            ("prefill", b, u, g, s_len, q_len, cache_len, prompt_dev is None, fsig),
+            lambda f, t, pd, pre, grp, rows_: kernel.prefill(cfg, f, t, pd, cache_len, pre, grp, rows_),
             (),
-            fused,
-            tokens_bp,
-            pad_dev,
-            prefix_1s,
+            *args,
         )
         t0 = time.perf_counter()
-        caches, logits = jax.block_until_ready(prefill_exe(fused, tokens_bp, pad_dev, prefix_1s))
+        caches, logits = jax.block_until_ready(prefill_exe(*args))
         self.stats.prefill_s += time.perf_counter() - t0
         stop_sig = None if stop_tables is None else _tree_signature(stop_tables)
         decode_exe = self._compiled(
@@ -364,7 +411,7 @@ class Sampler:
         st.decode_s += time.perf_counter() - t0
         st.calls += 1
         st.prompt_tokens += sum(len(r) for r in rows)
-        st.prefill_slots += s_len + b * q_len
+        st.prefill_slots += plan.prefill_slots(self.batch_buckets)
         st.new_tokens += int(res.lengths_b[:n].sum())
         gens = []
         eos_set = set(eos)

@@ -89,7 +89,7 @@ class SamplerStats:
     fuse_s: float = 0.0
     compile_s: float = 0.0
     prompt_tokens: int = 0  # real (unpadded) prompt tokens
-    prefill_slots: int = 0  # token passes prefill computed: shared prefix + batch bucket × remainder bucket
+    prefill_slots: int = 0  # token passes prefill computed: group prefixes + distinct prompts (bucketed) × remainder
     new_tokens: int = 0  # generated tokens returned
 
     @property

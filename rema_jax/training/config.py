@@ -53,7 +53,10 @@ class ModelSection:
     in one ``[B, K, V]`` block.
     sampler_column_blocks: the sampler's fused kernels are cut into this many column blocks, whose
     products XLA:CPU runs on different threads (``ModelConfig.sampler_column_blocks``; the same
-    values); 0 = auto (2 on a one-device CPU for batches of 4 rows or more, else 1)."""
+    values); 0 = auto (2 on a one-device CPU for batches of 4 rows or more, else 1).
+    sampler_share_prompts: the sampler prefills each distinct prompt of a call once and a prefix that
+    groups of prompts share once per group (``Sampler(share_prefix=...)``, ``sampling.plan_prompts``;
+    the same tokens and log-probs, to fp32 rounding); False: every row's whole prompt."""
 
     source: str = "smollm2-135m"
     dtype: str = "float32"
@@ -67,6 +70,7 @@ class ModelSection:
     scan_layers: bool = True
     logits_chunk: int = 16
     sampler_column_blocks: int = 0
+    sampler_share_prompts: bool = True
 
     def __post_init__(self):
         if not isinstance(self.logits_chunk, int) or self.logits_chunk < 0:

@@ -30,7 +30,11 @@ class RolloutWorker:
         # single-turn one calls each agent once, and the copies are dropped after every rollout.
         fused = 2 if config.rollout.mode == "multi_turn" else 1
         self.sampler = Sampler(
-            model_config, tokenizer, max_cache_len=config.model.max_cache_len, fused_cache_size=fused
+            model_config,
+            tokenizer,
+            max_cache_len=config.model.max_cache_len,
+            fused_cache_size=fused,
+            share_prefix=config.model.sampler_share_prompts,
         )
         self.grader = get_grader(config.grading)
 
