@@ -125,10 +125,15 @@ def _logits(config: ModelConfig, fp: FusedParams, x_bh: jnp.ndarray) -> jnp.ndar
 BlockKV = tuple[jnp.ndarray, jnp.ndarray]  # a block's keys (rotated) and values, [B or 1, T, kv, hd] each
 
 
-def _prepend(past: BlockKV, kv: BlockKV) -> BlockKV:
-    """`past` (`[1 or B, S, kv, hd]`) broadcast to kv's batch, then `kv` (`[B, T, kv, hd]`) after it."""
+def _prepend(past: BlockKV, kv: BlockKV, group_b: Optional[jnp.ndarray] = None) -> BlockKV:
+    """Row b's past (`past[group_b[b]]`, `[G, S, kv, hd]`; without `group_b`, `[1 or B, S, kv, hd]`
+    broadcast to kv's batch), then `kv` (`[B, T, kv, hd]`) after it."""
     b = kv[0].shape[0]
-    join = lambda p, x: jnp.concatenate([jnp.broadcast_to(p, (b,) + p.shape[1:]).astype(x.dtype), x], axis=1)  # noqa: E731
+
+    def join(p, x):
+        p = p[group_b] if group_b is not None else jnp.broadcast_to(p, (b,) + p.shape[1:])
+        return jnp.concatenate([p.astype(x.dtype), x], axis=1)
+
     return join(past[0], kv[0]), join(past[1], kv[1])
 
 
@@ -140,6 +145,7 @@ def _attend_block(
     sin,
     mask_bts: jnp.ndarray,
     past: Optional[tuple[BlockKV, ...]] = None,
+    group_b: Optional[jnp.ndarray] = None,
 ) -> tuple[jnp.ndarray, list[BlockKV]]:
     """Runs every layer on `x [B, T, H]` (rotary tables `cos`/`sin` for its positions). Queries attend
     to `past` (per layer `[1 or B, S, kv, hd]` keys/values, e.g. a shared prompt prefix) and then to
@@ -151,7 +157,7 @@ def _attend_block(
         q, k, v = _qkv(config, layer, x, cos, sin)
         out_kv.append((k, v))
         if past is not None:
-            k, v = _prepend(past[i], out_kv[-1])
+            k, v = _prepend(past[i], out_kv[-1], group_b)  # gathered layer by layer, not all up front
         att = layers.dot_product_attention(q, k, v, mask_bts, config.attention_impl).reshape(b, t, -1)
         x = x + _matmul(att, layer.w_o)
         x = x + _mlp(config, layer, x)
@@ -174,7 +180,7 @@ def prefill(
     Without `prefix_gs`: `tokens_up [U, P]` are whole left-padded prompts, in slots `[0, P)`.
     With `prefix_gs [G, S]` (prefixes that groups of prompts share, e.g. the system prompt, or the
     system prompt and the question): each is computed once, at positions `0..S-1` in slots `[0, S)`
-    of its prompts (`group_u [U]`: prompt u's group; None: all in group 0), and `tokens_up [U, Q]` are
+    of its prompts (`group_u [U]`: prompt u's group; None when G = 1: broadcast), and `tokens_up [U, Q]` are
     the prompts' left-padded remainders in slots `[S, S + Q)` (pad slots `[S, S + pad_u)`), at
     positions `S, ...`. Prefill then costs `G*S + U*Q` token-passes instead of `U*(S + Q)`.
     `prompt_b [B]`: row b continues prompt `prompt_b[b]` (rows sharing a prompt get copies of its
@@ -186,18 +192,18 @@ def prefill(
         pos_1s = jnp.arange(s_len, dtype=jnp.int32)[None]
         causal = (pos_1s[0][:, None] >= pos_1s[0][None, :])[None]
         _, past = _attend_block(config, fp, fp.embed_vh[prefix_gs], *rope_cos_sin(pos_1s, config), causal)
-        if group_u is not None:  # each prompt's group prefix, [U, S, kv, hd] per layer
-            past = [(k[group_u], v[group_u]) for k, v in past]
     slots = jnp.arange(q_len, dtype=jnp.int32)
     positions_uq = s_len + jnp.maximum(slots[None, :] - pad_u[:, None], 0)
     real_uq = slots[None, :] >= pad_u[:, None]
     mask_uts = (slots[:, None] >= slots[None, :])[None] & real_uq[:, None, :]
     if s_len:
         mask_uts = jnp.concatenate([jnp.ones((u, q_len, s_len), bool), mask_uts], axis=-1)
-    x, block_kv = _attend_block(config, fp, fp.embed_vh[tokens_up], *rope_cos_sin(positions_uq, config), mask_uts, past)
+    x, block_kv = _attend_block(
+        config, fp, fp.embed_vh[tokens_up], *rope_cos_sin(positions_uq, config), mask_uts, past, group_u
+    )
     rows = (lambda a: a) if prompt_b is None else (lambda a: a[prompt_b])  # noqa: E731
     caches = tuple(
-        layers.kv_cache_from_block(*map(rows, kv if past is None else _prepend(past[i], kv)), cache_len)
+        layers.kv_cache_from_block(*map(rows, kv if past is None else _prepend(past[i], kv, group_u)), cache_len)
         for i, kv in enumerate(block_kv)
     )
     return caches, rows(_logits(config, fp, x[:, -1]))

@@ -378,9 +378,10 @@ class Sampler:
         if s_len:
             prefixes = plan.prefixes + [plan.prefixes[0]] * (g - len(plan.prefixes))  # filler groups
             prefix_gs = jnp.asarray(np.asarray(prefixes, np.int32))
-            group_u = np.zeros((u,), np.int32)
-            group_u[: len(plan.prompts)] = plan.group_of_prompt
-            group_u = jnp.asarray(group_u)
+            if len(plan.prefixes) > 1:  # one group: its prefix is broadcast to every row, no gather
+                group_u = np.zeros((u,), np.int32)
+                group_u[: len(plan.prompts)] = plan.group_of_prompt
+                group_u = jnp.asarray(group_u)
         prompt_dev = None if u == b and plan.prompt_of_row == list(range(n)) else jnp.asarray(prompt_b)
         args = (fused, jnp.asarray(tokens_up), jnp.asarray(pad_u), prefix_gs, group_u, prompt_dev)
         prefill_exe = self._compiled(
