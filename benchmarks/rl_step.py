@@ -8,7 +8,9 @@ prefixes with the π_old pass, to split the gain between the two (``--variants o
 ``plain`` = ``off`` with the rollout's prefill plain too (``model.sampler_share_prompts=False``: every
 row's whole prompt, where ``off`` and ``on`` prefill each distinct prompt once and group prefixes once
 per group), so ``plain`` vs ``off`` is the rollout's prompt sharing and ``plain`` vs ``on`` everything
-(``--variants plain off on``). ``speedup`` is ``off`` / ``on``, the training passes' gain.
+(``--variants plain off on``); ``bf16`` = ``on`` with the sampler's weights in bf16
+(``model.sampler_weight_dtype``, an opt-in: it samples from the bf16-rounded policy). ``speedup`` is
+``off`` / ``on``, the training passes' gain.
 
 Each variant runs ``--steps`` real steps of ``configs/default.py``'s ``rl`` section (single-turn ReMA,
 2 questions x 4 plans x 2 solutions, alternating RA / MTA phases of 2 steps, GRPO, LoRA) through the
@@ -70,6 +72,7 @@ VARIANTS = {  # section overrides of configs/default.py's rl section
     "prefix": {"update": {"share_prefix": True, "old_logprobs": "recompute"}},
     "on": {},
     "plain": {"update": PLAIN_UPDATE, "model": {"sampler_share_prompts": False}},
+    "bf16": {"model": {"sampler_weight_dtype": "bfloat16"}},
 }
 TINY = dict(num_layers=2, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=8)
 
@@ -133,6 +136,7 @@ def _child(args: argparse.Namespace) -> dict:
                     "compiles": {p: c["n"] for p, c in compiles.items()},
                     "compile_s": {p: c["s"] for p, c in compiles.items()},
                     "rows": {r: m.get(f"{r}/loss_tokens") for r in trainer.roles},
+                    "behaviour_gap": {r: m.get(f"{r}/behaviour_logprob_gap") for r in trainer.roles},
                     "peak_rss_mib": {p: m.get(f"memory/{p}_peak_rss_mib") for p in PHASES[:-1]},
                 }
             )
@@ -266,6 +270,11 @@ def main() -> None:
             f"  {v}: peak RSS by phase (MiB) "
             + ", ".join(f"{p} {x:.0f}" for p, x in r["phase_peak_rss_mib"].items() if x)
         )
+    for v, r in results.items():
+        gaps = [g for x in r["steps"] for g in x.get("behaviour_gap", {}).values() if g is not None]
+        r["behaviour_gap_mean"] = sum(gaps) / len(gaps) if gaps else None
+        if gaps:
+            print(f"  {v}: mean |sampler - training| log-prob of the drawn tokens {r['behaviour_gap_mean']:.2e}")
     cells = next(iter(results.values()))["steady"]["cells"]
     print(
         "(phase columns: mean over the steps in which the phase compiled in no variant: "

@@ -131,6 +131,8 @@ def test_memory_plan_counts_head_eval_batch_logits_remat_and_runtime():
     head = cfg.hidden_size * cfg.vocab_size * 4
     params_only = base.rows["params (base)"]
     assert base.rows["sampler fused weights"] == params_only + head  # the transposed tied LM head
+    bf16 = plan_memory(cfg.replace(sampler_weight_dtype="bfloat16"), ONE, rollout_batch=8, cache_len=96, fused_copies=1)
+    assert bf16.rows["sampler fused weights"] == (params_only + head) // 2
     assert base.rows["LM head copy (update)"] == head
     assert plan_memory(tiny_config(), ONE).rows["LM head copy (update)"] == 0  # untied: lm_head is a param
     # vocabulary logits only at the loss positions: fp32 logits, log-softmax and gradient

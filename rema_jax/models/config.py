@@ -76,6 +76,9 @@ class ModelConfig:
     # the sampler's fused kernels, each cut into this many column blocks (sampling.kernel.fuse_params);
     # 0 = auto: 2 on a one-device CPU for batch buckets >= 4, else 1
     sampler_column_blocks: int = 0
+    # the sampler's fused weights (sampling.kernel.fuse_params): None = the compute dtype; "bfloat16"
+    # halves the bytes each decode step streams, products still accumulate in the compute dtype
+    sampler_weight_dtype: Optional[str] = None
 
     def __post_init__(self):
         for name in (
@@ -102,6 +105,11 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ModelConfigError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
+        if self.sampler_weight_dtype is not None and self.sampler_weight_dtype not in _DTYPES:
+            raise ModelConfigError(
+                f"ModelConfig.sampler_weight_dtype={self.sampler_weight_dtype!r}; expected None or one of "
+                f"{sorted(_DTYPES)}"
+            )
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ModelConfigError(f"ModelConfig.{name}={getattr(self, name)!r}; expected one of {sorted(_DTYPES)}")
@@ -130,6 +138,12 @@ class ModelConfig:
     @property
     def params_dtype(self) -> Any:
         return _DTYPES[self.param_dtype]
+
+    @property
+    def sampler_weights_dtype(self) -> Any:
+        """The dtype of the sampler's fused kernels, embedding and LM head (`sampler_weight_dtype`, else
+        the compute dtype)."""
+        return _DTYPES[self.sampler_weight_dtype] if self.sampler_weight_dtype else self.compute_dtype
 
     @property
     def eos_token_id(self) -> Optional[int]:

@@ -197,7 +197,7 @@ def plan_memory(
     `optimizer_moments`: state arrays per trainable parameter (AdamW: 2). `train_batch`/`train_seq`:
     rows and length of one update micro-batch; `rollout_batch`/`cache_len`: the sampler's KV cache
     (`layers.KVCache` per layer, batch bucket x cache slots, compute dtype);
-    `fused_copies`: agents whose decode-ready fused weights the sampler keeps (compute dtype).
+    `fused_copies`: agents whose decode-ready fused weights the sampler keeps (`sampler_weights_dtype`).
     `reference_copy`: a frozen copy of the starting trainable trees is kept for a KL term
     (`AgentLayout.copies_reference`): the shared model, or every agent's warm-start adapter.
     The optimizer state is updated in place (the learner donates it), so it is counted once.
@@ -230,7 +230,9 @@ def plan_memory(
     c_item = _itemsize(config.compute_dtype)
     head_rows = [(("lm_head", "kernel"), (config.hidden_size, config.vocab_size))]
     head_b = _tree_bytes(head_rows, plan, c_item) if config.tie_word_embeddings else 0
-    fused_b = fused_copies * (_tree_bytes(base_rows, plan, c_item) + head_b)  # + the transposed tied head
+    w_item = _itemsize(config.sampler_weights_dtype)  # the fused matrices' dtype (norm scales are ~0.1%)
+    fused_head_b = _tree_bytes(head_rows, plan, w_item) if config.tie_word_embeddings else 0
+    fused_b = fused_copies * (_tree_bytes(base_rows, plan, w_item) + fused_head_b)  # + the transposed tied head
 
     sampler_batch = max(rollout_batch, eval_batch)
     cache_shapes = layers.kv_cache_shapes(config, sampler_batch, cache_len)  # what the sampler allocates

@@ -54,6 +54,10 @@ class ModelSection:
     sampler_column_blocks: the sampler's fused kernels are cut into this many column blocks, whose
     products XLA:CPU runs on different threads (``ModelConfig.sampler_column_blocks``; the same
     values); 0 = auto (2 on a one-device CPU for batches of 4 rows or more, else 1).
+    sampler_weight_dtype: the dtype of the sampler's fused weight matrices (``ModelConfig.sampler_weight_dtype``);
+    None = ``dtype``. ``"bfloat16"`` halves the bytes a decode step streams, with fp32 accumulation;
+    the rollout then samples from the bf16-rounded policy (the update's π_old stays fp32, and the
+    trainer logs ``*/behaviour_logprob_gap``, the mean |sampler − training| log-prob of the drawn tokens).
     sampler_share_prompts: the sampler prefills each distinct prompt of a call once and a prefix that
     groups of prompts share once per group (``Sampler(share_prefix=...)``, ``sampling.plan_prompts``;
     the same tokens and log-probs, to fp32 rounding); False: every row's whole prompt."""
@@ -71,8 +75,11 @@ class ModelSection:
     logits_chunk: int = 16
     sampler_column_blocks: int = 0
     sampler_share_prompts: bool = True
+    sampler_weight_dtype: str | None = None
 
     def __post_init__(self):
+        if self.sampler_weight_dtype is not None and self.sampler_weight_dtype not in DTYPES:
+            raise ValueError(f"sampler_weight_dtype={self.sampler_weight_dtype!r}; expected one of {DTYPES} or None")
         if not isinstance(self.logits_chunk, int) or self.logits_chunk < 0:
             raise ValueError(f"logits_chunk must be an int >= 0 (0 = no chunks), got {self.logits_chunk!r}")
         if not isinstance(self.sampler_column_blocks, int) or self.sampler_column_blocks < 0:
