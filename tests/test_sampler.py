@@ -226,11 +226,11 @@ def test_plan_prompts_runs_each_prompt_once_and_picks_the_cheapest_prefix():
     # per question 70 shared tokens -> S = 64 (2 groups) and remainders of <= 26 -> Q = 32:
     # 2 x 64 + 4 x 32 = 256 token passes, against 8 rows x 96 without sharing
     assert (plan.prefix_len, plan.remainder_len, plan.group_of_prompt) == (64, 32, [0, 0, 1, 1])
-    assert plan.prefixes == [questions[0][:64], questions[1][:64]] and plan.prefill_slots(buckets) == 256
+    assert plan.prefixes == [questions[0][:64], questions[1][:64]] and plan.prefill_slots == 256
     plain = plan_prompts(rows, buckets, share=False)
-    assert plain.prompts == rows and plain.prefix_len == 0 and plain.prefill_slots(buckets) == 8 * 96
+    assert plain.prompts == rows and plain.prefix_len == 0 and plain.prefill_slots == 8 * 96
     one = plan_prompts([rows[0]] * 4, buckets)  # one distinct prompt: run once, no prefix
-    assert (one.prompt_of_row, one.prefix_len, one.remainder_len, one.prefill_slots(buckets)) == ([0] * 4, 0, 96, 96)
+    assert (one.prompt_of_row, one.prefix_len, one.remainder_len, one.prefill_slots) == ([0] * 4, 0, 96, 96)
 
 
 @pytest.mark.parametrize("greedy", [True, False])

@@ -22,24 +22,6 @@ def length_bucket(n: int, minimum: int = 1) -> int:
     return three_quarters if p >= 4 and three_quarters >= max(int(n), int(minimum)) else p
 
 
-def length_bucket_floor(n: int) -> int:
-    """The largest length <= n on `length_bucket`'s ladder (1, 2, 3, 4, 6, 8, 12, 16, 24, ...); 0 if n < 1."""
-    if n < 1:
-        return 0
-    p = 1 << (int(n).bit_length() - 1)  # the largest power of two <= n
-    return 3 * p // 2 if p >= 2 and 3 * p // 2 <= n else p
-
-
-def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
-    """Length of the longest token prefix all rows share."""
-    first, n = rows[0], min(len(r) for r in rows)
-    for i in range(n):
-        t = first[i]
-        if any(r[i] != t for r in rows):
-            return i
-    return n
-
-
 def batch_bucket(n: int, buckets: Sequence[int]) -> int:
     """The smallest bucket >= n (the caller splits batches larger than the largest bucket)."""
     for b in sorted(buckets):

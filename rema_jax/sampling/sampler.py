@@ -49,11 +49,13 @@ class PromptPlan(NamedTuple):
     group_of_prompt: list[int]  # prompts[u] starts with prefixes[group_of_prompt[u]]
     prefix_len: int  # S
     remainder_len: int  # Q: the prompt-slot bucket after the prefix (the whole-prompt bucket when S = 0)
+    prompt_bucket: int  # U: the batch bucket of the distinct prompts
+    group_bucket: int  # G: the batch bucket of the prefixes (0 when S = 0)
 
-    def prefill_slots(self, buckets: Sequence[int]) -> int:
-        """Token passes the prefill computes: G and U batch buckets of S and Q slots."""
-        g = bucketing.batch_bucket(len(self.prefixes), buckets) if self.prefix_len else 0
-        return g * self.prefix_len + bucketing.batch_bucket(len(self.prompts), buckets) * self.remainder_len
+    @property
+    def prefill_slots(self) -> int:
+        """Token passes the prefill computes: G prefixes of S slots and U remainders of Q slots."""
+        return self.group_bucket * self.prefix_len + self.prompt_bucket * self.remainder_len
 
 
 def plan_prompts(rows: Sequence[Sequence[int]], buckets: Sequence[int], share: bool = True) -> PromptPlan:
@@ -64,27 +66,30 @@ def plan_prompts(rows: Sequence[Sequence[int]], buckets: Sequence[int], share: b
     (S + Q <= the whole-prompt bucket, so decode attends over no more slots). `share=False`: every row's
     whole prompt (the plain path)."""
     rows = [list(r) for r in rows]
-    if not share:
-        plain = bucketing.length_bucket(max(len(r) for r in rows), MIN_PROMPT_BUCKET)
-        return PromptPlan(rows, list(range(len(rows))), [], [0] * len(rows), 0, plain)
-    index: dict[tuple, int] = {}
-    prompt_of_row = [index.setdefault(tuple(r), len(index)) for r in rows]
-    prompts = [list(p) for p in index]
+    if share:
+        index: dict[tuple, int] = {}
+        prompt_of_row = [index.setdefault(tuple(r), len(index)) for r in rows]
+        prompts = [list(p) for p in index]
+    else:
+        prompts, prompt_of_row = rows, list(range(len(rows)))
     longest, shortest = max(len(p) for p in prompts), min(len(p) for p in prompts)
     plain = bucketing.length_bucket(longest, MIN_PROMPT_BUCKET)
     u_bucket = bucketing.batch_bucket(len(prompts), buckets)
-    best = PromptPlan(prompts, prompt_of_row, [], [0] * len(prompts), 0, plain)
-    if len(prompts) < 2:  # one distinct prompt: nothing to share beyond running it once
+    best = PromptPlan(prompts, prompt_of_row, [], [0] * len(prompts), 0, plain, u_bucket, 0)
+    if not share or len(prompts) < 2:  # one distinct prompt: nothing to share beyond running it once
         return best
-    best_cost = (1 - MIN_PREFIX_SAVING) * u_bucket * plain
+    best_cost = (1 - MIN_PREFIX_SAVING) * best.prefill_slots
     s = MIN_PROMPT_BUCKET
     while s <= shortest - 1:
         q = bucketing.length_bucket(longest - s, MIN_PROMPT_BUCKET)
         groups: dict[tuple, int] = {}
         group_of_prompt = [groups.setdefault(tuple(p[:s]), len(groups)) for p in prompts]
-        cost = bucketing.batch_bucket(len(groups), buckets) * s + u_bucket * q
-        if s + q <= plain and cost <= best_cost:
-            best, best_cost = PromptPlan(prompts, prompt_of_row, [list(g) for g in groups], group_of_prompt, s, q), cost
+        plan = PromptPlan(
+            prompts, prompt_of_row, [list(g) for g in groups], group_of_prompt, s, q, u_bucket,
+            bucketing.batch_bucket(len(groups), buckets),
+        )  # fmt: skip
+        if s + q <= plain and plan.prefill_slots <= best_cost:
+            best, best_cost = plan, plan.prefill_slots
         s = bucketing.length_bucket(s + 1)
     return best
 
@@ -333,7 +338,7 @@ class Sampler:
         n = len(rows)
         b = bucketing.batch_bucket(n, self.batch_buckets)
         plan = plan_prompts(rows, self.batch_buckets, self.share_prefix)
-        u = bucketing.batch_bucket(len(plan.prompts), self.batch_buckets)
+        u, g = plan.prompt_bucket, plan.group_bucket
         s_len, q_len = plan.prefix_len, plan.remainder_len
         p = s_len + q_len  # prompt slots
         n_out = bucketing.next_pow2(sampling.max_new_tokens, MIN_NEW_TOKENS_BUCKET)
@@ -373,7 +378,6 @@ class Sampler:
         fsig = _tree_signature(fused)
 
         cfg = self.config
-        g = bucketing.batch_bucket(len(plan.prefixes), self.batch_buckets) if s_len else 0
         prefix_gs = group_u = None
         if s_len:
             prefixes = plan.prefixes + [plan.prefixes[0]] * (g - len(plan.prefixes))  # filler groups
@@ -412,7 +416,7 @@ class Sampler:
         st.decode_s += time.perf_counter() - t0
         st.calls += 1
         st.prompt_tokens += sum(len(r) for r in rows)
-        st.prefill_slots += plan.prefill_slots(self.batch_buckets)
+        st.prefill_slots += plan.prefill_slots
         st.new_tokens += int(res.lengths_b[:n].sum())
         gens = []
         eos_set = set(eos)
