@@ -8,6 +8,10 @@ and causally to their own. The layer modules (and so LoRA, full and shared agent
 `transformer.forward`, called twice with the same parameters. The gradient of the gather is a
 scatter-add: each prefix's activations get the sum of its rows' gradients, computed once.
 
+Nested plans add outer prefixes `[G, R]` (what a group of prefixes shares, e.g. the system prompt and
+question before the reasoning agent's plans): each runs once, the prefixes attend to their outer
+prefix's keys and values, and the suffixes to both (`rl.prefix_plan`).
+
 Same logits as `forward` on the whole rows at the suffix positions, up to the order of float sums.
 """
 
@@ -26,7 +30,8 @@ from rema_jax.models.transformer import HeadInputs, embedding, lm_head, model_va
 
 
 class SharedPrefixTransformer(nn.Module):
-    """`Transformer`'s parameters, run on prefixes `[U, P]` and suffixes `[B, S]`."""
+    """`Transformer`'s parameters, run on prefixes `[U, P]` and suffixes `[B, S]` (and, nested, on
+    outer prefixes `[G, R]` that the prefixes continue)."""
 
     config: ModelConfig
     lora_scale: float = 1.0
@@ -42,17 +47,38 @@ class SharedPrefixTransformer(nn.Module):
         suffix_mask_bs,
         logits_at_bk,
         head_inputs=False,
+        outer_tokens_gr=None,
+        outer_len_g=None,
+        prefix_outer_u=None,
     ):
         cfg = self.config
         u, p = prefix_tokens_up.shape
         b, s = suffix_tokens_bs.shape
         prefix_ok_up = prefix_mask_up.astype(bool)
+        nested = outer_tokens_gr is not None
+        if nested:  # outer prefix g: causal over its r_g tokens; prefix u starts at position r_{g(u)}
+            g, r = outer_tokens_gr.shape
+            outer_ok_gr = jnp.arange(r)[None] < outer_len_g[:, None]
+            mask_grr = jnp.tril(jnp.ones((r, r), bool))[None] & outer_ok_gr[:, None, :]
+            start_u = outer_len_g[prefix_outer_u]
+            outer_of_b = prefix_outer_u[row_prefix_b]
+            # rows without a prefix (prefix_len 0) see no outer tokens
+            row_outer_ok_br = outer_ok_gr[outer_of_b] & (prefix_len_b > 0)[:, None]
+        else:
+            start_u = jnp.zeros((u,), jnp.int32)
         mask_upp = jnp.tril(jnp.ones((p, p), bool))[None] & prefix_ok_up[:, None, :]
-        row_prefix_ok_bp = prefix_ok_up[row_prefix_b] & (jnp.arange(p)[None] < prefix_len_b[:, None])
+        row_start_b = start_u[row_prefix_b]
+        row_prefix_ok_bp = prefix_ok_up[row_prefix_b] & (jnp.arange(p)[None] < (prefix_len_b - row_start_b)[:, None])
         suffix_ok_bss = jnp.tril(jnp.ones((s, s), bool))[None] & suffix_mask_bs.astype(bool)[:, None, :]
-        mask_bs_ps = jnp.concatenate([jnp.broadcast_to(row_prefix_ok_bp[:, None, :], (b, s, p)), suffix_ok_bss], axis=2)
+        past_ok_bk = row_prefix_ok_bp  # the keys before a row's suffix: [outer R +] prefix P
+        if nested:
+            past_ok_bk = jnp.concatenate([row_outer_ok_br, row_prefix_ok_bp], axis=1)
+            outer_ok_upr = jnp.broadcast_to(outer_ok_gr[prefix_outer_u][:, None, :], (u, p, r))
+            mask_upp = jnp.concatenate([outer_ok_upr, mask_upp], axis=2)
+        past_ok_bsk = jnp.broadcast_to(past_ok_bk[:, None, :], (b, s, past_ok_bk.shape[1]))
+        mask_bs_ks = jnp.concatenate([past_ok_bsk, suffix_ok_bss], axis=2)
 
-        pos_up = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (u, p))
+        pos_up = start_u[:, None].astype(jnp.int32) + jnp.arange(p, dtype=jnp.int32)[None]
         pos_bs = prefix_len_b[:, None].astype(jnp.int32) + jnp.arange(s, dtype=jnp.int32)[None]
         cos_up, sin_up = layers.rope_cos_sin(pos_up, cfg)
         cos_bs, sin_bs = layers.rope_cos_sin(pos_bs, cfg)
@@ -60,14 +86,36 @@ class SharedPrefixTransformer(nn.Module):
         embed = embedding(cfg)
         x_up, x_bs = embed(prefix_tokens_up), embed(suffix_tokens_bs)
 
-        def body(layer, carry):
-            x_up, x_bs = carry
-            x_up_next, (k_up, v_up) = layer(x_up, cos_up, sin_up, mask_upp)
-            kv_bp = (k_up[row_prefix_b], v_up[row_prefix_b])
-            x_bs, _ = layer(x_bs, cos_bs, sin_bs, mask_bs_ps, kv_bp)
-            return x_up_next, x_bs  # the last layer's prefix output is unused (only its keys/values are)
+        if not nested:
 
-        _, x_bs = run_layers(self, cfg, self.lora_scale, body, (x_up, x_bs))
+            def body(layer, carry):
+                x_up, x_bs = carry
+                x_up_next, (k_up, v_up) = layer(x_up, cos_up, sin_up, mask_upp)
+                kv_bp = (k_up[row_prefix_b], v_up[row_prefix_b])
+                x_bs, _ = layer(x_bs, cos_bs, sin_bs, mask_bs_ks, kv_bp)
+                return x_up_next, x_bs  # the last layer's prefix output is unused (only its keys/values are)
+
+            _, x_bs = run_layers(self, cfg, self.lora_scale, body, (x_up, x_bs))
+            return lm_head(self, cfg, embed, x_bs, logits_at_bk, head_inputs)
+
+        pos_gr = jnp.broadcast_to(jnp.arange(r, dtype=jnp.int32), (g, r))
+        cos_gr, sin_gr = layers.rope_cos_sin(pos_gr, cfg)
+        x_gr = embed(outer_tokens_gr)
+
+        def nested_body(layer, carry):
+            x_gr, x_up, x_bs = carry
+            x_gr_next, (k_gr, v_gr) = layer(x_gr, cos_gr, sin_gr, mask_grr)
+            x_up_next, (k_up, v_up) = layer(
+                x_up, cos_up, sin_up, mask_upp, (k_gr[prefix_outer_u], v_gr[prefix_outer_u])
+            )
+            kv_b = (
+                jnp.concatenate([k_gr[outer_of_b], k_up[row_prefix_b]], axis=1),
+                jnp.concatenate([v_gr[outer_of_b], v_up[row_prefix_b]], axis=1),
+            )
+            x_bs, _ = layer(x_bs, cos_bs, sin_bs, mask_bs_ks, kv_b)
+            return x_gr_next, x_up_next, x_bs
+
+        _, _, x_bs = run_layers(self, cfg, self.lora_scale, nested_body, (x_gr, x_up, x_bs))
         return lm_head(self, cfg, embed, x_bs, logits_at_bk, head_inputs)
 
 
@@ -99,4 +147,5 @@ def forward_shared_prefix(
         jnp.asarray(prefix.suffix_mask),
         logits_at_bk,
         head_inputs,
+        *(None if x is None else jnp.asarray(x) for x in (prefix.outer_tokens, prefix.outer_len, prefix.prefix_outer)),
     )

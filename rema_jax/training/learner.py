@@ -12,11 +12,15 @@ Log-probs are needed at response tokens only, so the passes project to the vocab
 
 With ``update.share_prefix`` (one device only) each pass first plans, on the host, which rows of each
 of its micro-batches share a prompt (``rl.plan_prefix``, attached as ``TrainBatch.prefix``), and the
-model runs every shared prefix once (``models.forward_shared_prefix``). The plan's buckets never
-shrink within a run: the suffix starts at the config's answer length (``rollout.max_new_tokens``),
-and each bucket grows only when a batch needs more, so a pass compiles a few times per run (once per
-batch shape after the first steps) instead of once per new bucket combination. The mesh path keeps the plain passes: a plan's unique
-prefixes do not split over the data axis like rows do.
+model runs every shared prefix once (``models.forward_shared_prefix``; nested plans also run once
+what a group of prompts shares, e.g. a question before the reasoning agent's different plans). The
+first plan of a batch shape fixes its structure (flat or nested), and its buckets never shrink within
+a run: the suffix (and a nested plan's inner prefix) starts at the config's answer length
+(``rollout.max_new_tokens``), a nested plan's outer prefix so that both hold
+``rollout.max_prompt_len``, and each bucket grows only when a batch needs more, so a pass compiles a
+few times per run (once per batch shape after the first steps) instead of once per new bucket
+combination. The mesh path keeps the plain passes: a plan's unique prefixes do not split over the
+data axis like rows do.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ class Learner:
         plan: sharding.ShardingPlan | None = None,
     ):
         self.config, self.layout, self.model_config, self.plan = config, layout, model_config, plan
-        self._prefix_buckets: dict[tuple[int, ...], tuple[int, int, int]] = {}  # (chunks, B, T) -> (U, P, S)
+        self._prefix_buckets: dict[tuple, tuple[int, ...]] = {}  # (role, chunks, B, T) -> PrefixPlan.buckets
         self.optimizer = rl.MultiAgentOptimizer(config.optimizer)
         self.state = rl.init_rl_state(trainable, self.optimizer)
         self.constants = dict(constants)
@@ -142,33 +146,52 @@ class Learner:
         """log π_ref ``[N, L]`` under the reference policy (``AgentLayout.reference_view``)."""
         return self._logprobs(self.ref_logprob_fn, role, batch)
 
-    def with_prefix(self, batch: TrainBatch, chunks: int) -> TrainBatch:
-        """``batch`` with the shared-prefix plan of its ``chunks`` micro-batches (``prefix`` None when
-        ``update.share_prefix`` is off, on the mesh path, or when sharing would not save work)."""
+    def with_prefix(self, batch: TrainBatch, chunks: int, role: str = "") -> TrainBatch:
+        """``batch`` (``role``'s rows) with the shared-prefix plan of its ``chunks`` micro-batches
+        (``prefix`` None when ``update.share_prefix`` is off, on the mesh path, or when sharing would
+        not save work)."""
         if not self.config.update.share_prefix or self.plan is not None or batch.shape[0] % chunks:
             return batch.replace(prefix=None)  # (rows that do not split are refused by the pass's own check)
-        key = (chunks, *batch.shape)
-        floor = self._prefix_buckets.get(key) or self.prefix_bucket_floor(batch.shape[1])
-        plan = rl.plan_prefix(batch.tokens, batch.attention_mask, batch.loss_mask, chunks, min_shape=floor)
-        if plan is not None:  # the largest buckets so far: later batches reuse this compilation
-            self._prefix_buckets[key] = (plan.shape[0] // chunks, plan.shape[1], plan.shape[2])
+        key = (role, chunks, *batch.shape)
+        args = (batch.tokens, batch.attention_mask, batch.loss_mask, chunks)
+        known = self._prefix_buckets.get(key)
+        if known is None:  # the first batch of this shape picks the structure (flat or nested)
+            answer = self.suffix_floor(batch.shape[1])
+            plan = rl.plan_prefix(
+                *args, min_suffix=answer, min_inner=answer, min_prompt=self.config.rollout.max_prompt_len
+            )
+        else:  # the same structure, at least the largest buckets so far: reuses that compilation
+            plan = rl.plan_prefix(*args, min_buckets=known)
+        if plan is not None:
+            self._prefix_buckets[key] = plan.buckets(chunks)
         else:  # the grown buckets would cost more than the plain pass; this batch's own buckets may not
-            plan = rl.plan_prefix(batch.tokens, batch.attention_mask, batch.loss_mask, chunks)
+            plan = rl.plan_prefix(*args)
         return batch.replace(prefix=plan)
 
-    def prefix_bucket_floor(self, seq_len: int) -> tuple[int, int, int]:
-        """The first (U, P, S) buckets of a run: S covers an answer of ``rollout.max_new_tokens`` plus
-        the token before it and an end-of-turn token (capped by the rows' length: sampled answers
-        reach the cap early in RL); U and P start at their smallest buckets (the batches set them: a
-        prompt floor at ``rollout.max_prompt_len`` would cost more than it saves when prompts are
-        shorter than the cap)."""
-        s = -(-(self.config.rollout.max_new_tokens + 2) // rl.prefix_plan.SUFFIX_MULTIPLE)
-        return 1, rl.prefix_plan.PREFIX_MULTIPLE, min(s * rl.prefix_plan.SUFFIX_MULTIPLE, seq_len)
+    def prefix_bucket_record(self) -> list:
+        """The plans' bucket record (which structure and buckets each role's batch shape has used), as
+        JSON for a checkpoint: the buckets decide the passes' matmul shapes and so their fp32 rounding,
+        so a resumed run needs them to compute what the uninterrupted run would."""
+        return [[list(key), list(buckets)] for key, buckets in sorted(self._prefix_buckets.items())]
+
+    def load_prefix_bucket_record(self, record: list) -> None:
+        self._prefix_buckets = {tuple(key): tuple(int(x) for x in buckets) for key, buckets in record}
+
+    def suffix_floor(self, seq_len: int) -> int:
+        """The first suffix bucket S of a run: an answer of ``rollout.max_new_tokens`` plus the token
+        before it and an end-of-turn token (capped by the rows' length: sampled answers reach the cap
+        early in RL). A nested plan's inner prefixes (what prompts of one question do not share: the
+        other agent's answer) start at the same bucket, and its outer bucket so that the two hold a
+        prompt of ``rollout.max_prompt_len`` (one outer prefix per group is cheap; a recompiled update
+        is not). A flat plan's prefix bucket starts at its smallest (a floor at ``max_prompt_len``
+        would cost more than it saves when prompts are shorter)."""
+        m = rl.prefix_plan.SUFFIX_MULTIPLE
+        return min(-(-(self.config.rollout.max_new_tokens + 2) // m) * m, seq_len)
 
     def _logprobs(self, fn, role: str, batch: TrainBatch) -> np.ndarray:
         params = self.params
         if self.plan is None:
-            return np.asarray(fn(params, role, self.with_prefix(batch, self.config.update.num_micro_batches)))
+            return np.asarray(fn(params, role, self.with_prefix(batch, self.config.update.num_micro_batches, role)))
         gb = self._global(rl.update.logprob_inputs(batch, role))
         key = (id(fn), role, gb.shape)
         if key not in self._mesh_steps:
@@ -184,7 +207,7 @@ class Learner:
         Returns the update's scalar metrics ("<role>/<loss metric>", "loss", "grad_norm", "lr")."""
         if self.plan is None:
             chunks = self.config.update.num_mini_batches * self.config.update.num_micro_batches
-            planned = {r: self.with_prefix(rl.as_train_batch(b), chunks) for r, b in batches.items()}
+            planned = {r: self.with_prefix(rl.as_train_batch(b), chunks, r) for r, b in batches.items()}
             new_state, metrics = self.update_fn(self.state, planned, trained_agents, constants=self.constants)
         else:
             checked = {r: rl.check_update_batch(b, r, self.config.loss, self.config.update) for r, b in batches.items()}

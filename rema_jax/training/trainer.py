@@ -255,6 +255,7 @@ class Trainer:
             "data_position": self.iterator.position,
             "pool": [t.uid for t in self.pool] if self.config.curriculum.enabled else None,
             "pool_phase": self._pool_phase,
+            "prefix_buckets": self.learner.prefix_bucket_record(),
         }
         self.checkpoints.save(self.step_index, self.learner.checkpoint_tree(), meta, force=True)
 
@@ -265,6 +266,7 @@ class Trainer:
             return False
         tree, meta = self.checkpoints.restore(latest, self.learner.checkpoint_tree())
         self.learner.load_checkpoint_tree(tree)
+        self.learner.load_prefix_bucket_record(meta.get("prefix_buckets") or [])
         self.step_index = int(meta["step"])
         if meta.get("pool") is not None:
             by_uid = {t.uid: t for t in self.train_tasks}
