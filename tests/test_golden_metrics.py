@@ -219,8 +219,8 @@ def test_default_passes_give_the_same_first_steps(name, tmp_path, monkeypatch):
     planned = []
     real = learner_lib.Learner.with_prefix
 
-    def counting(self, batch, chunks):
-        out = real(self, batch, chunks)
+    def counting(self, batch, chunks, role=""):
+        out = real(self, batch, chunks, role)
         planned.append(out.prefix is not None)
         return out
 
