@@ -56,25 +56,23 @@ class SharedPrefixTransformer(nn.Module):
         b, s = suffix_tokens_bs.shape
         prefix_ok_up = prefix_mask_up.astype(bool)
         nested = outer_tokens_gr is not None
+        mask_upp = jnp.tril(jnp.ones((p, p), bool))[None] & prefix_ok_up[:, None, :]
+        start_u = jnp.zeros((u,), jnp.int32)  # prefix u's first position
+        past_ok = []  # per row, the keys before its suffix: [outer R +] prefix P
         if nested:  # outer prefix g: causal over its r_g tokens; prefix u starts at position r_{g(u)}
             g, r = outer_tokens_gr.shape
             outer_ok_gr = jnp.arange(r)[None] < outer_len_g[:, None]
             mask_grr = jnp.tril(jnp.ones((r, r), bool))[None] & outer_ok_gr[:, None, :]
             start_u = outer_len_g[prefix_outer_u]
-            outer_of_b = prefix_outer_u[row_prefix_b]
-            # rows without a prefix (prefix_len 0) see no outer tokens
-            row_outer_ok_br = outer_ok_gr[outer_of_b] & (prefix_len_b > 0)[:, None]
-        else:
-            start_u = jnp.zeros((u,), jnp.int32)
-        mask_upp = jnp.tril(jnp.ones((p, p), bool))[None] & prefix_ok_up[:, None, :]
-        row_start_b = start_u[row_prefix_b]
-        row_prefix_ok_bp = prefix_ok_up[row_prefix_b] & (jnp.arange(p)[None] < (prefix_len_b - row_start_b)[:, None])
-        suffix_ok_bss = jnp.tril(jnp.ones((s, s), bool))[None] & suffix_mask_bs.astype(bool)[:, None, :]
-        past_ok_bk = row_prefix_ok_bp  # the keys before a row's suffix: [outer R +] prefix P
-        if nested:
-            past_ok_bk = jnp.concatenate([row_outer_ok_br, row_prefix_ok_bp], axis=1)
             outer_ok_upr = jnp.broadcast_to(outer_ok_gr[prefix_outer_u][:, None, :], (u, p, r))
             mask_upp = jnp.concatenate([outer_ok_upr, mask_upp], axis=2)
+            outer_of_b = prefix_outer_u[row_prefix_b]
+            # rows without a prefix (prefix_len 0) see no outer tokens
+            past_ok.append(outer_ok_gr[outer_of_b] & (prefix_len_b > 0)[:, None])
+        row_start_b = start_u[row_prefix_b]
+        past_ok.append(prefix_ok_up[row_prefix_b] & (jnp.arange(p)[None] < (prefix_len_b - row_start_b)[:, None]))
+        past_ok_bk = past_ok[0] if len(past_ok) == 1 else jnp.concatenate(past_ok, axis=1)
+        suffix_ok_bss = jnp.tril(jnp.ones((s, s), bool))[None] & suffix_mask_bs.astype(bool)[:, None, :]
         past_ok_bsk = jnp.broadcast_to(past_ok_bk[:, None, :], (b, s, past_ok_bk.shape[1]))
         mask_bs_ks = jnp.concatenate([past_ok_bsk, suffix_ok_bss], axis=2)
 
@@ -86,36 +84,25 @@ class SharedPrefixTransformer(nn.Module):
         embed = embedding(cfg)
         x_up, x_bs = embed(prefix_tokens_up), embed(suffix_tokens_bs)
 
-        if not nested:
+        x_gr = cos_gr = sin_gr = None
+        if nested:
+            cos_gr, sin_gr = layers.rope_cos_sin(jnp.broadcast_to(jnp.arange(r, dtype=jnp.int32), (g, r)), cfg)
+            x_gr = embed(outer_tokens_gr)
 
-            def body(layer, carry):
-                x_up, x_bs = carry
-                x_up_next, (k_up, v_up) = layer(x_up, cos_up, sin_up, mask_upp)
-                kv_bp = (k_up[row_prefix_b], v_up[row_prefix_b])
-                x_bs, _ = layer(x_bs, cos_bs, sin_bs, mask_bs_ks, kv_bp)
-                return x_up_next, x_bs  # the last layer's prefix output is unused (only its keys/values are)
-
-            _, x_bs = run_layers(self, cfg, self.lora_scale, body, (x_up, x_bs))
-            return lm_head(self, cfg, embed, x_bs, logits_at_bk, head_inputs)
-
-        pos_gr = jnp.broadcast_to(jnp.arange(r, dtype=jnp.int32), (g, r))
-        cos_gr, sin_gr = layers.rope_cos_sin(pos_gr, cfg)
-        x_gr = embed(outer_tokens_gr)
-
-        def nested_body(layer, carry):
+        def body(layer, carry):
             x_gr, x_up, x_bs = carry
-            x_gr_next, (k_gr, v_gr) = layer(x_gr, cos_gr, sin_gr, mask_grr)
-            x_up_next, (k_up, v_up) = layer(
-                x_up, cos_up, sin_up, mask_upp, (k_gr[prefix_outer_u], v_gr[prefix_outer_u])
-            )
-            kv_b = (
-                jnp.concatenate([k_gr[outer_of_b], k_up[row_prefix_b]], axis=1),
-                jnp.concatenate([v_gr[outer_of_b], v_up[row_prefix_b]], axis=1),
-            )
+            past_u, past_b = None, []  # the prefixes' and the suffixes' earlier keys/values
+            if nested:
+                x_gr, (k_gr, v_gr) = layer(x_gr, cos_gr, sin_gr, mask_grr)
+                past_u = (k_gr[prefix_outer_u], v_gr[prefix_outer_u])
+                past_b.append((k_gr[outer_of_b], v_gr[outer_of_b]))
+            x_up_next, (k_up, v_up) = layer(x_up, cos_up, sin_up, mask_upp, past_u)
+            past_b.append((k_up[row_prefix_b], v_up[row_prefix_b]))
+            kv_b = tuple(parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1) for parts in zip(*past_b))
             x_bs, _ = layer(x_bs, cos_bs, sin_bs, mask_bs_ks, kv_b)
-            return x_gr_next, x_up_next, x_bs
+            return x_gr, x_up_next, x_bs  # the last layer's prefix outputs are unused (only their keys/values are)
 
-        _, _, x_bs = run_layers(self, cfg, self.lora_scale, nested_body, (x_gr, x_up, x_bs))
+        _, _, x_bs = run_layers(self, cfg, self.lora_scale, body, (x_gr, x_up, x_bs))
         return lm_head(self, cfg, embed, x_bs, logits_at_bk, head_inputs)
 
 

@@ -20,8 +20,8 @@ come from the position before it, which must be a suffix position. In multi-turn
 first prompt is shared; later turns stay in the suffix.
 
 Static shapes: a flat prefix length P rounds up to a multiple of `prefix_multiple` (64), a nested
-plan's outer length R and inner length P to multiples of `NEST_MULTIPLE` (32), the suffix length S to
-a multiple of `suffix_multiple` (8), prefixes (groups) per micro-batch U (G) to a power of two (at
+plan's outer length R to a multiple of `nest_multiple` (32) and its inner length P to one of
+`inner_multiple` (8), the suffix length S to a multiple of `suffix_multiple` (8), prefixes (groups) per micro-batch U (G) to a power of two (at
 most the micro-batch's rows); steps whose rows fall in the same buckets reuse one compilation.
 `min_buckets` (`PrefixPlan.buckets`: (U, P, S) flat, (G, R, U, P, S) nested) keeps a later batch in
 the structure and at least the buckets of an earlier one, and `min_suffix` raises S: the learner
@@ -116,18 +116,23 @@ def _common_len(a: np.ndarray, b: np.ndarray) -> int:
     return int(differ[0]) if len(differ) else n
 
 
-def _outer_groups(prompts: list[np.ndarray], threshold: int) -> tuple[list[int], list[int], list[int]]:
-    """Groups of `prompts` for outer prefixes: sorted, adjacent prompts with >= `threshold` tokens in
-    common join a group. Returns the group of each prompt, and per group the tokens all its prompts
-    share (a single prompt: all of it) and its longest prompt."""
+def _sorted_commons(prompts: list[np.ndarray]) -> tuple[list[int], list[int]]:
+    """`prompts` in sorted order (indices) and the tokens each shares with the one before it."""
     order = sorted(range(len(prompts)), key=lambda j: prompts[j].tolist())
+    return order, [_common_len(prompts[a], prompts[b]) for a, b in zip(order, order[1:])]
+
+
+def _outer_groups(prompts: list[np.ndarray], order: list[int], adjacent: list[int], threshold: int):
+    """Groups of `prompts` for outer prefixes: in sorted `order`, adjacent prompts with >= `threshold`
+    tokens in common (`adjacent`, from `_sorted_commons`) join a group. Returns the group of each
+    prompt, and per group the tokens all its prompts share (a single prompt: all of it) and its
+    longest prompt."""
     group_of = [0] * len(prompts)
     common: list[int] = []
     longest: list[int] = []
     for pos, j in enumerate(order):
-        shared = _common_len(prompts[order[pos - 1]], prompts[j]) if pos else -1
-        if pos and shared >= threshold:
-            common[-1] = min(common[-1], shared)
+        if pos and adjacent[pos - 1] >= threshold:
+            common[-1] = min(common[-1], adjacent[pos - 1])
             longest[-1] = max(longest[-1], len(prompts[j]))
         else:
             common.append(len(prompts[j]))
@@ -288,13 +293,12 @@ def _best_nesting(
 
     For given groups, the inner bucket P is the least that holds every prompt's part beyond what its
     group shares (at least `min_inner` and the floor's), the outer bucket R the least that holds the
-    rest (at least the floor's, and with P at least `min_prompt` tokens), and group g's outer prefix is r_g = min(shared_g, R) tokens: any
+    rest (at least the floor's, and R + P >= `min_prompt`), and group g's outer prefix is
+    r_g = min(shared_g, R) tokens: any
     split with r_g <= shared_g is exact, so a later batch whose prompts share more or less than the
     first one's still fits the same buckets while `longest_g - P <= R` and `longest_g - shared_g <= P`."""
-    common = set()
-    for reps in chunk_prefixes:
-        srt = sorted(reps, key=lambda p: p.tolist())
-        common.update(_common_len(a, b) for a, b in zip(srt, srt[1:]))
+    sorted_commons = [_sorted_commons(reps) for reps in chunk_prefixes]
+    common = {k for _, adjacent in sorted_commons for k in adjacent}
     common.discard(0)
     if not common and floor is not None:  # e.g. one prompt per chunk: keep the floor's structure
         common = {max(len(p) for reps in chunk_prefixes for p in reps) + 1}
@@ -302,7 +306,7 @@ def _best_nesting(
         return None
     best = None
     for threshold in sorted(common):
-        nesting = [_outer_groups(reps, threshold) for reps in chunk_prefixes]
+        nesting = [_outer_groups(reps, *sc, threshold) for reps, sc in zip(chunk_prefixes, sorted_commons)]
         groups = [(sh, lo) for _, shared, longest in nesting for sh, lo in zip(shared, longest)]
         g = min(_pow2(max(len(shared) for _, shared, _ in nesting)), n)
         p = _round_up(max(min_inner, max(lo - sh for sh, lo in groups)), inner_multiple)
