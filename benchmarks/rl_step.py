@@ -9,8 +9,10 @@ prefixes with the π_old pass, to split the gain between the two (``--variants o
 row's whole prompt, where ``off`` and ``on`` prefill each distinct prompt once and group prefixes once
 per group), so ``plain`` vs ``off`` is the rollout's prompt sharing and ``plain`` vs ``on`` everything
 (``--variants plain off on``); ``bf16`` = ``on`` with the sampler's weights in bf16
-(``model.sampler_weight_dtype``, an opt-in: it samples from the bf16-rounded policy). ``speedup`` is
-``off`` / ``on``, the training passes' gain.
+(``model.sampler_weight_dtype``, an opt-in: it samples from the bf16-rounded policy); ``nocompact`` =
+``on`` with every decode row stepping until the batch's last one finishes
+(``model.sampler_compact_min_batch=0``), so ``nocompact`` vs ``on`` is the rollout's decode compaction.
+``speedup`` is ``off`` / ``on``, the training passes' gain.
 
 Each variant runs ``--steps`` real steps of ``configs/default.py``'s ``rl`` section (single-turn ReMA,
 2 questions x 4 plans x 2 solutions, alternating RA / MTA phases of 2 steps, GRPO, LoRA) through the
@@ -73,6 +75,7 @@ VARIANTS = {  # section overrides of configs/default.py's rl section
     "on": {},
     "plain": {"update": PLAIN_UPDATE, "model": {"sampler_share_prompts": False}},
     "bf16": {"model": {"sampler_weight_dtype": "bfloat16"}},
+    "nocompact": {"model": {"sampler_compact_min_batch": 0}},
 }
 TINY = dict(num_layers=2, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=8)
 

@@ -586,3 +586,71 @@ def test_dropped_programs_compile_again_and_give_the_same_tokens():
     again = sampler.generate(PARAMS, None, PROMPTS[:2], sp, seed=3)
     assert sampler.compile_count == compiled + len(held) and sampler.program_keys() == held
     assert [g.token_ids for g in again] == [g.token_ids for g in first]
+
+
+# --------------------------------------------------------------------------- decode compaction
+def test_compact_target_policy():
+    """Unfinished rows continue in the largest batch bucket <= half the batch, not below the configured
+    least batch; 0 = off; None (the default) = 4 on CPU."""
+    buckets = (1, 2, 4, 8, 16, 32, 48, 64)
+    s = Sampler(CFG.replace(sampler_compact_min_batch=4), TOKENIZER, max_cache_len=64, batch_buckets=buckets)
+    assert [s.compact_target(b) for b in (1, 2, 4, 8, 16, 32, 48, 64)] == [0, 0, 0, 4, 8, 16, 16, 32]
+    one = Sampler(CFG.replace(sampler_compact_min_batch=1), TOKENIZER, max_cache_len=64, batch_buckets=buckets)
+    assert [one.compact_target(b) for b in (1, 2, 4, 8)] == [0, 1, 2, 4]
+    off = Sampler(CFG.replace(sampler_compact_min_batch=0), TOKENIZER, max_cache_len=64, batch_buckets=buckets)
+    assert all(off.compact_target(b) == 0 for b in buckets)
+    auto = Sampler(CFG, TOKENIZER, max_cache_len=64, batch_buckets=buckets)  # None: 4 on CPU
+    assert CFG.sampler_compact_min_batch is None and jax.default_backend() == "cpu"
+    assert [auto.compact_target(b) for b in buckets] == [s.compact_target(b) for b in buckets]
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ModelConfigError, match="sampler_compact_min_batch"):
+            CFG.replace(sampler_compact_min_batch=bad)
+
+
+# Prompts whose rows finish at many different steps (EOS ids that the tiny model samples now and then).
+COMPACT_PROMPTS = [[5 + i, 6, 7, 8 + i] * (1 + i % 3) for i in range(13)]
+COMPACT_SAMPLING = {
+    "sampled": SamplingParams(max_new_tokens=30, temperature=1.0, eos_ids=(3, 9, 17)),
+    "greedy": SamplingParams(max_new_tokens=30, greedy=True, eos_ids=(85, 12, 64)),
+    "stop string": SamplingParams(max_new_tokens=30, temperature=1.0, stop_strings=("a",)),
+    "top-p": SamplingParams(max_new_tokens=30, temperature=0.8, top_p=0.9, eos_ids=(3, 9, 17)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COMPACT_SAMPLING))
+def test_compaction_gives_the_same_generations_with_fewer_row_steps(case):
+    """Continuing the unfinished rows in smaller batches changes no token, log-prob nor finish reason
+    (each row samples with its own key), and the decode computes fewer rows x steps."""
+    sp, adapter = COMPACT_SAMPLING[case], _lora(3)
+    runs = {}
+    for least in (0, 1):
+        s = Sampler(CFG.replace(sampler_compact_min_batch=least), TOKENIZER, max_cache_len=128)
+        runs[least] = (s.generate(PARAMS, adapter, COMPACT_PROMPTS, sp, seed=11), s.stats)
+    (plain, plain_stats), (compact, stats) = runs[0], runs[1]
+    lengths = [len(g.token_ids) for g in plain]
+    assert len(set(lengths)) > 3 and max(lengths) == 30  # rows finish at many different steps
+    assert [g.token_ids for g in compact] == [g.token_ids for g in plain]
+    assert [g.finish_reason for g in compact] == [g.finish_reason for g in plain]
+    assert [g.text for g in compact] == [g.text for g in plain]
+    np.testing.assert_allclose(
+        np.concatenate([g.logprobs for g in compact]), np.concatenate([g.logprobs for g in plain]), atol=1e-5
+    )
+    assert plain_stats.compactions == 0 and plain_stats.decode_row_steps == 16 * (max(lengths) - 1)
+    assert stats.compactions >= 1 and stats.decode_row_steps < plain_stats.decode_row_steps
+    assert stats.new_tokens == plain_stats.new_tokens == sum(lengths)
+
+
+def test_compaction_programs_compile_once_and_rows_of_a_split_batch_keep_their_order():
+    """A second call of the same shapes compiles nothing (the continuation programs are cached by
+    batch sizes, not by which rows survive); filler slots of a compacted batch are never returned."""
+    s = Sampler(CFG.replace(sampler_compact_min_batch=1), TOKENIZER, max_cache_len=128)
+    sp = COMPACT_SAMPLING["sampled"]
+    first = s.generate(PARAMS, None, COMPACT_PROMPTS, sp, seed=1)
+    compiled = s.compile_count
+    assert any(k[0] == "decode_resume" for k in s.program_keys())
+    again = s.generate(PARAMS, None, COMPACT_PROMPTS[::-1], sp, seed=1)  # other rows survive
+    assert s.compile_count == compiled
+    alone = [s.generate(PARAMS, None, [p], sp, seed=np.array([i]))[0] for i, p in enumerate(COMPACT_PROMPTS[:3])]
+    per_row = s.generate(PARAMS, None, COMPACT_PROMPTS[:3], sp, seed=np.arange(3))
+    assert [g.token_ids for g in per_row] == [g.token_ids for g in alone]
+    assert len(first) == len(again) == len(COMPACT_PROMPTS)

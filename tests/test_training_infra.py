@@ -241,13 +241,23 @@ def test_model_section_kernel_fields_are_validated_and_reach_the_model_config():
     for field, bad in (("sampler_column_blocks", -1), ("logits_chunk", -2)):
         with pytest.raises(ConfigError, match=f"config.model.*{field} must be an int >= 0"):
             load_train_config(_train_config(model={field: bad}))
+    with pytest.raises(ConfigError, match="config.model.*sampler_compact_min_batch must be None .auto. or an int >= 0"):
+        load_train_config(_train_config(model={"sampler_compact_min_batch": -1}))
     with pytest.raises(ConfigError, match="config.model.*sampler_weight_dtype='bf16'; expected one of"):
         load_train_config(_train_config(model={"sampler_weight_dtype": "bf16"}))
     cfg = load_train_config(
-        _train_config(model={"sampler_column_blocks": 3, "logits_chunk": 8, "sampler_weight_dtype": "bfloat16"})
+        _train_config(
+            model={
+                "sampler_column_blocks": 3,
+                "logits_chunk": 8,
+                "sampler_weight_dtype": "bfloat16",
+                "sampler_compact_min_batch": 2,
+            }
+        )
     )
     model_config, _, _ = build_base_model(cfg.model)
     assert (model_config.sampler_column_blocks, model_config.logits_chunk) == (3, 8)
+    assert model_config.sampler_compact_min_batch == 2
     assert model_config.sampler_weight_dtype == "bfloat16"
 
 

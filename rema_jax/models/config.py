@@ -79,6 +79,11 @@ class ModelConfig:
     # the sampler's fused weights (sampling.kernel.fuse_params): None = the compute dtype; "bfloat16"
     # halves the bytes each decode step streams, products still accumulate in the compute dtype
     sampler_weight_dtype: Optional[str] = None
+    # the sampler's decode continues its unfinished rows in a batch bucket half as large once they fit
+    # one, halving down to this size (sampling.Sampler.compact_target); 0 = never (every row steps until
+    # the last one finishes); None = auto: 4 on CPU, where a decode step's cost grows with the batch,
+    # 0 elsewhere (an accelerator's decode step is nearly flat in the batch; not measured yet)
+    sampler_compact_min_batch: Optional[int] = None
 
     def __post_init__(self):
         for name in (
@@ -98,6 +103,12 @@ class ModelConfig:
         if not isinstance(self.sampler_column_blocks, int) or self.sampler_column_blocks < 0:
             raise ModelConfigError(
                 f"ModelConfig.sampler_column_blocks must be an int >= 0 (0 = auto), got {self.sampler_column_blocks!r}"
+            )
+        least = self.sampler_compact_min_batch
+        if least is not None and (not isinstance(least, int) or isinstance(least, bool) or least < 0):
+            raise ModelConfigError(
+                "ModelConfig.sampler_compact_min_batch must be None (auto) or an int >= 0 (0 = no compaction), got "
+                f"{self.sampler_compact_min_batch!r}"
             )
         if self.num_heads % self.num_kv_heads:
             raise ModelConfigError(

@@ -16,6 +16,9 @@ weights and the loop out for decoding:
   `lax.while_loop` and donated into the decode call, so XLA updates them in place (no per-step
   cache copy).
 - Prefill computes the LM head only at the last prompt position.
+- The loop state (`DecodeState`) is returned, so a loop that exits with few rows unfinished
+  (`exit_at`) can be continued in a smaller batch (`decode_resume`); the prompt length is a traced
+  input, so the decode programs depend on the cache length, not on the prompt bucket.
 - Left padding: row b's prompt occupies slots `[pad_b, P)`; pad slots never attend nor are attended
   to, and rotary positions count real tokens only, so a padded row computes what it would alone.
 - Prompt sharing: prefill runs each distinct prompt once (a ReMA step sends every question's prompt
@@ -255,6 +258,7 @@ class DecodeInputs(NamedTuple):
 
     pad_b: jnp.ndarray  # [B] int32 pad slots per row (after the shared prefix, if any)
     prefix_len: jnp.ndarray  # () int32 slots [0, prefix_len) hold a prefix shared by every row
+    prompt_len: jnp.ndarray  # () int32 prompt slots P (shared prefix + bucketed remainder)
     active_b: jnp.ndarray  # [B] bool, False for filler rows of the batch bucket
     seeds_b: jnp.ndarray  # [B] uint32: row b samples with key fold_in(key(seeds_b[b]), row_ids_b[b])
     row_ids_b: jnp.ndarray  # [B] int32
@@ -264,31 +268,23 @@ class DecodeInputs(NamedTuple):
     eos_ids: jnp.ndarray  # [n_eos] int32 (n_eos may be 0)
 
 
-class DecodeOutputs(NamedTuple):
+class DecodeState(NamedTuple):
+    """The decode loop's carry besides the caches: what `decode` returns and `decode_resume` continues."""
+
+    t: jnp.ndarray  # () int32: the index of the next token to sample (tokens [0, t) are in tokens_bn)
+    tok_b: jnp.ndarray  # [B] int32: the last sampled token, fed at the next step
+    done_b: jnp.ndarray  # [B] bool: finished (EOS, stop string, max_new_tokens) or a filler row
     tokens_bn: jnp.ndarray  # [B, N] int32, valid up to lengths_b
     logprobs_bn: jnp.ndarray  # [B, N] float32
     lengths_b: jnp.ndarray  # [B] int32
     stopped_b: jnp.ndarray  # [B] bool: finished on EOS or a stop string (else: length)
+    hist: jnp.ndarray  # [B, W] int32: the stop-string byte history ([B, 1] zeros without stop strings)
 
 
-def decode(
-    config: ModelConfig,
-    mode: ops.SamplingMode,
-    fp: FusedParams,
-    caches: tuple[KVCache, ...],
-    logits_bv: jnp.ndarray,
-    inp: DecodeInputs,
-    stop_tables: Optional[stops.StopTables],
-    *,
-    prompt_len: int,
-    n_out: int,
-) -> tuple[DecodeOutputs, tuple[KVCache, ...]]:
-    """Samples up to `max_new_tokens` (<= `n_out`) tokens per row with a `lax.while_loop` that
-    exits as soon as every row has finished. `logits_bv` are the prefill's next-token logits and
-    `prompt_len` the prompt slots P (shared prefix + bucketed remainder): generated token t is fed
-    back at slot P + t.
-    Also returns the final caches, so a donated input cache aliases the output (updated in place)."""
-    b = logits_bv.shape[0]
+def _picker(mode: ops.SamplingMode, inp: DecodeInputs, stop_tables: Optional[stops.StopTables], b: int):
+    """`pick(logits [B, V], step, done_b, hist) -> (tokens, log-probs, newly finished, hist)`: samples
+    token `step` of every row with its own key (fold_in(key(seed), row id), then the step), so a row's
+    tokens do not depend on the batch it runs in."""
     use_eos = inp.eos_ids.shape[0] > 0
     row_keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(inp.seeds_b, inp.row_ids_b)
 
@@ -301,32 +297,108 @@ def decode(
             hit_b = hit_b | stop_hit_b
         return tok_b, lp_b, hit_b & ~done_b, hist
 
+    return pick
+
+
+def _decode_loop(
+    config: ModelConfig,
+    mode: ops.SamplingMode,
+    fp: FusedParams,
+    caches: tuple[KVCache, ...],
+    state: DecodeState,
+    inp: DecodeInputs,
+    stop_tables: Optional[stops.StopTables],
+    exit_at: int,
+) -> tuple[DecodeState, tuple[KVCache, ...]]:
+    """Steps every row until all have finished or `max_new_tokens` are sampled, or (`exit_at` > 0) until
+    at most `exit_at` rows are unfinished, so the caller can continue those in a smaller batch."""
+    b = state.done_b.shape[0]
+    pick = _picker(mode, inp, stop_tables, b)
+    real_len_b = inp.prompt_len - inp.pad_b
+
+    def cond(carry):
+        st = carry[0]
+        going = (st.t < inp.max_new_tokens) & ~jnp.all(st.done_b)
+        if exit_at:
+            going = going & (jnp.sum(~st.done_b) > exit_at)
+        return going
+
+    def body(carry):
+        st, kv = carry
+        t = st.t
+        kv, logits = decode_step(
+            config, fp, kv, st.tok_b, real_len_b + t - 1, inp.prompt_len + t - 1, inp.pad_b, inp.prefix_len
+        )
+        new_b, lp_b, hit_b, hist = pick(logits, t, st.done_b, st.hist)
+        st = DecodeState(
+            t=t + 1,
+            tok_b=new_b,
+            done_b=st.done_b | hit_b | (t + 1 >= inp.max_new_tokens),
+            tokens_bn=jax.lax.dynamic_update_slice(st.tokens_bn, new_b[:, None], (0, t)),
+            logprobs_bn=jax.lax.dynamic_update_slice(st.logprobs_bn, lp_b[:, None], (0, t)),
+            lengths_b=st.lengths_b + (~st.done_b).astype(jnp.int32),
+            stopped_b=st.stopped_b | hit_b,
+            hist=hist,
+        )
+        return st, kv
+
+    state, caches = jax.lax.while_loop(cond, body, (state, caches))
+    return state, caches
+
+
+def decode(
+    config: ModelConfig,
+    mode: ops.SamplingMode,
+    fp: FusedParams,
+    caches: tuple[KVCache, ...],
+    logits_bv: jnp.ndarray,
+    inp: DecodeInputs,
+    stop_tables: Optional[stops.StopTables],
+    *,
+    n_out: int,
+    exit_at: int = 0,
+) -> tuple[DecodeState, tuple[KVCache, ...]]:
+    """Samples up to `max_new_tokens` (<= `n_out`) tokens per row with a `lax.while_loop` that exits
+    as soon as every row has finished, or (`exit_at` > 0) as soon as at most `exit_at` rows are
+    unfinished (`decode_resume` continues them). `logits_bv` are the prefill's next-token logits;
+    generated token t is fed back at slot `inp.prompt_len + t`.
+    Also returns the final caches, so a donated input cache aliases the output (updated in place)."""
+    b = logits_bv.shape[0]
+    pick = _picker(mode, inp, stop_tables, b)
     hist0 = stops.init_history(b, stop_tables) if stop_tables is not None else jnp.zeros((b, 1), jnp.int32)
     done0 = ~inp.active_b
     tok0, lp0, hit0, hist0 = pick(logits_bv, 0, done0, hist0)
-    out_tok = jnp.zeros((b, n_out), jnp.int32).at[:, 0].set(tok0)
-    out_lp = jnp.zeros((b, n_out), jnp.float32).at[:, 0].set(lp0)
-    lengths0 = inp.active_b.astype(jnp.int32)
-    done0 = done0 | hit0 | (inp.max_new_tokens <= 1)
-    real_len_b = prompt_len - inp.pad_b
+    state = DecodeState(
+        t=jnp.int32(1),
+        tok_b=tok0,
+        done_b=done0 | hit0 | (inp.max_new_tokens <= 1),
+        tokens_bn=jnp.zeros((b, n_out), jnp.int32).at[:, 0].set(tok0),
+        logprobs_bn=jnp.zeros((b, n_out), jnp.float32).at[:, 0].set(lp0),
+        lengths_b=inp.active_b.astype(jnp.int32),
+        stopped_b=hit0,
+        hist=hist0,
+    )
+    return _decode_loop(config, mode, fp, caches, state, inp, stop_tables, exit_at)
 
-    def cond(carry):
-        t, _, _, done_b, *_ = carry
-        return (t < inp.max_new_tokens) & ~jnp.all(done_b)
 
-    def body(carry):
-        t, kv, tok_b, done_b, out_tok, out_lp, lengths_b, stopped_b, hist = carry
-        kv, logits = decode_step(
-            config, fp, kv, tok_b, real_len_b + t - 1, prompt_len + t - 1, inp.pad_b, inp.prefix_len
-        )
-        new_b, lp_b, hit_b, hist = pick(logits, t, done_b, hist)
-        out_tok = jax.lax.dynamic_update_slice(out_tok, new_b[:, None], (0, t))
-        out_lp = jax.lax.dynamic_update_slice(out_lp, lp_b[:, None], (0, t))
-        lengths_b = lengths_b + (~done_b).astype(jnp.int32)
-        stopped_b = stopped_b | hit_b
-        done_b = done_b | hit_b | (t + 1 >= inp.max_new_tokens)
-        return t + 1, kv, new_b, done_b, out_tok, out_lp, lengths_b, stopped_b, hist
-
-    carry = (jnp.int32(1), caches, tok0, done0, out_tok, out_lp, lengths0, hit0, hist0)
-    _, caches, _, _, out_tok, out_lp, lengths_b, stopped_b, _ = jax.lax.while_loop(cond, body, carry)
-    return DecodeOutputs(out_tok, out_lp, lengths_b, stopped_b), caches
+def decode_resume(
+    config: ModelConfig,
+    mode: ops.SamplingMode,
+    fp: FusedParams,
+    caches: tuple[KVCache, ...],
+    state: DecodeState,
+    keep_k: jnp.ndarray,
+    inp_k: DecodeInputs,
+    stop_tables: Optional[stops.StopTables],
+    *,
+    exit_at: int = 0,
+) -> tuple[DecodeState, tuple[KVCache, ...]]:
+    """Continues rows `keep_k [K]` (K < B) of an exited `decode` / `decode_resume` as a batch of K:
+    their caches and loop state are gathered, then stepped like `decode` (`inp_k`: the kept rows'
+    inputs). A decode step's cost grows with the batch (at SmolLM2 size on 2 CPU cores ~23 ms +
+    ~3 ms per row), so once most rows have finished the rest run cheaper in a smaller batch; each
+    row's tokens are what it samples in any batch (its own key per step)."""
+    take = lambda a: a[keep_k]  # noqa: E731
+    caches = tuple(KVCache(k=take(kv.k), v=take(kv.v)) for kv in caches)
+    state = state._replace(**{f: take(getattr(state, f)) for f in DecodeState._fields if f != "t"})
+    return _decode_loop(config, mode, fp, caches, state, inp_k, stop_tables, exit_at)

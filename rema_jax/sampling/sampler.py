@@ -5,6 +5,11 @@ per group) are left-padded into a (batch bucket, prompt-length bucket) block, th
 are fused (cached while the same arrays are passed again; each kernel in `column_blocks`
 column blocks, see `Sampler.column_blocks`), then two ahead-of-time compiled
 executables run: `prefill` (builds the caches) and `decode` (the `lax.while_loop`, caches donated).
+Compaction (`Sampler.compact_target`, `ModelConfig.sampler_compact_min_batch`): the decode loop exits
+once its unfinished rows fit a batch bucket half as large, and `decode_resume` continues them there
+(their caches and loop state gathered), halving again as rows finish; finished rows' results are
+read off at each exit. Same tokens (each row samples with its own key); a ReMA rollout's rows end
+anywhere between a few and `max_new_tokens` tokens, so the tail steps run at a fraction of the batch.
 Executables are cached by everything that fixes their shapes (bucket sizes, static sampling mode,
 stop-table shapes, parameter/adapter tree structure), never by values: temperature, top-p, seeds,
 max-new-tokens and the adapter's weights are traced inputs, so switching agents does not recompile.
@@ -26,12 +31,22 @@ from rema_jax.sampling.types import Generation, SamplerStats, SamplingParams
 
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_TOKENS_BUCKET = 16
+# KV-cache slots are rounded up to a multiple of this (prompt slots + max_new_tokens): the decode
+# programs depend on the cache length, not on the prompt bucket (a traced input), so calls whose prompt
+# buckets differ a little share their decode and continuation programs (each compile costs ~3 s for
+# SmolLM2 on 2 CPU cores).
+CACHE_MULTIPLE = 64
 MIN_PREFIX_SAVING = 0.2  # share a prefix only when prefill shrinks by at least this fraction
 # Auto column blocks (`ModelConfig.sampler_column_blocks = 0`): cut each fused kernel in 2 on a
 # one-device CPU from this batch bucket up. On 2 AMD EPYC cores a SmolLM2 decode step took 100 ms
 # instead of 123 at batch 32, 63 instead of 67 at 16, about the same at 2 and 4, and 33 instead of
 # 25 at batch 1 (one GEMV already streams the weights at full bandwidth there).
 AUTO_COLUMN_BLOCKS, AUTO_COLUMN_BLOCKS_MIN_BATCH = 2, 4
+# Auto compaction (`ModelConfig.sampler_compact_min_batch = None`): on CPU, halve the decode batch down
+# to 4 rows. SmolLM2 on 2 AMD EPYC cores: a decode step took ~43-47 ms at 8 rows and ~55-70 at 16
+# (~22 at 1: the weights' streaming); the default RL step's rollout fell 13.3 -> 12.0 s. Off on
+# accelerators, whose decode step is nearly flat in the batch (not measured here).
+AUTO_COMPACT_MIN_BATCH = 4
 
 
 def _tree_signature(tree: Any) -> tuple:
@@ -235,6 +250,26 @@ class Sampler:
             return AUTO_COLUMN_BLOCKS, False
         return 1, True
 
+    def compact_target(self, batch: int) -> int:
+        """The batch a decode of `batch` rows continues in once at most that many rows are unfinished:
+        the largest batch bucket <= batch // 2 and >= `ModelConfig.sampler_compact_min_batch` (None:
+        `AUTO_COMPACT_MIN_BATCH` on CPU, else off); 0 (never compact) when there is none or compaction
+        is off (min batch 0)."""
+        least = self.config.sampler_compact_min_batch
+        if least is None:
+            least = AUTO_COMPACT_MIN_BATCH if jax.default_backend() == "cpu" else 0
+        fits = [k for k in self.batch_buckets if least and least <= k <= batch // 2]
+        return max(fits) if fits else 0
+
+    @staticmethod
+    def _record_rows(out: kernel.DecodeState, res: kernel.DecodeState, slot_row: np.ndarray, last: bool) -> None:
+        """Copies the non-filler slots of a decode's state `res` that have finished (`last`: all of
+        them) into `out` (one row per chunk row)."""
+        slots = np.flatnonzero((slot_row >= 0) & (res.done_b | last))
+        rows = slot_row[slots]
+        for name in ("tokens_bn", "logprobs_bn", "lengths_b", "stopped_b"):
+            getattr(out, name)[rows] = getattr(res, name)[slots]
+
     def _fused_params(self, params: dict, adapter: Optional[Adapter], batch: int) -> kernel.FusedParams:
         """Fused weights of this agent, reused while the very same arrays are passed again."""
         blocks, any_blocks = self.column_blocks(batch)
@@ -342,7 +377,7 @@ class Sampler:
         s_len, q_len = plan.prefix_len, plan.remainder_len
         p = s_len + q_len  # prompt slots
         n_out = bucketing.next_pow2(sampling.max_new_tokens, MIN_NEW_TOKENS_BUCKET)
-        cache_len = min(p + n_out, self.max_cache_len)
+        cache_len = min(-(-(p + sampling.max_new_tokens) // CACHE_MULTIPLE) * CACHE_MULTIPLE, self.max_cache_len)
         if p + sampling.max_new_tokens - 1 > cache_len:
             raise ValueError(
                 f"Sampler.generate: prompt bucket {p} (longest prompt {max(len(r) for r in rows)}) + "
@@ -367,6 +402,7 @@ class Sampler:
         inp = kernel.DecodeInputs(
             pad_b=jnp.asarray(pad_b),
             prefix_len=jnp.int32(s_len),
+            prompt_len=jnp.int32(p),
             active_b=jnp.asarray(active),
             seeds_b=jnp.asarray(seeds_b),
             row_ids_b=jnp.asarray(row_ids_b),
@@ -398,9 +434,11 @@ class Sampler:
         caches, logits = jax.block_until_ready(prefill_exe(*args))
         self.stats.prefill_s += time.perf_counter() - t0
         stop_sig = None if stop_tables is None else _tree_signature(stop_tables)
+        static = (cache_len, n_out, mode, len(eos), stop_sig, fsig)
+        exit_at = self.compact_target(b)
         decode_exe = self._compiled(
-            ("decode", b, p, cache_len, n_out, mode, len(eos), stop_sig, fsig),
-            lambda f, c, lg, i, st: kernel.decode(cfg, mode, f, c, lg, i, st, prompt_len=p, n_out=n_out),
+            ("decode", b, exit_at) + static,
+            lambda f, c, lg, i, st: kernel.decode(cfg, mode, f, c, lg, i, st, n_out=n_out, exit_at=exit_at),
             (1,),
             fused,
             caches,
@@ -409,11 +447,46 @@ class Sampler:
             stop_tables,
         )
         t0 = time.perf_counter()
-        res, caches = decode_exe(fused, caches, logits, inp, stop_tables)
-        del caches
-        res = jax.device_get(res)
+        state, caches = decode_exe(fused, caches, logits, inp, stop_tables)
+        res = jax.device_get(state)
+        self.stats.decode_s += time.perf_counter() - t0
+        self.stats.decode_row_steps += b * (int(res.t) - 1)
+        # Compaction: while the loop exits with few rows unfinished, continue those in a smaller batch.
+        out = kernel.DecodeState(*(np.array(x) for x in res))  # per row of the chunk (slots [0, b) at first)
+        slot_row = np.where(np.arange(b) < n, np.arange(b), -1)  # the chunk row in each slot (-1: filler)
+        host_inp = dict(pad_b=pad_b, active_b=active, seeds_b=seeds_b, row_ids_b=row_ids_b)
+        while exit_at and not res.done_b.all():
+            self._record_rows(out, res, slot_row, last=False)
+            # Always the next size down (never a jump to a smaller bucket that would also hold them):
+            # a call compiles at most one continuation program per halving, whichever rows survive.
+            alive, k = np.flatnonzero(~res.done_b), exit_at
+            keep = np.concatenate([alive, np.full(k - len(alive), np.flatnonzero(res.done_b)[0])])
+            slot_row = np.where(np.arange(k) < len(alive), slot_row[keep], -1)
+            host_inp = {name: a[keep] for name, a in host_inp.items()}
+            inp = inp._replace(**{name: jnp.asarray(a) for name, a in host_inp.items()})
+            cur_b, exit_at = len(res.done_b), self.compact_target(k)
+            resume_exe = self._compiled(
+                ("decode_resume", cur_b, k, exit_at) + static,
+                lambda f, c, s_, kp, i, st: kernel.decode_resume(cfg, mode, f, c, s_, kp, i, st, exit_at=exit_at),
+                (),
+                fused,
+                caches,
+                state,
+                jnp.asarray(keep, jnp.int32),
+                inp,
+                stop_tables,
+            )
+            t0 = time.perf_counter()
+            t_before = int(res.t)
+            state, caches = resume_exe(fused, caches, state, jnp.asarray(keep, jnp.int32), inp, stop_tables)
+            res = jax.device_get(state)
+            self.stats.decode_s += time.perf_counter() - t0
+            self.stats.decode_row_steps += k * (int(res.t) - t_before)
+            self.stats.compactions += 1
+        self._record_rows(out, res, slot_row, last=True)
+        del caches, state
+        res = out
         st = self.stats
-        st.decode_s += time.perf_counter() - t0
         st.calls += 1
         st.prompt_tokens += sum(len(r) for r in rows)
         st.prefill_slots += plan.prefill_slots

@@ -91,6 +91,8 @@ class SamplerStats:
     prompt_tokens: int = 0  # real (unpadded) prompt tokens
     prefill_slots: int = 0  # token passes prefill computed: group prefixes + distinct prompts (bucketed) × remainder
     new_tokens: int = 0  # generated tokens returned
+    decode_row_steps: int = 0  # rows x steps the decode loops computed (filler and finished rows too)
+    compactions: int = 0  # times unfinished rows continued in a smaller batch (`Sampler.compact_target`)
 
     @property
     def kernel_s(self) -> float:

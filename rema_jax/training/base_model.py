@@ -78,8 +78,8 @@ def build_base_model(section: ModelSection, mesh=None, tokenizer=None) -> tuple[
 
 
 def _with_kernels(config, section: ModelSection):
-    """``config`` with the section's kernels, remat switch, logits chunk, sampler column blocks and
-    sampler weight dtype (static fields: part of every jit key)."""
+    """``config`` with the section's kernels, remat switch, logits chunk, sampler column blocks, sampler
+    weight dtype and compaction (static fields: part of every jit key)."""
     return config.replace(
         attention_impl=section.attention_impl,
         decode_attention_impl=section.decode_attention_impl,
@@ -88,4 +88,5 @@ def _with_kernels(config, section: ModelSection):
         logits_chunk=section.logits_chunk,
         sampler_column_blocks=section.sampler_column_blocks,
         sampler_weight_dtype=section.sampler_weight_dtype,
+        sampler_compact_min_batch=section.sampler_compact_min_batch,
     )

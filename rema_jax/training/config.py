@@ -60,7 +60,11 @@ class ModelSection:
     trainer logs ``*/behaviour_logprob_gap``, the mean |sampler − training| log-prob of the drawn tokens).
     sampler_share_prompts: the sampler prefills each distinct prompt of a call once and a prefix that
     groups of prompts share once per group (``Sampler(share_prefix=...)``, ``sampling.plan_prompts``;
-    the same tokens and log-probs, to fp32 rounding); False: every row's whole prompt."""
+    the same tokens and log-probs, to fp32 rounding); False: every row's whole prompt.
+    sampler_compact_min_batch: once a decode's unfinished rows fit a batch bucket half as large, the
+    sampler continues them in it, halving down to this batch (``ModelConfig.sampler_compact_min_batch``;
+    the same tokens, log-probs to fp32 rounding); 0 = every row steps until the last one finishes;
+    None = auto (4 on CPU, 0 on accelerators)."""
 
     source: str = "smollm2-135m"
     dtype: str = "float32"
@@ -76,8 +80,14 @@ class ModelSection:
     sampler_column_blocks: int = 0
     sampler_share_prompts: bool = True
     sampler_weight_dtype: str | None = None
+    sampler_compact_min_batch: int | None = None
 
     def __post_init__(self):
+        least = self.sampler_compact_min_batch
+        if least is not None and (not isinstance(least, int) or isinstance(least, bool) or least < 0):
+            raise ValueError(
+                f"sampler_compact_min_batch must be None (auto) or an int >= 0 (0 = no compaction), got {least!r}"
+            )
         if self.sampler_weight_dtype is not None and self.sampler_weight_dtype not in DTYPES:
             raise ValueError(f"sampler_weight_dtype={self.sampler_weight_dtype!r}; expected one of {DTYPES} or None")
         if not isinstance(self.logits_chunk, int) or self.logits_chunk < 0:
