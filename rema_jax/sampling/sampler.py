@@ -17,6 +17,7 @@ max-new-tokens and the adapter's weights are traced inputs, so switching agents 
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, NamedTuple, Optional, Sequence
 
@@ -362,6 +363,61 @@ class Sampler:
             out.extend(self._generate_chunk(fused, rows[sl], sampling, seeds[sl], row_ids[sl]))
         return out
 
+    def _decode(self, run, mode, static, n, fused, caches, logits, inp, host_inp, stop_tables) -> kernel.DecodeState:
+        """Runs the decode (`run`: `kernel.decode` with its static arguments bound) on the prefilled
+        `caches`, then, while it exits with at most `compact_target(batch)` rows unfinished, continues
+        those rows in that smaller batch (`kernel.decode_resume`). Returns every chunk row's outputs
+        (numpy, row i of the chunk in row i; `host_inp`: the per-row inputs, gathered on the host)."""
+        cfg, b = self.config, len(host_inp["pad_b"])
+        exit_at = self.compact_target(b)
+        decode_exe = self._compiled(
+            ("decode", b, exit_at) + static,
+            lambda f, c, lg, i, st: run(f, c, lg, i, st, exit_at=exit_at),
+            (1,),
+            fused,
+            caches,
+            logits,
+            inp,
+            stop_tables,
+        )
+        t0 = time.perf_counter()
+        state, caches = decode_exe(fused, caches, logits, inp, stop_tables)
+        res = jax.device_get(state)
+        self.stats.decode_s += time.perf_counter() - t0
+        self.stats.decode_row_steps += b * (int(res.t) - 1)
+        out = kernel.DecodeState(*(np.array(x) for x in res))  # per chunk row (slot i = row i at first)
+        slot_row = np.where(np.arange(b) < n, np.arange(b), -1)  # the chunk row in each slot (-1: filler)
+        while exit_at and not res.done_b.all():
+            self._record_rows(out, res, slot_row, last=False)
+            # Always the next size down (never a jump to a smaller bucket that would also hold them):
+            # a call compiles at most one continuation program per halving, whichever rows survive.
+            alive, k = np.flatnonzero(~res.done_b), exit_at
+            keep = np.concatenate([alive, np.full(k - len(alive), np.flatnonzero(res.done_b)[0])])
+            slot_row = np.where(np.arange(k) < len(alive), slot_row[keep], -1)
+            host_inp = {name: a[keep] for name, a in host_inp.items()}
+            inp = inp._replace(**{name: jnp.asarray(a) for name, a in host_inp.items()})
+            keep_k = jnp.asarray(keep, jnp.int32)
+            cur_b, exit_at = len(res.done_b), self.compact_target(k)
+            resume_exe = self._compiled(
+                ("decode_resume", cur_b, k, exit_at) + static,
+                lambda f, c, st_, kp, i, st: kernel.decode_resume(cfg, mode, f, c, st_, kp, i, st, exit_at=exit_at),
+                (),
+                fused,
+                caches,
+                state,
+                keep_k,
+                inp,
+                stop_tables,
+            )
+            t0, t_before = time.perf_counter(), int(res.t)
+            state, caches = resume_exe(fused, caches, state, keep_k, inp, stop_tables)
+            res = jax.device_get(state)
+            self.stats.decode_s += time.perf_counter() - t0
+            self.stats.decode_row_steps += k * (int(res.t) - t_before)
+            self.stats.compactions += 1
+        self._record_rows(out, res, slot_row, last=True)
+        return out
+
     def _generate_chunk(
         self,
         fused: kernel.FusedParams,
@@ -435,57 +491,9 @@ class Sampler:
         self.stats.prefill_s += time.perf_counter() - t0
         stop_sig = None if stop_tables is None else _tree_signature(stop_tables)
         static = (cache_len, n_out, mode, len(eos), stop_sig, fsig)
-        exit_at = self.compact_target(b)
-        decode_exe = self._compiled(
-            ("decode", b, exit_at) + static,
-            lambda f, c, lg, i, st: kernel.decode(cfg, mode, f, c, lg, i, st, n_out=n_out, exit_at=exit_at),
-            (1,),
-            fused,
-            caches,
-            logits,
-            inp,
-            stop_tables,
-        )
-        t0 = time.perf_counter()
-        state, caches = decode_exe(fused, caches, logits, inp, stop_tables)
-        res = jax.device_get(state)
-        self.stats.decode_s += time.perf_counter() - t0
-        self.stats.decode_row_steps += b * (int(res.t) - 1)
-        # Compaction: while the loop exits with few rows unfinished, continue those in a smaller batch.
-        out = kernel.DecodeState(*(np.array(x) for x in res))  # per row of the chunk (slots [0, b) at first)
-        slot_row = np.where(np.arange(b) < n, np.arange(b), -1)  # the chunk row in each slot (-1: filler)
         host_inp = dict(pad_b=pad_b, active_b=active, seeds_b=seeds_b, row_ids_b=row_ids_b)
-        while exit_at and not res.done_b.all():
-            self._record_rows(out, res, slot_row, last=False)
-            # Always the next size down (never a jump to a smaller bucket that would also hold them):
-            # a call compiles at most one continuation program per halving, whichever rows survive.
-            alive, k = np.flatnonzero(~res.done_b), exit_at
-            keep = np.concatenate([alive, np.full(k - len(alive), np.flatnonzero(res.done_b)[0])])
-            slot_row = np.where(np.arange(k) < len(alive), slot_row[keep], -1)
-            host_inp = {name: a[keep] for name, a in host_inp.items()}
-            inp = inp._replace(**{name: jnp.asarray(a) for name, a in host_inp.items()})
-            cur_b, exit_at = len(res.done_b), self.compact_target(k)
-            resume_exe = self._compiled(
-                ("decode_resume", cur_b, k, exit_at) + static,
-                lambda f, c, s_, kp, i, st: kernel.decode_resume(cfg, mode, f, c, s_, kp, i, st, exit_at=exit_at),
-                (),
-                fused,
-                caches,
-                state,
-                jnp.asarray(keep, jnp.int32),
-                inp,
-                stop_tables,
-            )
-            t0 = time.perf_counter()
-            t_before = int(res.t)
-            state, caches = resume_exe(fused, caches, state, jnp.asarray(keep, jnp.int32), inp, stop_tables)
-            res = jax.device_get(state)
-            self.stats.decode_s += time.perf_counter() - t0
-            self.stats.decode_row_steps += k * (int(res.t) - t_before)
-            self.stats.compactions += 1
-        self._record_rows(out, res, slot_row, last=True)
-        del caches, state
-        res = out
+        run = functools.partial(kernel.decode, cfg, mode, n_out=n_out)
+        res = self._decode(run, mode, static, n, fused, caches, logits, inp, host_inp, stop_tables)
         st = self.stats
         st.calls += 1
         st.prompt_tokens += sum(len(r) for r in rows)
