@@ -11,7 +11,9 @@ per group), so ``plain`` vs ``off`` is the rollout's prompt sharing and ``plain`
 (``--variants plain off on``); ``bf16`` = ``on`` with the sampler's weights in bf16
 (``model.sampler_weight_dtype``, an opt-in: it samples from the bf16-rounded policy); ``nocompact`` =
 ``on`` with every decode row stepping until the batch's last one finishes
-(``model.sampler_compact_min_batch=0``), so ``nocompact`` vs ``on`` is the rollout's decode compaction.
+(``model.sampler_compact_min_batch=0``), so ``nocompact`` vs ``on`` is the rollout's decode compaction;
+``save_mlp`` = ``on`` with the remat policy that keeps the MLP's gate/up products
+(``model.remat_policy``, an opt-in: more memory in the update).
 ``speedup`` is ``off`` / ``on``, the training passes' gain.
 
 Each variant runs ``--steps`` real steps of ``configs/default.py``'s ``rl`` section (single-turn ReMA,
@@ -76,6 +78,7 @@ VARIANTS = {  # section overrides of configs/default.py's rl section
     "plain": {"update": PLAIN_UPDATE, "model": {"sampler_share_prompts": False}},
     "bf16": {"model": {"sampler_weight_dtype": "bfloat16"}},
     "nocompact": {"model": {"sampler_compact_min_batch": 0}},
+    "save_mlp": {"model": {"remat_policy": "save_mlp"}},
 }
 TINY = dict(num_layers=2, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=8)
 

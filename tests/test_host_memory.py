@@ -9,11 +9,12 @@ import pytest
 from rema_jax import host_memory
 from rema_jax.models import forward
 from rema_jax.models.adapters import Adapter, AdapterConfig, init_adapter
+from rema_jax.models.config import ModelConfigError
 from rema_jax.models.layers import ATTENTION_PROJS, MLP_PROJS
 from rema_jax.models.testing import chatml_bpe_tokenizer, random_params, tiny_config
 from rema_jax.sampling import Sampler, SamplingParams
 from rema_jax.sharding import plan_memory
-from rema_jax.sharding.memory import REMAT_LIVE_FRACTION
+from rema_jax.sharding.memory import REMAT_LIVE_FRACTION, activation_bytes_per_token
 
 ONE = {"data": 1, "fsdp": 1, "tensor": 1}
 
@@ -54,8 +55,9 @@ def test_sampler_release_fused_drops_copies_and_keeps_executables():
     assert again[0].token_ids == first[0].token_ids
 
 
-def test_remat_gives_the_same_loss_and_gradients_within_fp32_rounding():
-    cfg = tiny_config()
+@pytest.mark.parametrize("policy", ["full", "save_mlp"])
+def test_remat_gives_the_same_loss_and_gradients_within_fp32_rounding(policy):
+    cfg = tiny_config(remat_policy=policy)
     params = random_params(cfg, jax.random.key(0))
     ad = init_adapter(cfg, params, AdapterConfig(kind="lora", rank=4, alpha=8.0), jax.random.key(1))
     weights = jax.tree.map(lambda x: x + 0.01, ad.weights)  # non-zero B: every factor gets a gradient
@@ -72,8 +74,9 @@ def test_remat_gives_the_same_loss_and_gradients_within_fp32_rounding():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(a))))
 
 
-def test_remat_of_a_full_agent_gives_the_same_gradients():
-    cfg = tiny_config()
+@pytest.mark.parametrize("policy", ["full", "save_mlp"])
+def test_remat_of_a_full_agent_gives_the_same_gradients(policy):
+    cfg = tiny_config(remat_policy=policy)
     params = random_params(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, cfg.vocab_size)
 
@@ -84,6 +87,34 @@ def test_remat_of_a_full_agent_gives_the_same_gradients():
     g1 = jax.jit(jax.grad(loss), static_argnums=1)(params, cfg.replace(remat=True))
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(a))))
+
+
+def test_save_mlp_remat_policy_keeps_the_gate_and_up_products_instead_of_recomputing_them():
+    """With ``remat_policy='save_mlp'`` the backward pass recomputes every layer but its MLP gate/up
+    products (at least two matmuls fewer per layer than ``full``), and the memory plan counts what it keeps."""
+    cfg = tiny_config(remat=True)
+    params = random_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, cfg.vocab_size)
+
+    def loss(p, c):
+        return jnp.mean(jax.nn.log_softmax(forward(c, p, tokens))[..., 3])
+
+    dots = {}
+    for policy in ("full", "save_mlp"):
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(params, cfg.replace(remat_policy=policy)))
+        dots[policy] = jaxpr.count("dot_general")
+    # at least the two kept products per layer (the traced recompute may also drop values XLA would
+    # remove as dead code, like the down projection's output, which no backward step reads)
+    assert dots["full"] - dots["save_mlp"] >= 2 * cfg.num_layers, dots
+    with pytest.raises(ModelConfigError, match="remat_policy"):
+        cfg.replace(remat_policy="mlp")
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    full = activation_bytes_per_token(cfg, 12, sizes, remat=True)
+    kept = activation_bytes_per_token(cfg.replace(remat_policy="save_mlp"), 12, sizes, remat=True)
+    assert kept - full == cfg.num_layers * 2 * cfg.intermediate_size * 4
+    assert activation_bytes_per_token(cfg.replace(remat_policy="save_mlp"), 12, sizes) == activation_bytes_per_token(
+        cfg, 12, sizes
+    )  # without remat every activation is kept anyway
 
 
 def _sft_step_scratch_mib(num_layers: int, remat: bool) -> float:

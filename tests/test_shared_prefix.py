@@ -430,7 +430,8 @@ def test_smollm2_real_rollout_rows_match(smollm2_gguf, tmp_path):
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=TOL * max(scale, 1.0), rtol=0)
 
 
-def test_remat_recomputes_each_layer_with_the_same_values():
+@pytest.mark.parametrize("policy", ["full", "save_mlp"])
+def test_remat_recomputes_each_layer_with_the_same_values(policy):
     """``ModelConfig.remat`` applies to the shared-prefix forward as to ``forward``: each layer call is a
     ``tied_remat`` custom VJP (its activations are recomputed in the backward pass), values unchanged."""
     batch = make_rows(5)
@@ -442,7 +443,7 @@ def test_remat_recomputes_each_layer_with_the_same_values():
 
     grads = {}
     for remat in (False, True):
-        config = MODEL.replace(remat=remat)
+        config = MODEL.replace(remat=remat, remat_policy=policy)
         jaxpr = str(jax.make_jaxpr(loss, static_argnums=1)(base, config))
         assert jaxpr.count("custom_vjp_call") == (2 * MODEL.num_layers if remat else 0)  # prefix + suffix
         grads[remat] = jax.jit(jax.grad(loss), static_argnums=1)(base, config)

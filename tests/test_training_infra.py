@@ -252,12 +252,15 @@ def test_model_section_kernel_fields_are_validated_and_reach_the_model_config():
                 "logits_chunk": 8,
                 "sampler_weight_dtype": "bfloat16",
                 "sampler_compact_min_batch": 2,
+                "remat_policy": "save_mlp",
             }
         )
     )
     model_config, _, _ = build_base_model(cfg.model)
     assert (model_config.sampler_column_blocks, model_config.logits_chunk) == (3, 8)
-    assert model_config.sampler_compact_min_batch == 2
+    assert model_config.sampler_compact_min_batch == 2 and model_config.remat_policy == "save_mlp"
+    with pytest.raises(ConfigError, match="config.model.*remat_policy"):
+        load_train_config(_train_config(model={"remat_policy": "mlp"}))
     assert model_config.sampler_weight_dtype == "bfloat16"
 
 

@@ -19,6 +19,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLS = ("reference", "xla", "cudnn")
 DECODE_ATTENTION_IMPLS = ("dense", "ragged")
+# ModelConfig.remat_policy -> the `checkpoint_name`s a rematerialised layer keeps (models.transformer)
+REMAT_POLICIES = {"full": (), "save_mlp": ("mlp_gate", "mlp_up")}
 
 
 class ModelConfigError(ValueError, UserError):
@@ -69,6 +71,10 @@ class ModelConfig:
     attention_impl: str = "reference"  # block attention (training, prefill): reference | xla | cudnn
     decode_attention_impl: str = "dense"  # one-token decode attention: dense | ragged
     remat: bool = False  # training forward: recompute each layer in the backward pass (same values)
+    # with remat: what each layer keeps for its backward pass besides its inputs (REMAT_POLICIES):
+    # "full" recomputes the whole layer; "save_mlp" keeps the MLP's gate and up products (2 x
+    # intermediate_size values per token per layer) and recomputes the rest
+    remat_policy: str = "full"
     scan_layers: bool = False  # training forward: one lax.scan over stacked layers (compiles once; same ops)
     # training log-prob / loss passes: loss positions per chunk of the vocabulary projection and its
     # fp32 log-softmax (rl.losses.head_logprobs_and_entropy); 0 = one block
@@ -127,6 +133,10 @@ class ModelConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ModelConfigError(
                 f"ModelConfig.attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}"
+            )
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ModelConfigError(
+                f"ModelConfig.remat_policy={self.remat_policy!r}; expected one of {tuple(REMAT_POLICIES)}"
             )
         if self.decode_attention_impl not in DECODE_ATTENTION_IMPLS:
             raise ModelConfigError(

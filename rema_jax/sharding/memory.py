@@ -131,7 +131,8 @@ def activation_bytes_per_token(
     intermediates and their gradients (5·F), LoRA `x@A` terms (7·r); attention: float32 scores, the
     masked scores and the broadcast mask (3·nh·T·4) and the probabilities (nh·T). Calibrated on
     XLA:CPU (SmolLM2, 8×352 rows: 8.1 GB measured without remat). ``remat``: `REMAT_LIVE_FRACTION`
-    of that (measured; in theory only the layer inputs and one layer's scratch). ``include_logits``: plus float32 logits,
+    of that (measured; in theory only the layer inputs and one layer's scratch), plus the values
+    `ModelConfig.remat_policy` keeps in every layer (``save_mlp``: 2·F). ``include_logits``: plus float32 logits,
     log-softmax and their gradient at every position (3·V; the plan counts them at the loss
     positions instead). Head/MLP/vocab terms are divided by the `tensor` axis when it divides them.
     """
@@ -149,6 +150,8 @@ def activation_bytes_per_token(
         + nh * seq_len / th * (c + 12)
     )
     layers_b = config.num_layers * per_layer * (REMAT_LIVE_FRACTION if remat else 1.0)
+    if remat and config.remat_policy == "save_mlp":  # every layer keeps its gate and up products
+        layers_b += config.num_layers * 2 * config.intermediate_size / tf * c
     return layers_b + (3 * config.vocab_size / tv * 4 if include_logits else 0)
 
 

@@ -84,6 +84,7 @@ def _with_kernels(config, section: ModelSection):
         attention_impl=section.attention_impl,
         decode_attention_impl=section.decode_attention_impl,
         remat=section.remat,
+        remat_policy=section.remat_policy,
         scan_layers=section.scan_layers,
         logits_chunk=section.logits_chunk,
         sampler_column_blocks=section.sampler_column_blocks,

@@ -43,6 +43,10 @@ class ModelSection:
     remat: the training passes recompute each layer's activations in the backward pass instead of
     keeping them (``ModelConfig.remat``; the same ops, fp32 rounding apart): at the main command's
     shapes the RL update's XLA:CPU scratch falls from 6.8 to 3.6 GB, for ~1/3 more FLOPs.
+    remat_policy: with remat, what each layer keeps for the backward pass (``ModelConfig.remat_policy``;
+    the same values): ``full`` recomputes the whole layer; ``save_mlp`` keeps the MLP's gate and up
+    products (2 x intermediate_size values per token per layer, ~0.5 GB on the default RL update's
+    reasoning micro-batch) and recomputes the rest, for fewer FLOPs.
     scan_layers: the training passes run the decoder layers as one ``lax.scan`` over their stacked
     variables (``ModelConfig.scan_layers``; the same ops): the layer is traced and compiled once, not
     once per layer. The main command's RL update (SmolLM2, 2-core AMD EPYC, 2026-12-06): compile 33 →
@@ -75,6 +79,7 @@ class ModelSection:
     attention_impl: Literal["reference", "xla", "cudnn"] = "reference"
     decode_attention_impl: Literal["dense", "ragged"] = "dense"
     remat: bool = True
+    remat_policy: Literal["full", "save_mlp"] = "full"
     scan_layers: bool = True
     logits_chunk: int = 16
     sampler_column_blocks: int = 0
