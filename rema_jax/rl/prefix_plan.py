@@ -39,6 +39,8 @@ from typing import Optional
 import flax
 import numpy as np
 
+from rema_jax.sampling.bucketing import round_up
+
 PREFIX_MULTIPLE = 64
 NEST_MULTIPLE = 32
 SUFFIX_MULTIPLE = 8
@@ -95,10 +97,6 @@ class PrefixPlan:
         if self.nested:
             shape[2] //= num_chunks
         return tuple(shape)
-
-
-def _round_up(x: int, multiple: int) -> int:
-    return max(multiple, -(-x // multiple) * multiple)
 
 
 def _pow2(x: int) -> int:
@@ -210,11 +208,11 @@ def plan_prefix(
         return None
     floor = tuple(min_buckets) if min_buckets is not None else None
     u = min(_pow2(max(len(r) for r in chunk_prefixes)), n)
-    s = _round_up(int(max(length_b[i] - prefix_len_b[i] for i in range(b) if has_loss_b[i])), suffix_multiple)
+    s = round_up(int(max(length_b[i] - prefix_len_b[i] for i in range(b) if has_loss_b[i])), suffix_multiple)
     s = max(s, int(min_suffix), floor[-1] if floor else 0)
     u = min(max(u, floor[-3] if floor else 0), n)
 
-    flat_p = _round_up(max(len(p) for reps in chunk_prefixes for p in reps), prefix_multiple)
+    flat_p = round_up(max(len(p) for reps in chunk_prefixes for p in reps), prefix_multiple)
     if floor and not nest:
         flat_p = max(flat_p, floor[1])
     best = (num_chunks * u * flat_p, None)  # (prefix positions, nested layout or None = flat)
@@ -309,10 +307,10 @@ def _best_nesting(
         nesting = [_outer_groups(reps, *sc, threshold) for reps, sc in zip(chunk_prefixes, sorted_commons)]
         groups = [(sh, lo) for _, shared, longest in nesting for sh, lo in zip(shared, longest)]
         g = min(_pow2(max(len(shared) for _, shared, _ in nesting)), n)
-        p = _round_up(max(min_inner, max(lo - sh for sh, lo in groups)), inner_multiple)
+        p = round_up(max(min_inner, max(lo - sh for sh, lo in groups)), inner_multiple)
         if floor is not None:
             g, p = min(max(g, floor[0]), n), max(p, floor[3])
-        r = _round_up(max(min_prompt - p, max(lo - p for sh, lo in groups)), multiple)
+        r = round_up(max(min_prompt - p, max(lo - p for sh, lo in groups)), multiple)
         if floor is not None:
             r = max(r, floor[1])
         cost = len(chunk_prefixes) * (g * r + u * p)

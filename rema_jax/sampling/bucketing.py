@@ -13,6 +13,11 @@ def next_pow2(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def round_up(n: int, multiple: int) -> int:
+    """The smallest positive multiple of `multiple` >= n (at least `multiple`, also for n <= 0)."""
+    return max(int(multiple), -(-int(n) // multiple) * multiple)
+
+
 def length_bucket(n: int, minimum: int = 1) -> int:
     """The smallest length >= max(n, minimum) of the form 2^k or 3 * 2^(k-1) (16, 24, 32, 48, 64,
     96, ...): twice as many buckets as powers of two, but at most a third of a bucket is padding

@@ -17,7 +17,6 @@ max-new-tokens and the adapter's weights are traced inputs, so switching agents 
 
 from __future__ import annotations
 
-import functools
 import time
 from typing import Any, NamedTuple, Optional, Sequence
 
@@ -363,16 +362,16 @@ class Sampler:
             out.extend(self._generate_chunk(fused, rows[sl], sampling, seeds[sl], row_ids[sl]))
         return out
 
-    def _decode(self, run, mode, static, n, fused, caches, logits, inp, host_inp, stop_tables) -> kernel.DecodeState:
-        """Runs the decode (`run`: `kernel.decode` with its static arguments bound) on the prefilled
-        `caches`, then, while it exits with at most `compact_target(batch)` rows unfinished, continues
-        those rows in that smaller batch (`kernel.decode_resume`). Returns every chunk row's outputs
-        (numpy, row i of the chunk in row i; `host_inp`: the per-row inputs, gathered on the host)."""
+    def _decode(self, mode, n_out, static, n, fused, caches, logits, inp, host_inp, stop_tables) -> kernel.DecodeState:
+        """Runs `kernel.decode` on the prefilled `caches` (`static`: the rest of its programs' key),
+        then, while it exits with at most `compact_target(batch)` rows unfinished, continues those rows
+        in that smaller batch (`kernel.decode_resume`). Returns every chunk row's outputs (numpy, row i
+        of the chunk in row i; `host_inp`: the per-row inputs, gathered on the host)."""
         cfg, b = self.config, len(host_inp["pad_b"])
         exit_at = self.compact_target(b)
         decode_exe = self._compiled(
             ("decode", b, exit_at) + static,
-            lambda f, c, lg, i, st: run(f, c, lg, i, st, exit_at=exit_at),
+            lambda f, c, lg, i, st: kernel.decode(cfg, mode, f, c, lg, i, st, n_out=n_out, exit_at=exit_at),
             (1,),
             fused,
             caches,
@@ -433,7 +432,7 @@ class Sampler:
         s_len, q_len = plan.prefix_len, plan.remainder_len
         p = s_len + q_len  # prompt slots
         n_out = bucketing.next_pow2(sampling.max_new_tokens, MIN_NEW_TOKENS_BUCKET)
-        cache_len = min(-(-(p + sampling.max_new_tokens) // CACHE_MULTIPLE) * CACHE_MULTIPLE, self.max_cache_len)
+        cache_len = min(bucketing.round_up(p + sampling.max_new_tokens, CACHE_MULTIPLE), self.max_cache_len)
         if p + sampling.max_new_tokens - 1 > cache_len:
             raise ValueError(
                 f"Sampler.generate: prompt bucket {p} (longest prompt {max(len(r) for r in rows)}) + "
@@ -492,8 +491,7 @@ class Sampler:
         stop_sig = None if stop_tables is None else _tree_signature(stop_tables)
         static = (cache_len, n_out, mode, len(eos), stop_sig, fsig)
         host_inp = dict(pad_b=pad_b, active_b=active, seeds_b=seeds_b, row_ids_b=row_ids_b)
-        run = functools.partial(kernel.decode, cfg, mode, n_out=n_out)
-        res = self._decode(run, mode, static, n, fused, caches, logits, inp, host_inp, stop_tables)
+        res = self._decode(mode, n_out, static, n, fused, caches, logits, inp, host_inp, stop_tables)
         st = self.stats
         st.calls += 1
         st.prompt_tokens += sum(len(r) for r in rows)
