@@ -13,7 +13,9 @@ per group), so ``plain`` vs ``off`` is the rollout's prompt sharing and ``plain`
 ``on`` with every decode row stepping until the batch's last one finishes
 (``model.sampler_compact_min_batch=0``), so ``nocompact`` vs ``on`` is the rollout's decode compaction;
 ``save_mlp`` = ``on`` with the remat policy that keeps the MLP's gate/up products
-(``model.remat_policy``, an opt-in: more memory in the update).
+(``model.remat_policy``, an opt-in: more memory in the update); ``noreuse`` = ``on`` with every sampler
+call compiling its own prefill layout (``model.sampler_layout_reuse=0``), so ``noreuse`` vs ``on`` is
+the rollout's layout reuse.
 ``speedup`` is ``off`` / ``on``, the training passes' gain.
 
 Each variant runs ``--steps`` real steps of ``configs/default.py``'s ``rl`` section (single-turn ReMA,
@@ -79,6 +81,7 @@ VARIANTS = {  # section overrides of configs/default.py's rl section
     "bf16": {"model": {"sampler_weight_dtype": "bfloat16"}},
     "nocompact": {"model": {"sampler_compact_min_batch": 0}},
     "save_mlp": {"model": {"remat_policy": "save_mlp"}},
+    "noreuse": {"model": {"sampler_layout_reuse": 0}},
 }
 TINY = dict(num_layers=2, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=8)
 

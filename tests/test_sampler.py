@@ -233,6 +233,66 @@ def test_plan_prompts_runs_each_prompt_once_and_picks_the_cheapest_prefix():
     assert (one.prompt_of_row, one.prefix_len, one.remainder_len, one.prefill_slots) == ([0] * 4, 0, 96, 96)
 
 
+def test_fit_plan_lays_prompts_out_in_another_programs_lengths():
+    from rema_jax.sampling.sampler import fit_plan, plan_prompts
+
+    system = list(range(100, 140))
+    questions = [system + list(range(200, 230)), system + list(range(300, 330))]  # 70 tokens each
+    rows = [questions[i // 2] + [400 + i] * 20 for i in range(4)]  # 90 tokens, 4 distinct prompts
+    plan = plan_prompts(rows, (1, 2, 4, 8))
+    assert (plan.prefix_len, plan.remainder_len, plan.group_bucket, plan.prefill_slots) == (64, 32, 2, 256)
+    wider = fit_plan(plan, 32, 64, 2)  # one 32-token prefix (the system prompt) in a 2-group program
+    assert wider.prefixes == [system[:32]] and wider.group_of_prompt == [0] * 4 and wider.prefill_slots == 320
+    assert wider.prompts == plan.prompts and wider.prompt_of_row == plan.prompt_of_row
+    whole = fit_plan(plan, 0, 96, 0)
+    assert (whole.prefixes, whole.prefix_len, whole.prefill_slots) == ([], 0, 4 * 96)
+    assert fit_plan(plan, 64, 16, 2) is None  # remainders of 26 tokens in 16 slots
+    assert fit_plan(plan, 80, 32, 2) is None  # 4 distinct 80-token prefixes, 2 groups
+    assert fit_plan(plan, 96, 32, 4) is None  # no prompt token after the prefix
+    assert fit_plan(plan, 0, 64, 0) is None and fit_plan(plan, 0, 96, 1) is None
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_a_run_prefill_layout_is_reused_within_its_cost_limit_with_the_same_tokens(greedy):
+    """A call whose prompts fit a prefill layout run before, at most `sampler_layout_reuse` (1.5) times
+    its own layout's slots, runs in it (no new prefill or decode program) and samples what a fresh sampler
+    samples; a costlier fit compiles the call's own layout; a sampler given the layout record chooses
+    as the one that wrote it."""
+    rng = np.random.default_rng(4)
+    system = rng.integers(3, CFG.vocab_size, size=40).tolist()
+    prompts = lambda tails: [system + rng.integers(3, CFG.vocab_size, size=n).tolist() for n in tails]  # noqa: E731
+    sp = SamplingParams(max_new_tokens=10, greedy=greedy, temperature=0.8, ignore_eos=True)
+    seeds = np.array([1, 2, 3, 4])
+    a, b, c = prompts((3, 40, 1, 6)), prompts((3, 20, 1, 6)), prompts((3, 5, 1, 2))
+    s = Sampler(CFG, TOKENIZER, max_cache_len=128)
+    s.generate(PARAMS, None, a, sp, seed=seeds)  # own layout: S 32, Q 48 -> 32 + 4 x 48 = 224 slots
+    assert s.layout_record() == [[4, 4, 1, 32, 48, 128]]
+    count, record = s.compile_count, s.layout_record()
+    s.reset_stats()
+    got = s.generate(PARAMS, None, b, sp, seed=seeds)  # own layout: Q 32, 160 slots; 224 <= 1.5 x 160
+    assert 224 <= CFG.sampler_layout_reuse * 160 and s.stats.prefill_slots == 224 and s.compile_count == count
+    fresh = Sampler(CFG, TOKENIZER, max_cache_len=128)
+    want = fresh.generate(PARAMS, None, b, sp, seed=seeds)
+    assert fresh.stats.prefill_slots == 160
+    assert [g.token_ids for g in got] == [g.token_ids for g in want]
+    for x, y in zip(got, want):
+        np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-4)
+    s.reset_stats()
+    s.generate(PARAMS, None, c, sp, seed=seeds)  # own layout: Q 16, 96 slots; 224 > 1.5 x 96
+    assert s.stats.prefill_slots == 96 and s.compile_count == count + 2  # its prefill and decode (cache 64)
+    resumed = Sampler(CFG, TOKENIZER, max_cache_len=128)
+    resumed.load_layout_record(record)
+    again = resumed.generate(PARAMS, None, b, sp, seed=seeds)
+    assert resumed.stats.prefill_slots == 224 and [g.token_ids for g in again] == [g.token_ids for g in got]
+    off = Sampler(CFG.replace(sampler_layout_reuse=0), TOKENIZER, max_cache_len=128)
+    off.load_layout_record(record)
+    off.generate(PARAMS, None, b, sp, seed=seeds)
+    assert off.stats.prefill_slots == 160
+    for bad in (0.5, -1, True, "1.5"):
+        with pytest.raises(ModelConfigError, match="sampler_layout_reuse"):
+            CFG.replace(sampler_layout_reuse=bad)
+
+
 @pytest.mark.parametrize("greedy", [True, False])
 def test_repeated_prompts_give_the_same_generations_as_the_plain_path(greedy):
     """Rows that repeat a prompt share its prefill, not its samples: each row still draws with its

@@ -128,6 +128,8 @@ def test_kill_and_resume_is_exact(tmp_path, smollm2_gguf):
     a = trainer_lib.Trainer(cfg, str(tmp_path / "straight"))
     b = trainer_lib.Trainer(cfg, str(tmp_path / "resumed"))
     assert a.restore() and b.restore()
+    # the sampler's prefill layouts travel with the checkpoint (they decide later calls' layouts)
+    assert a.worker.sampler.layout_record() == b.worker.sampler.layout_record() != []
     assert tree_bitwise_equal(a.state.params, b.state.params)
     assert tree_bitwise_equal(a.state.opt_state, b.state.opt_state)
     ma = _strip_times(read_jsonl(str(tmp_path / "straight" / "metrics.jsonl")))

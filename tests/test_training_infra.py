@@ -243,6 +243,8 @@ def test_model_section_kernel_fields_are_validated_and_reach_the_model_config():
             load_train_config(_train_config(model={field: bad}))
     with pytest.raises(ConfigError, match="config.model.*sampler_compact_min_batch must be None .auto. or an int >= 0"):
         load_train_config(_train_config(model={"sampler_compact_min_batch": -1}))
+    with pytest.raises(ConfigError, match="config.model.*sampler_layout_reuse must be 0 .off. or a number >= 1"):
+        load_train_config(_train_config(model={"sampler_layout_reuse": 0.9}))
     with pytest.raises(ConfigError, match="config.model.*sampler_weight_dtype='bf16'; expected one of"):
         load_train_config(_train_config(model={"sampler_weight_dtype": "bf16"}))
     cfg = load_train_config(
@@ -253,10 +255,12 @@ def test_model_section_kernel_fields_are_validated_and_reach_the_model_config():
                 "sampler_weight_dtype": "bfloat16",
                 "sampler_compact_min_batch": 2,
                 "remat_policy": "save_mlp",
+                "sampler_layout_reuse": 2,
             }
         )
     )
     model_config, _, _ = build_base_model(cfg.model)
+    assert model_config.sampler_layout_reuse == 2
     assert (model_config.sampler_column_blocks, model_config.logits_chunk) == (3, 8)
     assert model_config.sampler_compact_min_batch == 2 and model_config.remat_policy == "save_mlp"
     with pytest.raises(ConfigError, match="config.model.*remat_policy"):

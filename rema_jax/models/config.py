@@ -90,6 +90,10 @@ class ModelConfig:
     # the last one finishes); None = auto: 4 on CPU, where a decode step's cost grows with the batch,
     # 0 elsewhere (an accelerator's decode step is nearly flat in the batch; not measured yet)
     sampler_compact_min_batch: Optional[int] = None
+    # a sampler call runs in a prefill layout it ran before (its programs compiled) when that costs at
+    # most this many times the prefill slots of the call's own cheapest layout (sampling.Sampler
+    # ._known_layout); 0 = never (every call compiles its own layout)
+    sampler_layout_reuse: float = 1.5
 
     def __post_init__(self):
         for name in (
@@ -115,6 +119,11 @@ class ModelConfig:
             raise ModelConfigError(
                 "ModelConfig.sampler_compact_min_batch must be None (auto) or an int >= 0 (0 = no compaction), got "
                 f"{self.sampler_compact_min_batch!r}"
+            )
+        reuse = self.sampler_layout_reuse
+        if isinstance(reuse, bool) or not isinstance(reuse, (int, float)) or not (reuse == 0 or reuse >= 1):
+            raise ModelConfigError(
+                f"ModelConfig.sampler_layout_reuse must be 0 (off) or a number >= 1, got {self.sampler_layout_reuse!r}"
             )
         if self.num_heads % self.num_kv_heads:
             raise ModelConfigError(

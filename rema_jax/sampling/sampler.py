@@ -73,6 +73,37 @@ class PromptPlan(NamedTuple):
         return self.group_bucket * self.prefix_len + self.prompt_bucket * self.remainder_len
 
 
+def fit_plan(plan: PromptPlan, prefix_len: int, remainder_len: int, group_bucket: int) -> Optional[PromptPlan]:
+    """`plan`'s distinct prompts laid out with another program's lengths: a shared prefix of
+    `prefix_len` tokens in at most `group_bucket` groups (0 and 0: whole prompts) and remainders in
+    `remainder_len` slots; None when they do not fit (a prompt with no own token after the prefix, a
+    remainder longer than its slots, more distinct prefixes than groups)."""
+    longest, shortest = max(map(len, plan.prompts)), min(map(len, plan.prompts))
+    if prefix_len == 0:
+        if group_bucket or longest > remainder_len:
+            return None
+        return plan._replace(
+            prefixes=[],
+            group_of_prompt=[0] * len(plan.prompts),
+            prefix_len=0,
+            remainder_len=remainder_len,
+            group_bucket=0,
+        )
+    if shortest <= prefix_len or longest - prefix_len > remainder_len:
+        return None
+    groups: dict[tuple, int] = {}
+    group_of_prompt = [groups.setdefault(tuple(p[:prefix_len]), len(groups)) for p in plan.prompts]
+    if len(groups) > group_bucket:
+        return None
+    return plan._replace(
+        prefixes=[list(g) for g in groups],
+        group_of_prompt=group_of_prompt,
+        prefix_len=prefix_len,
+        remainder_len=remainder_len,
+        group_bucket=group_bucket,
+    )
+
+
 def plan_prompts(rows: Sequence[Sequence[int]], buckets: Sequence[int], share: bool = True) -> PromptPlan:
     """Each distinct prompt once, and the shared-prefix length S (on the length-bucket ladder, leaving
     every prompt >= 1 own token) with the cheapest prefill `G_bucket * S + U_bucket * Q(S)`, where G is
@@ -146,6 +177,7 @@ class Sampler:
         self.share_prefix = bool(share_prefix)
         self._fused: list[tuple[list, int, Any]] = []  # [(leaves of (params, adapter), column blocks, FusedParams)]
         self._executables: dict[tuple, Any] = {}
+        self._layouts: set[tuple[int, ...]] = set()  # prefill layouts run: (b, u, g, S, Q, cache) (`_known_layout`)
         self._compile_seconds = 0.0
         self._compile_count = 0
         self._token_table: Optional[tuple[jnp.ndarray, jnp.ndarray]] = None
@@ -417,6 +449,43 @@ class Sampler:
         self._record_rows(out, res, slot_row, last=True)
         return out
 
+    def _cache_len(self, prompt_slots: int, max_new_tokens: int) -> int:
+        """KV-cache slots for a prompt layout of `prompt_slots` and a generation of `max_new_tokens`."""
+        return min(bucketing.round_up(prompt_slots + max_new_tokens, CACHE_MULTIPLE), self.max_cache_len)
+
+    def _known_layout(self, batch: int, plan: PromptPlan, max_new_tokens: int) -> PromptPlan:
+        """`plan` (a call's own cheapest prefill layout), or the cheapest prefill layout this sampler
+        has run before that fits the call's prompts (`fit_plan`: same batch and prompt buckets, the
+        cache length its lengths give) with at most `ModelConfig.sampler_layout_reuse` times `plan`'s
+        prefill slots: that layout's prefill and decode programs are compiled already. Rollout prompts
+        change length from step to step, and a new prefill program (with decode programs for a new
+        cache length) costs 4-8 s of compiling for SmolLM2 on 2 CPU cores, where ~100 more prefill
+        slots cost ~0.2 s. Depends only on the layouts run so far (`layout_record`), never on timings,
+        so a resumed run that loads the record chooses what the uninterrupted run would."""
+        if not self.config.sampler_layout_reuse:
+            return plan
+        limit = self.config.sampler_layout_reuse * plan.prefill_slots
+        best = None
+        for b, u, g, s_len, q_len, cache_len in sorted(self._layouts):
+            if b != batch or u != plan.prompt_bucket or (s_len and not self.share_prefix):
+                continue
+            if cache_len != self._cache_len(s_len + q_len, max_new_tokens):
+                continue
+            fitted = fit_plan(plan, s_len, q_len, g)
+            if fitted is not None and fitted.prefill_slots <= limit:
+                if best is None or fitted.prefill_slots < best.prefill_slots:
+                    best = fitted
+        return plan if best is None else best
+
+    def layout_record(self) -> list:
+        """The prefill layouts run so far, as JSON (for a checkpoint: `_known_layout` chooses among
+        them, and a layout decides the prefill's matmul shapes, hence its fp32 rounding)."""
+        return [list(layout) for layout in sorted(self._layouts)]
+
+    def load_layout_record(self, record: Sequence[Sequence[int]]) -> None:
+        """Adds a `layout_record` (their programs compile when first used)."""
+        self._layouts.update(tuple(int(x) for x in layout) for layout in record)
+
     def _generate_chunk(
         self,
         fused: kernel.FusedParams,
@@ -427,12 +496,13 @@ class Sampler:
     ) -> list[Generation]:
         n = len(rows)
         b = bucketing.batch_bucket(n, self.batch_buckets)
-        plan = plan_prompts(rows, self.batch_buckets, self.share_prefix)
+        plan = self._known_layout(b, plan_prompts(rows, self.batch_buckets, self.share_prefix), sampling.max_new_tokens)
         u, g = plan.prompt_bucket, plan.group_bucket
         s_len, q_len = plan.prefix_len, plan.remainder_len
         p = s_len + q_len  # prompt slots
         n_out = bucketing.next_pow2(sampling.max_new_tokens, MIN_NEW_TOKENS_BUCKET)
-        cache_len = min(bucketing.round_up(p + sampling.max_new_tokens, CACHE_MULTIPLE), self.max_cache_len)
+        cache_len = self._cache_len(p, sampling.max_new_tokens)
+        self._layouts.add((b, u, g, s_len, q_len, cache_len))
         if p + sampling.max_new_tokens - 1 > cache_len:
             raise ValueError(
                 f"Sampler.generate: prompt bucket {p} (longest prompt {max(len(r) for r in rows)}) + "
@@ -473,7 +543,7 @@ class Sampler:
         if s_len:
             prefixes = plan.prefixes + [plan.prefixes[0]] * (g - len(plan.prefixes))  # filler groups
             prefix_gs = jnp.asarray(np.asarray(prefixes, np.int32))
-            if len(plan.prefixes) > 1:  # one group: its prefix is broadcast to every row, no gather
+            if g > 1:  # one group: its prefix is broadcast to every row, no gather
                 group_u = np.zeros((u,), np.int32)
                 group_u[: len(plan.prompts)] = plan.group_of_prompt
                 group_u = jnp.asarray(group_u)

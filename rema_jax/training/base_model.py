@@ -79,7 +79,7 @@ def build_base_model(section: ModelSection, mesh=None, tokenizer=None) -> tuple[
 
 def _with_kernels(config, section: ModelSection):
     """``config`` with the section's kernels, remat switch, logits chunk, sampler column blocks, sampler
-    weight dtype and compaction (static fields: part of every jit key)."""
+    weight dtype, compaction and layout reuse (static fields: part of every jit key)."""
     return config.replace(
         attention_impl=section.attention_impl,
         decode_attention_impl=section.decode_attention_impl,
@@ -90,4 +90,5 @@ def _with_kernels(config, section: ModelSection):
         sampler_column_blocks=section.sampler_column_blocks,
         sampler_weight_dtype=section.sampler_weight_dtype,
         sampler_compact_min_batch=section.sampler_compact_min_batch,
+        sampler_layout_reuse=section.sampler_layout_reuse,
     )

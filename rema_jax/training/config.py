@@ -68,7 +68,11 @@ class ModelSection:
     sampler_compact_min_batch: once a decode's unfinished rows fit a batch bucket half as large, the
     sampler continues them in it, halving down to this batch (``ModelConfig.sampler_compact_min_batch``;
     the same tokens, log-probs to fp32 rounding); 0 = every row steps until the last one finishes;
-    None = auto (4 on CPU, 0 on accelerators)."""
+    None = auto (4 on CPU, 0 on accelerators).
+    sampler_layout_reuse: a sampler call runs in a prefill layout the run has used before (its prefill
+    and decode programs compiled) when that costs at most this factor times the prefill slots of the
+    call's own layout (``ModelConfig.sampler_layout_reuse``; the same tokens, log-probs to fp32
+    rounding); 0 = every call compiles its own layout."""
 
     source: str = "smollm2-135m"
     dtype: str = "float32"
@@ -86,8 +90,12 @@ class ModelSection:
     sampler_share_prompts: bool = True
     sampler_weight_dtype: str | None = None
     sampler_compact_min_batch: int | None = None
+    sampler_layout_reuse: float = 1.5
 
     def __post_init__(self):
+        reuse = self.sampler_layout_reuse
+        if isinstance(reuse, bool) or not isinstance(reuse, (int, float)) or not (reuse == 0 or reuse >= 1):
+            raise ValueError(f"sampler_layout_reuse must be 0 (off) or a number >= 1, got {reuse!r}")
         least = self.sampler_compact_min_batch
         if least is not None and (not isinstance(least, int) or isinstance(least, bool) or least < 0):
             raise ValueError(

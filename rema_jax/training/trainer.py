@@ -256,6 +256,7 @@ class Trainer:
             "pool": [t.uid for t in self.pool] if self.config.curriculum.enabled else None,
             "pool_phase": self._pool_phase,
             "prefix_buckets": self.learner.prefix_bucket_record(),
+            "sampler_layouts": self.worker.sampler.layout_record(),
         }
         self.checkpoints.save(self.step_index, self.learner.checkpoint_tree(), meta, force=True)
 
@@ -267,6 +268,7 @@ class Trainer:
         tree, meta = self.checkpoints.restore(latest, self.learner.checkpoint_tree())
         self.learner.load_checkpoint_tree(tree)
         self.learner.load_prefix_bucket_record(meta.get("prefix_buckets") or [])
+        self.worker.sampler.load_layout_record(meta.get("sampler_layouts") or [])
         self.step_index = int(meta["step"])
         if meta.get("pool") is not None:
             by_uid = {t.uid: t for t in self.train_tasks}
