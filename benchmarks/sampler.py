@@ -7,8 +7,13 @@ for the cores); timings are the median of `--repeats` runs after a warm-up call,
 time is reported separately. Every row gets the same prompt, so the sampler's shared-prefix prefill
 is off unless `--share-prefix` (it would compute the identical rows' prompt once: not what this
 kernel comparison measures). Process CPU seconds are reported too (`ratio_cpu_time`): on a machine
-shared with other jobs they measure work done better than wall time. The last line printed is one
-JSON object with everything.
+shared with other jobs they measure work done better than wall time.
+
+A third child times the weight matmuls of one of our decode steps alone (the sampler's fused kernels,
+column blocks and products, one independent input per product) at each batch: `ceiling` = transformers' decode step / those matmuls, the
+ratio this sampler would reach if everything but its weight matmuls (attention, norms, sampling,
+the loop) cost nothing. A ceiling under the goal says the goal needs faster matmuls than XLA:CPU's
+on this CPU, not a better sampler. The last line printed is one JSON object with everything.
 
     python benchmarks/sampler.py            # batch 1, 8, 32
     python benchmarks/sampler.py --quick    # batch 1 and 8, 32 new tokens, 1 repeat
@@ -27,6 +32,8 @@ import time
 
 SYSTEM = "You are a helpful assistant."
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from benchmarks.update_memory import _cpu_model as cpu_model  # noqa: E402
 
 USER = (
     "Solve the following problem step by step and put the final answer in a box. "
@@ -144,6 +151,44 @@ def run_hf(args) -> dict:
     return out
 
 
+def run_matmul(args) -> dict:
+    """Median seconds of the weight matmuls of one of our decode steps per batch: the sampler's own
+    fused kernels (`kernel.fuse_params`, the column blocks it uses at that batch) and its `_matmul`,
+    one independent `[B, in]` input per product (nothing chained or skipped), fp32."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from rema_jax.models.hub import load
+    from rema_jax.sampling import Sampler, kernel
+
+    model = load("smollm2-135m")
+    sampler = Sampler(model.config, model.tokenizer, max_cache_len=args.prompt_len + args.new_tokens + 64)
+
+    @jax.jit
+    def step(fp, xs):
+        total = jnp.sum(kernel._matmul(xs[-1], fp.lm_head_hv))
+        for layer in fp.layers:
+            for x, w in zip(xs, (layer.w_qkv, layer.w_o, layer.w_gate_up, layer.w_down)):
+                total += jnp.sum(kernel._matmul(x, w))  # reduce: outputs stay live, tiny to return
+        return total
+
+    rng, out = np.random.default_rng(0), {}
+    for b in args.batches:
+        fp = kernel.fuse_params(model.config, model.params, None, sampler.column_blocks(b)[0])
+        ins = (fp.layers[0].w_qkv, fp.layers[0].w_o, fp.layers[0].w_gate_up, fp.layers[0].w_down, fp.lm_head_hv)
+        xs = [jnp.asarray(rng.standard_normal((b, w[0].shape[0]), dtype=np.float32)) for w in ins]
+        step(fp, xs).block_until_ready()
+        times = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            step(fp, xs).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        out[str(b)] = round(statistics.median(times), 5)
+        del fp
+    return {"batches": out}
+
+
 def _child(side: str, argv: list[str]) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--side", side, *argv]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
@@ -164,7 +209,7 @@ def main() -> None:
         action="store_true",
         help="let our sampler prefill the (identical) prompts once (off: a per-row kernel comparison)",
     )
-    ap.add_argument("--side", choices=("ours", "hf"), default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--side", choices=("ours", "hf", "matmul"), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.batches = [int(b) for b in (args.batches or ("1,8" if args.quick else "1,8,32")).split(",")]
     args.new_tokens = args.new_tokens or (32 if args.quick else 128)
@@ -174,6 +219,9 @@ def main() -> None:
         return
     if args.side == "hf":
         print(json.dumps(run_hf(args)))
+        return
+    if args.side == "matmul":
+        print(json.dumps(run_matmul(args)))
         return
     argv = [
         "--batches",
@@ -189,6 +237,7 @@ def main() -> None:
     ] + (["--share-prefix"] if args.share_prefix else [])
     ours = _child("ours", argv)
     hf = None if args.skip_hf else _child("hf", argv)
+    matmul = _child("matmul", argv)
     result = {
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised, fp32)",
         "prompt_len": args.prompt_len,
@@ -198,8 +247,10 @@ def main() -> None:
         "share_prefix": args.share_prefix,
         "ours": ours,
         "transformers": hf,
+        "matmul_step_s": matmul["batches"],
         "ratio": {},
         "ratio_cpu_time": {},
+        "ceiling": {},
     }
     for b in map(str, args.batches):
         ours_tps = ours["batches"][b]["tokens_per_s"]
@@ -209,14 +260,22 @@ def main() -> None:
         result["ratio_cpu_time"][b] = (
             round(hf["batches"][b]["median_cpu_s"] / ours["batches"][b]["median_cpu_s"], 2) if hf else None
         )
+        step_ms = 1e3 * ours["batches"][b]["median_s"] / args.new_tokens
+        matmul_ms = 1e3 * matmul["batches"][b]
+        hf_step_ms = 1e3 * hf["batches"][b]["median_s"] / args.new_tokens if hf else None
+        result["ceiling"][b] = round(hf_step_ms / matmul_ms, 2) if hf else None
         print(
             f"batch {b:>3}: ours {ours_tps:8.1f} tok/s   transformers {hf_tps if hf_tps else float('nan'):8.1f} tok/s"
-            f"   ratio {result['ratio'][b]} (CPU-time ratio {result['ratio_cpu_time'][b]})"
+            f"   ratio {result['ratio'][b]} (CPU-time ratio {result['ratio_cpu_time'][b]});"
+            f" step ms ours {step_ms:.1f} (weight matmuls alone {matmul_ms:.1f}),"
+            f" transformers {hf_step_ms if hf else float('nan'):.1f}: ceiling {result['ceiling'][b]}"
         )
     print(
         f"compile: {ours['compile_count']} executables, {ours['compile_s']} s; peak RSS ours "
         f"{ours['peak_rss_mb']} MB, transformers {hf['peak_rss_mb'] if hf else 'n/a'} MB"
     )
+    print(f"CPU: {cpu_model()}")
+    result["cpu"] = cpu_model()
     print(json.dumps(result))
 
 
