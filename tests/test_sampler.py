@@ -284,6 +284,10 @@ def test_a_run_prefill_layout_is_reused_within_its_cost_limit_with_the_same_toke
     resumed.load_layout_record(record)
     again = resumed.generate(PARAMS, None, b, sp, seed=seeds)
     assert resumed.stats.prefill_slots == 224 and [g.token_ids for g in again] == [g.token_ids for g in got]
+    before = s.layout_record()
+    with pytest.raises(ValueError, match="exceeds max_cache_len"):
+        s.generate(PARAMS, None, c, SamplingParams(max_new_tokens=100, ignore_eos=True), seed=seeds)
+    assert s.layout_record() == before  # a call that cannot run (a new layout, cache 128) records none
     off = Sampler(CFG.replace(sampler_layout_reuse=0), TOKENIZER, max_cache_len=128)
     off.load_layout_record(record)
     off.generate(PARAMS, None, b, sp, seed=seeds)

@@ -502,12 +502,12 @@ class Sampler:
         p = s_len + q_len  # prompt slots
         n_out = bucketing.next_pow2(sampling.max_new_tokens, MIN_NEW_TOKENS_BUCKET)
         cache_len = self._cache_len(p, sampling.max_new_tokens)
-        self._layouts.add((b, u, g, s_len, q_len, cache_len))
         if p + sampling.max_new_tokens - 1 > cache_len:
             raise ValueError(
                 f"Sampler.generate: prompt bucket {p} (longest prompt {max(len(r) for r in rows)}) + "
                 f"max_new_tokens {sampling.max_new_tokens} exceeds max_cache_len={self.max_cache_len}"
             )
+        self._layouts.add((b, u, g, s_len, q_len, cache_len))
         tokens_up, pad_u = bucketing.left_pad([r[s_len:] for r in plan.prompts], u, q_len)
         prompt_b = np.zeros((b,), np.int32)  # filler rows continue prompt 0
         prompt_b[:n] = plan.prompt_of_row
