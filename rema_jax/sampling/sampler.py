@@ -73,6 +73,14 @@ class PromptPlan(NamedTuple):
         return self.group_bucket * self.prefix_len + self.prompt_bucket * self.remainder_len
 
 
+def _group_by_prefix(prompts: Sequence[Sequence[int]], prefix_len: int) -> tuple[list[list[int]], list[int]]:
+    """The distinct `prefix_len`-token prefixes of `prompts`, in order of first appearance, and each
+    prompt's index among them."""
+    groups: dict[tuple, int] = {}
+    group_of_prompt = [groups.setdefault(tuple(p[:prefix_len]), len(groups)) for p in prompts]
+    return [list(g) for g in groups], group_of_prompt
+
+
 def fit_plan(plan: PromptPlan, prefix_len: int, remainder_len: int, group_bucket: int) -> Optional[PromptPlan]:
     """`plan`'s distinct prompts laid out with another program's lengths: a shared prefix of
     `prefix_len` tokens in at most `group_bucket` groups (0 and 0: whole prompts) and remainders in
@@ -91,12 +99,11 @@ def fit_plan(plan: PromptPlan, prefix_len: int, remainder_len: int, group_bucket
         )
     if shortest <= prefix_len or longest - prefix_len > remainder_len:
         return None
-    groups: dict[tuple, int] = {}
-    group_of_prompt = [groups.setdefault(tuple(p[:prefix_len]), len(groups)) for p in plan.prompts]
-    if len(groups) > group_bucket:
+    prefixes, group_of_prompt = _group_by_prefix(plan.prompts, prefix_len)
+    if len(prefixes) > group_bucket:
         return None
     return plan._replace(
-        prefixes=[list(g) for g in groups],
+        prefixes=prefixes,
         group_of_prompt=group_of_prompt,
         prefix_len=prefix_len,
         remainder_len=remainder_len,
@@ -128,11 +135,10 @@ def plan_prompts(rows: Sequence[Sequence[int]], buckets: Sequence[int], share: b
     s = MIN_PROMPT_BUCKET
     while s <= shortest - 1:
         q = bucketing.length_bucket(longest - s, MIN_PROMPT_BUCKET)
-        groups: dict[tuple, int] = {}
-        group_of_prompt = [groups.setdefault(tuple(p[:s]), len(groups)) for p in prompts]
+        prefixes, group_of_prompt = _group_by_prefix(prompts, s)
         plan = PromptPlan(
-            prompts, prompt_of_row, [list(g) for g in groups], group_of_prompt, s, q, u_bucket,
-            bucketing.batch_bucket(len(groups), buckets),
+            prompts, prompt_of_row, prefixes, group_of_prompt, s, q, u_bucket,
+            bucketing.batch_bucket(len(prefixes), buckets),
         )  # fmt: skip
         if s + q <= plain and plan.prefill_slots <= best_cost:
             best, best_cost = plan, plan.prefill_slots
