@@ -5,6 +5,7 @@ bit-identical, reward rising on a trivially learnable reward in each schedule, t
 the files a run leaves behind (metrics, TensorBoard, checkpoints, plots, summary).
 """
 
+import contextlib
 import copy
 import os
 
@@ -115,6 +116,22 @@ def _strip_times(records):
     ]
 
 
+@contextlib.contextmanager
+def _persistent_cache_misses():
+    """Yields a list that collects one entry per persistent-compilation-cache miss in the block."""
+    misses, active = [], [True]
+
+    def listener(name, **kw):
+        if active[0] and name == "/jax/compilation_cache/cache_misses":
+            misses.append(name)
+
+    jax.monitoring.register_event_listener(listener)  # jax has no public unregister: switched off below
+    try:
+        yield misses
+    finally:
+        active[0] = False
+
+
 @pytest.mark.real_model
 def test_kill_and_resume_is_exact(tmp_path, smollm2_gguf):
     # 3 steps: RA, RA, MTA; "killed" after step 1, so the resumed run continues mid-phase and then
@@ -122,8 +139,12 @@ def test_kill_and_resume_is_exact(tmp_path, smollm2_gguf):
     cfg = load_train_config(tiny_train_config(loop={"steps": 3}))
     straight = loop_lib.train(cfg, str(tmp_path / "straight"), progress=False)
     loop_lib.train(cfg, str(tmp_path / "resumed"), progress=False, max_steps=1)
-    resumed = loop_lib.train(cfg, str(tmp_path / "resumed"), progress=False)
+    with _persistent_cache_misses() as misses:
+        resumed = loop_lib.train(cfg, str(tmp_path / "resumed"), progress=False)
     assert resumed["resumed_from_step"] == 1 and straight["steps"] == resumed["steps"] == 3
+    # the straight run compiled every program the resumed one runs: with the restored state placed as a
+    # fresh one, all come from the persistent cache (the suite's, conftest.py)
+    assert misses == [], f"{len(misses)} programs recompiled after resuming"
 
     a = trainer_lib.Trainer(cfg, str(tmp_path / "straight"))
     b = trainer_lib.Trainer(cfg, str(tmp_path / "resumed"))
