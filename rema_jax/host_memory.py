@@ -102,11 +102,18 @@ def trims_after_compiles() -> int:
     return _trim_state["trims"]
 
 
-def release_memory(*, clear_jax_caches: bool = True) -> bool:
-    """Collects garbage, optionally drops JAX's compiled-function caches (their executables and
-    constants; the next call of a jitted function compiles again, or reads the persistent cache),
-    and trims the C heap. Call it between stages, never inside a step. Returns ``malloc_trim()``'s."""
-    gc.collect()
+def release_memory(*, clear_jax_caches: bool = True, collect_garbage: bool = True) -> bool:
+    """Collects garbage (``collect_garbage``), optionally drops JAX's compiled-function caches (their
+    executables and constants; the next call of a jitted function compiles again, or reads the
+    persistent cache), and trims the C heap. Call it between stages or phases, never inside a jitted
+    step. Returns ``malloc_trim()``'s.
+
+    A full ``gc.collect()`` walks every tracked object (0.13-0.38 s in an RL trainer process). Within
+    a training step nothing is left in reference cycles (measured at the trainer's two per-step calls:
+    no unreachable object, on the default config and on the tests' tiny one): buffers die by reference
+    count, so those calls only trim."""
+    if collect_garbage:
+        gc.collect()
     if clear_jax_caches:
         import jax  # here: importing this module stays cheap (the bootstrap validates configs first)
 

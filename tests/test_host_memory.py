@@ -26,6 +26,18 @@ def test_release_memory_collects_and_trims():
     np.testing.assert_array_equal(jax.jit(lambda a: a + 1)(x), np.full(3, 2.0))
 
 
+def test_release_memory_skips_the_gc_pass_when_asked(monkeypatch):
+    import gc
+
+    passes, trims = [], []
+    monkeypatch.setattr(gc, "collect", lambda *a: passes.append(a) or 0)
+    monkeypatch.setattr(host_memory, "malloc_trim", lambda: trims.append(1) or True)
+    host_memory.release_memory(clear_jax_caches=False, collect_garbage=False)  # the trainer's per-step calls
+    assert passes == [] and trims == [1]
+    host_memory.release_memory(clear_jax_caches=False)
+    assert len(passes) == 1 and trims == [1, 1]
+
+
 def test_use_memory_scheduler_sets_the_flag_once(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_foo=1")
     monkeypatch.delenv("REMA_JAX_CPU_SCHEDULER", raising=False)

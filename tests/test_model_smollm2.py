@@ -1,5 +1,6 @@
 """Real SmolLM2-135M-Instruct GGUF: config facts, tokenizer, logit parity with transformers (fp32)."""
 
+import hf_reference  # tests/hf_reference.py
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,10 +30,7 @@ def ours(smollm2_gguf):
 
 @pytest.fixture(scope="module")
 def reference(smollm2_gguf):
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
-    )
-    return model.eval()
+    return hf_reference.load_smollm2(smollm2_gguf)
 
 
 def _ids(tokenizer, messages):

@@ -1,5 +1,6 @@
 """Real-model sampler checks on the embedded SmolLM2-135M-Instruct GGUF (fp32 both sides)."""
 
+import hf_reference  # tests/hf_reference.py
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -29,8 +30,6 @@ def _prompt(tokenizer, text):
 
 def test_greedy_matches_transformers_generate_token_for_token(model, smollm2_gguf):
     torch = pytest.importorskip("torch")
-    from transformers import AutoModelForCausalLM
-
     from rema_jax.sampling import Sampler, SamplingParams
 
     prompts = [_prompt(model.tokenizer, c) for c in CHATS]
@@ -39,9 +38,7 @@ def test_greedy_matches_transformers_generate_token_for_token(model, smollm2_ggu
     ours = sampler.generate(model.params, None, prompts, SamplingParams(max_new_tokens=NEW_TOKENS, greedy=True))
 
     torch.set_num_threads(2)
-    hf = AutoModelForCausalLM.from_pretrained(
-        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
-    ).eval()
+    hf = hf_reference.load_smollm2(smollm2_gguf)
     eos = model.tokenizer.eos_token_id
     for prompt, g in zip(prompts, ours):
         with torch.inference_mode():

@@ -139,7 +139,8 @@ class Trainer:
             tasks = tasks[sharding.host_rows(len(tasks))]
 
         self.worker.sampler.reset_stats()
-        release_memory(clear_jax_caches=False)  # the last update's freed scratch, before the rollout's KV
+        # the last update's freed scratch, before the rollout's KV (freed by reference count: no gc pass)
+        release_memory(clear_jax_caches=False, collect_garbage=False)
         t0 = time.perf_counter()
         peaks = {"rollout": PeakRss(), "prepare": PeakRss(), "update": PeakRss()}  # host RSS per phase
         with peaks["rollout"]:
@@ -162,7 +163,8 @@ class Trainer:
             metrics.update(_reduce_host_metrics(metrics))
 
         t0 = time.perf_counter()
-        release_memory(clear_jax_caches=False)  # the rollout's freed buffers, before the update's scratch
+        # the rollout's freed buffers, before the update's scratch
+        release_memory(clear_jax_caches=False, collect_garbage=False)
         trained_agents = self.layout.agents_of(phase.trained)
         try:
             with peaks["update"]:
