@@ -142,8 +142,8 @@ def test_kill_and_resume_is_exact(tmp_path, smollm2_gguf):
     with _persistent_cache_misses() as misses:
         resumed = loop_lib.train(cfg, str(tmp_path / "resumed"), progress=False)
     assert resumed["resumed_from_step"] == 1 and straight["steps"] == resumed["steps"] == 3
-    # the straight run compiled every program the resumed one runs: with the restored state placed as a
-    # fresh one, all come from the persistent cache (the suite's, conftest.py)
+    # the straight run compiled every program the resumed one runs: with a fresh state committed to its
+    # device as a restored one is (learner._committed), all come from the persistent cache (conftest.py's)
     assert misses == [], f"{len(misses)} programs recompiled after resuming"
 
     a = trainer_lib.Trainer(cfg, str(tmp_path / "straight"))
